@@ -1,0 +1,1 @@
+"""Optimizers: the registry, the training-loop protocol, and memprof's own implementations."""

@@ -1,0 +1,42 @@
+"""The five memory-efficient optimizers memprof implements from their papers.
+
+Each lives in its own module and declares the roles of its state keys in ``state_roles``.
+"""
+
+from __future__ import annotations
+
+from memprof.optim.registry import OptimizerEntry
+
+SEEDS: tuple[OptimizerEntry, ...] = (
+    OptimizerEntry(
+        name="smmf",
+        target="memprof.optim.smmf:SMMF",
+        summary="SMMF: square-matricized rank-1 factored moments + sign bitmap (AAAI 2025)",
+        source="memprof (paper)",
+    ),
+    OptimizerEntry(
+        name="alada",
+        target="memprof.optim.alada:Alada",
+        summary="Alada: rank-one second moment, first moment kept in the gradient buffer",
+        source="memprof (paper)",
+    ),
+    OptimizerEntry(
+        name="adamem",
+        target="memprof.optim.adamem:AdaMeM",
+        summary="AdaMeM: factored preconditioner + low-rank momentum in the gradient's top-r subspace",
+        source="memprof (paper)",
+    ),
+    OptimizerEntry(
+        name="adapprox",
+        target="memprof.optim.adapprox:Adapprox",
+        summary="Adapprox: randomized low-rank second moment with adaptive rank (S-RSI)",
+        source="memprof (paper)",
+    ),
+    OptimizerEntry(
+        name="io_adam",
+        target="memprof.optim.io_adam:IOAdam",
+        summary="IO-Adam: second moment from layer inputs and output gradients; needs the model",
+        source="memprof (paper)",
+        params="model",
+    ),
+)
