@@ -1,0 +1,27 @@
+"""memprof: where every byte of a training step goes, optimizer state component by component.
+
+The heavy machinery is imported on first use, so ``import memprof`` and ``memprof --help``
+stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["compare", "measure", "profile", "RunRecord"]
+
+if TYPE_CHECKING:
+    from memprof.api import compare, measure, profile
+    from memprof.record import RunRecord
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("compare", "measure", "profile"):
+        from memprof import api
+
+        return getattr(api, name)
+    if name == "RunRecord":
+        from memprof.record import RunRecord
+
+        return RunRecord
+    raise AttributeError(name)

@@ -1,0 +1,183 @@
+"""One event stream, two sources: allocations, identity tags and phase marks, replayed once.
+
+Both trackers (CPU dispatch mode, CUDA allocator history) produce ``Allocation`` records with a
+start and end time on a shared clock. The runner adds ``Tag``s (this storage pointer is a
+parameter, a gradient, optimizer state, a saved activation…) and ``PhaseMark``s. ``replay``
+matches tags to the allocation live at that pointer at the tag's time, gives each allocation one
+category, and walks the stream once to get live bytes per category over time, each phase's
+peak and the composition at the global peak.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+# Identity categories, in precedence order: an allocation tagged twice takes the first.
+PRECEDENCE: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs", "activations")
+
+
+@dataclass
+class Allocation:
+    ptr: int
+    nbytes: int  # allocator block bytes on CUDA, storage bytes on CPU
+    start: float
+    end: float | None = None  # None: still live when the capture stopped
+    category: str | None = None
+    component: str = ""
+    tensor_bytes: int | None = None  # storage bytes of the tensor that owns it, when tagged
+
+
+@dataclass(frozen=True)
+class Tag:
+    time: float
+    ptr: int
+    category: str
+    component: str
+    tensor_bytes: int
+
+
+@dataclass(frozen=True)
+class PhaseMark:
+    time: float
+    phase: str  # "setup", "warmup", "forward", "backward", "step", "end"
+    step: int  # 0 for setup/warm-up
+
+
+@dataclass
+class Replay:
+    """What one pass over the stream yields."""
+
+    peak_bytes: int = 0
+    peak_time: float = 0.0
+    peak_phase: tuple[str, int] = ("setup", 0)
+    peak_composition: dict[tuple[str, str], int] = field(default_factory=dict)
+    # {step, phase, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live}}
+    phase_peaks: list[dict] = field(default_factory=list)
+    timeline: dict = field(default_factory=dict)
+
+
+def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark]) -> None:
+    """Give every allocation one category: its best identity tag, else the phase that made it."""
+    by_ptr: dict[int, list[Allocation]] = defaultdict(list)
+    for alloc in allocations:
+        by_ptr[alloc.ptr].append(alloc)
+    starts = {ptr: [a.start for a in allocs] for ptr, allocs in by_ptr.items()}
+    rank = {name: i for i, name in enumerate(PRECEDENCE)}
+    for tag in tags:
+        allocs = by_ptr.get(tag.ptr)
+        if not allocs:
+            continue
+        i = bisect.bisect_right(starts[tag.ptr], tag.time) - 1
+        if i < 0:
+            continue
+        alloc = allocs[i]
+        if alloc.end is not None and alloc.end < tag.time:
+            continue  # that block was already freed: the tag belongs to nothing tracked
+        if alloc.category is None or rank[tag.category] < rank[alloc.category]:
+            alloc.category, alloc.component, alloc.tensor_bytes = tag.category, tag.component, tag.tensor_bytes
+    mark_times = [m.time for m in marks]
+    for alloc in allocations:
+        if alloc.category is not None:
+            continue
+        i = bisect.bisect_right(mark_times, alloc.start) - 1
+        phase = marks[i].phase if i >= 0 else "setup"
+        if phase in ("forward", "backward"):
+            alloc.category, alloc.component = "temporaries", phase
+        elif phase == "step":
+            alloc.category, alloc.component = "step_transient", "step"
+        else:
+            # Made before the measured steps and owned by no tensor of the run:
+            # cuBLAS/cuDNN workspaces from the warm-up, objects of the model's construction.
+            alloc.category, alloc.component = "unattributed", phase
+
+
+def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_points: int = 0) -> Replay:
+    """Walk allocations and frees in time order (allocations must already be assigned)."""
+    events: list[tuple[float, int, int, Allocation]] = []
+    for i, alloc in enumerate(allocations):
+        events.append((alloc.start, 1, i, alloc))
+        if alloc.end is not None:
+            events.append((alloc.end, 0, i, alloc))  # at equal times, frees first
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    result = Replay()
+    live: dict[tuple[str, str], int] = defaultdict(int)
+    live_allocs: set[int] = set()
+    total = 0
+    mark_iter = iter(sorted(marks, key=lambda m: m.time))
+    next_mark = next(mark_iter, None)
+    current: dict | None = None
+    samples: list[tuple[float, int, dict[str, int]]] = []
+
+    def close_phase() -> None:
+        if current is not None:
+            current["end_bytes"] = total
+            result.phase_peaks.append(current)
+
+    def open_phase(mark: PhaseMark) -> dict:
+        return {
+            "step": mark.step,
+            "phase": mark.phase,
+            "time": mark.time,
+            "start_bytes": total,
+            "peak": total,
+            "peak_by_component": {k: v for k, v in live.items() if v},
+        }
+
+    for time, is_alloc, idx, alloc in events:
+        while next_mark is not None and next_mark.time <= time:
+            close_phase()
+            current = open_phase(next_mark)
+            next_mark = next(mark_iter, None)
+        key = (alloc.category or "unattributed", alloc.component)
+        if is_alloc:
+            live[key] += alloc.nbytes
+            live_allocs.add(idx)
+            total += alloc.nbytes
+        elif idx in live_allocs:
+            live[key] -= alloc.nbytes
+            live_allocs.discard(idx)
+            total -= alloc.nbytes
+        if current is not None:
+            current["peak"] = max(current["peak"], total)
+            by = current["peak_by_component"]
+            by[key] = max(by.get(key, 0), live[key])
+        if total > result.peak_bytes:
+            result.peak_bytes, result.peak_time = total, time
+            result.peak_phase = (current["phase"], current["step"]) if current else ("setup", 0)
+            result.peak_composition = {k: v for k, v in live.items() if v}
+        if timeline_points:
+            samples.append((time, total, _by_category(live)))
+    while next_mark is not None:
+        close_phase()
+        current = open_phase(next_mark)
+        next_mark = next(mark_iter, None)
+    close_phase()
+    result.phase_peaks = [p for p in result.phase_peaks if p["phase"] not in ("end",)]
+    if timeline_points:
+        result.timeline = _downsample(samples, timeline_points, marks)
+    return result
+
+
+def _by_category(live: dict[tuple[str, str], int]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for (category, _), nbytes in live.items():
+        out[category] += nbytes
+    return out
+
+
+def _downsample(samples: list[tuple[float, int, dict[str, int]]], points: int, marks: list[PhaseMark]) -> dict:
+    """Keep at most ``points`` samples, always including each bucket's maximum so peaks survive."""
+    if not samples:
+        return {}
+    bucket = max(1, len(samples) // points)
+    kept = [max(samples[i:i + bucket], key=lambda s: s[1]) for i in range(0, len(samples), bucket)]
+    t0 = samples[0][0]
+    categories = sorted({c for _, _, by in kept for c in by})
+    return {
+        "time": [s[0] - t0 for s in kept],
+        "total": [s[1] for s in kept],
+        "categories": {c: [s[2].get(c, 0) for s in kept] for c in categories},
+        "marks": [{"time": m.time - t0, "phase": m.phase, "step": m.step} for m in marks],
+    }

@@ -1,0 +1,87 @@
+"""Exact tensor accounting: optimizer state walked recursively, deduplicated by storage.
+
+State is found in ``optimizer.state[p]`` and in anything reachable from it (tuples, lists,
+dicts, object attributes such as a GaLore projector). Each storage is counted once, with its
+full ``untyped_storage().nbytes()`` so a view that keeps a larger storage alive is charged
+honestly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from memprof.optim.registry import role_of
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    param_name: str
+    key: str  # the state key (first path element), e.g. "exp_avg"
+    path: str  # full path, e.g. "projector.ortho_matrix"
+    role: str
+    inferred: bool
+    tensor: torch.Tensor
+
+    @property
+    def storage_ptr(self) -> int:
+        return self.tensor.untyped_storage().data_ptr()
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.tensor.untyped_storage().nbytes()
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied weights count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        if tensor.layout == torch.strided and tensor.device.type != "meta":
+            seen[storage_key(tensor)] = tensor.untyped_storage().nbytes()
+        elif tensor.device.type == "meta":
+            seen[("meta", id(tensor))] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _tensors_in(obj: Any, path: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif depth > 6 or obj is None or isinstance(obj, (int, float, str, bool, bytes)):
+        return
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors_in(value, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors_in(value, f"{path}[{i}]", depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        yield from _tensors_in(vars(obj), path, depth + 1)
+
+
+def walk_state(
+    optimizer: torch.optim.Optimizer,
+    names: Mapping[torch.Tensor, str],
+    roles: Mapping[str, str],
+) -> list[StateTensor]:
+    """Every distinct state storage, charged to the first parameter that reaches it."""
+    seen: set[tuple[str, int]] = set()
+    out: list[StateTensor] = []
+    for param, state in optimizer.state.items():
+        param_name = names.get(param, f"<unnamed {tuple(param.shape)}>") if isinstance(param, torch.Tensor) else str(param)
+        for path, tensor in _tensors_in(state, ""):
+            if tensor.layout != torch.strided:
+                continue
+            key = storage_key(tensor)
+            if key in seen or tensor.untyped_storage().nbytes() == 0:
+                continue
+            seen.add(key)
+            state_key = path.split(".")[0].split("[")[0]
+            role, inferred = role_of(roles, state_key, tensor, param if isinstance(param, torch.Tensor) else None)
+            out.append(StateTensor(param_name, state_key, path, role, inferred, tensor))
+    return out

@@ -1,0 +1,133 @@
+"""Two sources of allocation events on one clock.
+
+* ``CpuTracker``: a TorchDispatchMode that sees every op output; a new storage is an
+  allocation, and a weakref finalizer on the storage marks its free (as
+  ``torch.distributed._tools.mem_tracker`` does). Storages the run did not create
+  (parameters built before the capture) are declared with ``adopt``.
+* ``CudaTracker``: the caching allocator's own history (``_record_memory_history`` with no
+  stack capture): block address, block size and a host timestamp per alloc/free. The
+  replayed total equals ``torch.cuda.memory_allocated`` at every instant.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from typing import Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memprof.measure.events import Allocation
+
+
+class CpuTracker(TorchDispatchMode):
+    """Sees every op output on CPU; the clock is a sequence number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = itertools.count(1)
+        self.allocations: list[Allocation] = []
+        self._live: dict[int, Allocation] = {}
+
+    def now(self) -> float:
+        return float(next(self._clock))
+
+    def sync(self) -> None:
+        """Nothing to wait for on CPU."""
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Declare storages that exist already (the model's, the batch's) as live from time 0."""
+        for tensor in tensors:
+            self._track(tensor.untyped_storage(), start=0.0)
+
+    def _track(self, storage: torch.UntypedStorage, start: float) -> None:
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or ptr in self._live:
+            return
+        alloc = Allocation(ptr=ptr, nbytes=nbytes, start=start)
+        self._live[ptr] = alloc
+        self.allocations.append(alloc)
+        weakref.finalize(storage, self._free, ptr, alloc)
+
+    def _free(self, ptr: int, alloc: Allocation) -> None:
+        alloc.end = self.now()
+        if self._live.get(ptr) is alloc:
+            del self._live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.layout == torch.strided:
+                storage = item.untyped_storage()
+                if storage.data_ptr() not in self._live:
+                    # An output storage we have not seen: a new allocation, unless the op mutated
+                    # or viewed a tensor that existed before the capture (then it was live all along).
+                    start = 0.0 if func._schema.is_mutable or func.is_view else self.now()
+                    self._track(storage, start)
+        return out
+
+    def memory_allocated(self) -> int:
+        return sum(a.nbytes for a in self._live.values())
+
+
+class CudaTracker:
+    """Reads the CUDA caching allocator's history; the clock is host microseconds."""
+
+    def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False) -> None:
+        self.device = device
+        self.max_entries = max_entries
+        self.stacks = stacks
+        self.allocations: list[Allocation] = []
+        self.dropped = False
+
+    def now(self) -> float:
+        return float(time.time_ns() // 1000)
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Nothing to do: the history starts before the model is built."""
+
+    def __enter__(self) -> "CudaTracker":
+        torch.cuda.memory._record_memory_history(
+            enabled="all",
+            context="all" if self.stacks else None,
+            stacks="python",
+            max_entries=self.max_entries,
+            device=self.device,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        snapshot = torch.cuda.memory._snapshot(self.device)
+        torch.cuda.memory._record_memory_history(enabled=None, device=self.device)
+        self.allocations = self._allocations_from(snapshot)
+
+    def keep_snapshot(self, path: str) -> None:
+        torch.cuda.memory._dump_snapshot(path)
+
+    def _allocations_from(self, snapshot: dict) -> list[Allocation]:
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        trace = snapshot["device_traces"][index]
+        self.dropped = len(trace) >= self.max_entries
+        live: dict[int, Allocation] = {}
+        out: list[Allocation] = []
+        for entry in trace:
+            action = entry["action"]
+            if action == "alloc":
+                alloc = Allocation(ptr=entry["addr"], nbytes=entry["size"], start=float(entry["time_us"]))
+                live[entry["addr"]] = alloc
+                out.append(alloc)
+            elif action == "free_requested":
+                # The allocator's allocated counter drops at the request, not at completion.
+                alloc = live.pop(entry["addr"], None)
+                if alloc is not None:
+                    alloc.end = float(entry["time_us"])
+        return out
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)

@@ -1,0 +1,1 @@
+"""Views: they take run records and never measure."""

@@ -1,0 +1,110 @@
+"""Rich terminal tables. Each takes records and a Console; none measures anything."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from memprof.record import RunRecord
+from memprof.report.units import fmt
+
+ROLE_ABBREV = {"moment": "mom", "factor": "fac", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth"}
+
+
+def _state_split(record: RunRecord, unit: str) -> str:
+    parts = record.components("optimizer_state")
+    return " ".join(f"{ROLE_ABBREV.get(k, k)} {fmt(v, unit, 2)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+
+
+def _delta(value: int | None, base: int | None, unit: str) -> str:
+    if value is None or base is None:
+        return ""
+    diff = value - base
+    pct = f" ({diff / base:+.0%})" if base else ""
+    return f"{'+' if diff >= 0 else ''}{fmt(diff, unit)}{pct}"
+
+
+def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str | None = None) -> Table:
+    """One row per optimizer: the byte categories, the peaks, step time and Δ vs the baseline."""
+    first = records[0].settings
+    cuda = first.device.startswith("cuda")
+    title = (f"{first.model} · batch {first.batch_size}"
+             + (f" · seq {first.seq_len}" if first.seq_len else "")
+             + f" · {first.dtype}{' · amp ' + first.amp if first.amp else ''} · {first.device} · {first.steps} steps · {unit}")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("optimizer", "weights", "grads", "state", "state split", "activations", "step transient",
+                 "peak alloc", "reserved", "NVML", "step ms", "Δ state", "Δ peak"):
+        table.add_column(name, justify="left" if name in ("optimizer", "state split") else "right",
+                         overflow="fold")
+    base = next((r for r in records if baseline in (r.settings.spec, r.settings.optimizer)), records[0])
+    base_ok = base.status == "ok"
+    na = "n/a on CPU"
+    for record in records:
+        label = record.settings.spec + (" (roles inferred)" if record.inferred_roles else "")
+        if record.status != "ok":
+            reached = record.peaks.get("allocated")
+            table.add_row(label, f"[red]{record.failure}[/red]", "", "", "", "", "",
+                          fmt(reached, unit) if reached else "", "", "", "", "", "")
+            continue
+        state = record.total("optimizer_state")
+        peak = record.peaks.get("allocated")
+        table.add_row(
+            label,
+            fmt(record.total("weights"), unit),
+            fmt(record.total("gradients"), unit) + ("*" if record.gradient_component != "grad" else ""),
+            fmt(state, unit),
+            _state_split(record, unit),
+            fmt(record.total("activations"), unit),
+            fmt(record.total("step_transient"), unit),
+            fmt(peak, unit) + ("" if cuda else " (sim)"),
+            fmt(record.peaks.get("max_reserved"), unit) if cuda else na,
+            fmt(record.peaks.get("nvml"), unit) if cuda else na,
+            f"{record.timings_ms.get('step', float('nan')):.1f}",
+            _delta(state, base.total("optimizer_state"), unit) if base_ok and record is not base else "",
+            _delta(peak, base.peaks.get("allocated"), unit) if base_ok and record is not base else "",
+        )
+    notes = [r for r in records if r.gradient_component != "grad"]
+    if notes:
+        table.caption = "* " + "; ".join(f"{r.settings.spec}: gradient buffer holds {r.gradient_component}" for r in notes)
+    return table
+
+
+def breakdown_table(record: RunRecord, *, unit: str = "MiB", at_peak: bool = False) -> Table:
+    """Every category and component of one record, steady state or at the global peak."""
+    rows = record.peak if at_peak else record.breakdown
+    where = (f"at the global peak ({record.peaks.get('phase')}, step {record.peaks.get('step')})"
+             if at_peak else "after the last step")
+    table = Table(title=f"{record.settings.spec} on {record.settings.model}: bytes {where} ({unit})",
+                  title_justify="left", header_style="bold")
+    for name in ("category", "component", unit, "basis"):
+        table.add_column(name, justify="right" if name == unit else "left")
+    for row in rows:
+        table.add_row(row.category, row.component, fmt(row.bytes, unit, 2), row.basis)
+    if at_peak:
+        table.add_row("[bold]total[/bold]", "", f"[bold]{fmt(sum(r.bytes for r in rows), unit, 2)}[/bold]", "")
+    return table
+
+
+def parameter_table(record: RunRecord, *, unit: str = "MiB", top: int = 20) -> Table:
+    """The parameters that cost the most optimizer state, with the component split."""
+    roles = sorted({role for p in record.parameters for role in p.by_role})
+    table = Table(title=f"Top {top} parameters by {record.settings.spec} state ({unit})",
+                  title_justify="left", header_style="bold")
+    for name in ("parameter", "shape", "param", "state", *roles, "state/param", "unfactored"):
+        table.add_column(name, justify="left" if name in ("parameter", "shape") else "right")
+    for p in record.parameters[:top]:
+        ratio = f"{p.state_bytes / p.param_bytes:.3f}" if p.param_bytes else ""
+        table.add_row(p.name, "×".join(map(str, p.shape)), fmt(p.param_bytes, unit, 2), fmt(p.state_bytes, unit, 3),
+                      *(fmt(p.by_role.get(r, 0), unit, 3) for r in roles), ratio, "yes" if p.unfactored else "")
+    fallback = sum(1 for p in record.parameters if p.unfactored)
+    if fallback:
+        table.caption = f"{fallback} of {len(record.parameters)} parameters keep unfactored (full-size) state"
+    return table
+
+
+def print_tables(tables: Sequence[Table], console: Console | None = None) -> None:
+    console = console or Console()
+    for table in tables:
+        console.print(table)
