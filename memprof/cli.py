@@ -91,6 +91,7 @@ def _write_exports(records, csv: Path | None, json: Path | None) -> None:
 @app.command()
 @_handle_errors
 def compare(
+    ctx: typer.Context,
     model: ModelOpt = "gpt2",
     opt: OptOpt = "adam,adafactor",
     device: DeviceOpt = "auto",
@@ -107,19 +108,32 @@ def compare(
     csv: CsvOpt = None,
     json: JsonOpt = None,
     snapshot: SnapshotOpt = None,
+    config: Annotated[Optional[Path], typer.Option(help="A TOML run configuration (see reports/*.toml); command-line options win.")] = None,
 ) -> None:
     """Measure several optimizers on one model, side by side.
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv
     """
+    from click.core import ParameterSource
+
+    from memprof.config import KEYS, load_runs
+    from memprof.errors import UsageError
     from memprof.report.table import compare_table
     from memprof.report.units import scale
 
     scale(unit)
-    records = _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_classes, steps, seed, snapshot)
-    if baseline is not None and not any(baseline in (r.settings.spec, r.settings.optimizer) for r in records):
-        raise MemprofError(f"--baseline {baseline!r} is not one of the measured optimizers")
-    out.print(compare_table(records, unit=unit, baseline=baseline))
+    given = {k: v for k, v in ctx.params.items() if k in KEYS}
+    explicit = {k for k in given if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    runs = [{**given, **{k: v for k, v in run.items() if k not in explicit}} for run in load_runs(config)] if config else [given]
+    records = []
+    for run in runs:
+        if run.get("description"):
+            err.print(f"[bold]{run['description']}[/bold]", highlight=False)
+        batch = _run(**{k: run[k] for k in KEYS}, snapshot=snapshot)
+        if baseline is not None and not any(baseline in (r.settings.spec, r.settings.optimizer) for r in batch):
+            raise UsageError(f"--baseline {baseline!r} is not one of the measured optimizers")
+        out.print(compare_table(batch, unit=unit, baseline=baseline))
+        records.extend(batch)
     _write_exports(records, csv, json)
 
 

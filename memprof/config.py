@@ -1,0 +1,49 @@
+"""Run configuration files: a checked-in TOML that says what `memprof compare` measures.
+
+Top-level keys are the command's options (``model``, ``opt``, ``batch_size``…); each
+``[[runs]]`` table repeats the measurement with some of them changed::
+
+    opt = "adam,adafactor:beta1=0.9,smmf"
+    device = "auto"
+    [[runs]]
+    model = "resnet50"
+    [[runs]]
+    model = "mobilenet_v2"
+    num_classes = 100
+
+Options given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from memprof.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KEYS = ("model", "opt", "device", "dtype", "amp", "batch_size", "seq_len", "image_size", "num_classes", "steps", "seed")
+
+
+def load_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The measurements a config file asks for, each as a dict of compare options."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from None
+    runs = data.pop("runs", [{}])
+    description = data.pop("description", None)
+    out = []
+    for run in runs:
+        merged = {**data, **run}
+        unknown = sorted(set(merged) - set(KEYS) - {"description"})
+        if unknown:
+            raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(KEYS)}")
+        merged.setdefault("description", run.get("description", description))
+        out.append(merged)
+    return out
