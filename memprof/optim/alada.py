@@ -131,9 +131,10 @@ class Alada(torch.optim.Optimizer):
             # Lazy state initialization (Algorithm 2, lines 8-12)
             if len(state) == 0:
                 m, n = _matrix_shape(param.shape)
+                dtype = torch.promote_types(param.dtype, torch.float32)
                 # Algorithm 2 line 9 takes ||G_0||; the buffer holds M_1 = (1 - beta1) G_0 (M_0 = 0),
                 # so G_0 = M_1 / (1 - beta1) and v0 = ||M_1||^2 / ((1 - beta1)^2 mn) (digest §1.4).
-                norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32).item()
+                norm = torch.linalg.vector_norm(param.grad, dtype=dtype).item()
                 v0 = (norm / (1.0 - beta1)) ** 2 / (m * n)
                 # Paper gap (not in the digest): a zero first gradient (e.g. LoRA A while B = 0)
                 # gives p_0 = q_0 = 0, which Algorithm 2 never leaves (lines 14/18 stay 0) and
@@ -141,7 +142,6 @@ class Alada(torch.optim.Optimizer):
                 # momentum; with M_t = 0 so far, that step is exactly a t = 0 step.
                 if v0 == 0.0:
                     continue
-                dtype = torch.promote_types(param.dtype, torch.float32)
                 # Steps taken by this parameter, t in Algorithm 2: parity picks p or q, t + 1 the bias corrections
                 state["step"] = 0
                 # v_0 = ||G_0||^2 / mn (host float): p_0 = q_0 = sqrt(v0), subtracted again in line 21

@@ -1,0 +1,252 @@
+"""Alada against a plain transcription of the paper's Algorithm 2, plus state bytes and training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memprof.optim.alada import Alada
+from memprof.optim.protocol import gradient_component, scale_loss
+from memprof.optim.registry import build_optimizer, parse_spec
+
+SHAPES = [(13,), (7,), (4, 3, 3, 3), (50, 16)]
+
+
+def paper_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Eq. 12 written out: j* = argmin_j |k_1...k_j - k_{j+1}...k_tau|; vectors are k x 1."""
+    if len(shape) == 1:
+        return shape[0], 1
+    best_j, best_gap = None, None
+    for j in range(1, len(shape)):
+        left = 1
+        for k in shape[:j]:
+            left *= k
+        right = 1
+        for k in shape[j:]:
+            right *= k
+        if best_gap is None or abs(left - right) < best_gap:
+            best_j, best_gap = j, abs(left - right)
+    m = 1
+    for k in shape[:best_j]:
+        m *= k
+    return m, (math.prod(shape)) // m
+
+
+class PaperAlada:
+    """Algorithm 2 line by line on flat Python lists, with an explicit first moment M."""
+
+    def __init__(self, x: list[float], shape: tuple[int, ...], lr: float, beta1: float, beta2: float, eps: float):
+        self.x, self.lr, self.beta1, self.beta2, self.eps = list(x), lr, beta1, beta2, eps
+        self.m, self.n = paper_matrix_shape(shape)
+        self.M = [0.0] * len(x)  # line 1
+        self.t = 0
+
+    def step(self, G: list[float]) -> None:
+        b1, b2, eps, m, n, t = self.beta1, self.beta2, self.eps, self.m, self.n, self.t
+        self.M = [b1 * Mi + (1 - b1) * Gi for Mi, Gi in zip(self.M, G)]  # line 5
+        Mt = [Mi / (1 - b1 ** (t + 1)) for Mi in self.M]  # line 6
+        V = [x * x for x in Mt]  # line 7
+        if t == 0:  # lines 8-12
+            self.v0 = sum(g * g for g in G) / (m * n)
+            self.p = [math.sqrt(self.v0)] * m
+            self.q = [math.sqrt(self.v0)] * n
+        p, q = self.p, self.q
+        if t % 2 == 0:  # lines 13-15
+            qq = sum(x * x for x in q)
+            self.p = [b2 * p[i] + (1 - b2) * sum(V[i * n + j] * q[j] for j in range(n)) / (qq + eps) for i in range(m)]
+        else:  # lines 16-18
+            pp = sum(x * x for x in p)
+            self.q = [b2 * q[j] + (1 - b2) * sum(V[i * n + j] * p[i] for i in range(m)) / (pp + eps) for j in range(n)]
+        for i in range(m):
+            for j in range(n):
+                U = self.p[i] * self.q[j]  # line 20
+                Ut = (U - b2 ** (t + 1) * self.v0) / (1 - b2 ** (t + 1))  # line 21
+                k = i * n + j
+                self.x[k] -= self.lr * Mt[k] / math.sqrt(Ut + eps)  # line 22, with M~ (see docs)
+        self.t += 1
+
+
+def objective(xs: list[torch.Tensor], cs: list[torch.Tensor]) -> torch.Tensor:
+    """sum(c * x) + sum(x^4) / 4: gradient c + x^3, different every step through c."""
+    return sum((c * x).sum() + 0.25 * (x**4).sum() for x, c in zip(xs, cs))
+
+
+def run_loop(loop: str, steps: int, lr: float, betas: tuple[float, float]) -> tuple[list[list[torch.Tensor]], list[list[float]]]:
+    """Train SHAPES with Alada (float64) and with the paper reference; return both trajectories."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = [torch.randn(s, dtype=torch.float64, generator=gen) for s in SHAPES]
+    cs = [[torch.randn(s, dtype=torch.float64, generator=gen) for s in SHAPES] for _ in range(steps)]
+    params = [torch.nn.Parameter(x.clone()) for x in x0]
+    opt = Alada(params, lr=lr, betas=betas)
+    refs = [PaperAlada(x.flatten().tolist(), s, lr, *betas, 1e-16) for x, s in zip(x0, SHAPES)]
+    ours, theirs = [], []
+    if loop == "listing1":
+        for param in params:  # Listing 1, line 5: M_0 = 0 in the grad field
+            param.grad = torch.zeros_like(param)
+    for k in range(steps):
+        if loop == "protocol":
+            opt.zero_grad()
+            scale_loss(opt, objective(params, cs[k])).backward()
+        else:  # Listing 1, lines 8-18, written out without the optimizer's helpers
+            with torch.no_grad():
+                for param in params:
+                    param.grad *= betas[0]
+            (objective(params, cs[k]) * (1 - betas[0])).backward()
+        opt.step()
+        ours.append([param.detach().clone() for param in params])
+        for ref, x, c in zip(refs, params, cs[k]):
+            xr = torch.tensor(ref.x, dtype=torch.float64)
+            ref.step((c.flatten() + xr**3).tolist())
+        theirs.append([list(ref.x) for ref in refs])
+    return ours, theirs
+
+
+@pytest.mark.parametrize("loop", ["protocol", "listing1"])
+def test_matches_algorithm_2_step_by_step(loop: str) -> None:
+    ours, theirs = run_loop(loop, steps=4, lr=0.05, betas=(0.9, 0.9))
+    for step, (got_all, want_all) in enumerate(zip(ours, theirs)):
+        for shape, got, want in zip(SHAPES, got_all, want_all):
+            want = torch.tensor(want, dtype=torch.float64).view(shape)
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (loop, step, shape, (got - want).abs().max())
+
+
+def test_matches_algorithm_2_with_other_betas() -> None:
+    ours, theirs = run_loop("protocol", steps=5, lr=0.02, betas=(0.8, 0.99))
+    for got, want in zip(ours[-1], theirs[-1]):
+        assert torch.allclose(got.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_first_step_is_row_mean_of_g_squared_in_fp32() -> None:
+    # Digest §1.4: U~_1 = rowmean(G_0^2). Row 2's gradients are 1e-4 of the rest: the literal
+    # U - beta2 v0 cancels in fp32 there, the implementation must not.
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(6, 5, generator=gen)
+    G[2] *= 1e-4
+    x = torch.nn.Parameter(torch.zeros(6, 5))
+    opt = Alada([x], lr=1.0)
+    x.grad = (1 - 0.9) * G  # what backward leaves after zero_grad + scale_loss on step 1
+    opt.step()
+    want = -G / ((G**2).mean(dim=1, keepdim=True) + 1e-16).sqrt()
+    assert torch.allclose(x.detach(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(13,), (7,), (), (4, 3, 3, 3), (50, 16), (1, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_bytes_are_4_m_plus_n(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = torch.nn.Parameter(torch.randn(shape, dtype=dtype))
+    unused = torch.nn.Parameter(torch.randn(3, 3, dtype=dtype))
+    opt = Alada([x, unused])
+    x.grad = torch.randn_like(x)
+    opt.step()
+    storages = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+                assert value.dtype == torch.float32
+    m, n = paper_matrix_shape(shape) if shape else (1, 1)
+    assert sum(storages.values()) == 4 * (m + n)  # p in R^m, q in R^n, fp32 (digest §2)
+    assert unused not in opt.state
+    assert set(opt.state[x]) == set(Alada.state_roles)
+
+
+def test_zero_first_momentum_defers_initialisation() -> None:
+    x = torch.nn.Parameter(torch.ones(4, 3))
+    opt = Alada([x], lr=0.1)
+    x.grad = torch.zeros(4, 3)
+    opt.step()
+    assert len(opt.state[x]) == 0 and torch.equal(x.detach(), torch.ones(4, 3))
+    opt.zero_grad()
+    G = torch.arange(12.0).view(4, 3) - 5
+    x.grad += (1 - 0.9) * G
+    opt.step()
+    assert opt.state[x]["step"] == 1
+    want = 1 - 0.1 * G / ((G**2).mean(dim=1, keepdim=True) + 1e-16).sqrt()
+    assert torch.allclose(x.detach(), want, rtol=1e-6)
+
+
+def test_zero_grad_decays_momentum_and_keeps_none() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    opt = Alada([a, b], betas=(0.8, 0.9))
+    a.grad = torch.ones(3)
+    opt.zero_grad()
+    assert torch.allclose(a.grad, torch.full((3,), 0.8)) and b.grad is None
+    assert torch.allclose(opt.scale_loss(torch.tensor(2.0)), torch.tensor(0.4))
+    assert gradient_component(opt) == "grad+first_moment"
+
+
+def test_channels_last_bf16_and_closure() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    G = torch.randn(4, 3, 3, 3)
+    dense = torch.nn.Parameter(w.clone())
+    strided = torch.nn.Parameter(w.clone().to(memory_format=torch.channels_last))
+    half = torch.nn.Parameter(w.to(torch.bfloat16))
+    opt = Alada([dense, strided, half], lr=0.01)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = sum((G * p.float()).sum() for p in (dense, strided, half))
+        scale_loss(opt, loss).backward()
+        return loss
+
+    for _ in range(3):
+        assert torch.is_tensor(opt.step(closure))
+    assert torch.allclose(dense, strided, rtol=0, atol=1e-7)
+    assert torch.allclose(dense, half.float(), rtol=0, atol=0.02)
+    assert not torch.equal(dense.detach(), w)
+
+
+def _train(make_opt, alada: bool, steps: int = 100) -> tuple[float, float]:
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    y = torch.sin(x @ torch.randn(8, 1)) + 0.5 * x[:, :1]
+    model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 1))
+    opt = make_opt(model.parameters())
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (scale_loss(opt, loss) if alada else loss).backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_trains_like_adam() -> None:
+    a0, a_end = _train(lambda ps: Alada(ps, lr=1e-2), alada=True)
+    d0, d_end = _train(lambda ps: torch.optim.Adam(ps, lr=1e-2), alada=False)
+    assert a_end < a0 / 5 and d_end < d0 / 5, (a0, a_end, d0, d_end)
+    assert a_end < 3 * d_end, (a_end, d_end)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (1.0, 0.9)}, "beta1"),
+        ({"betas": (0.9, -0.1)}, "beta2"),
+        ({"eps": -1e-16}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+)
+def test_bad_hyperparameter_raises(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        Alada([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_param_groups_must_share_beta1() -> None:
+    opt = Alada([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.9))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (0.9, 0.99)})
+    with pytest.raises(ValueError, match="Invalid beta1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (0.5, 0.9)})
+
+
+def test_registry_builds_it() -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(parse_spec("alada:lr=1e-3"), model)
+    assert isinstance(opt, Alada) and opt.param_groups[0]["lr"] == 1e-3
+    assert opt.param_groups[0]["betas"] == (0.9, 0.9) and opt.param_groups[0]["eps"] == 1e-16
+    assert parse_spec("alada").entry.state_roles() == Alada.state_roles
