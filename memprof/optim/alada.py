@@ -44,8 +44,8 @@ class Alada(torch.optim.Optimizer):
     bias-corrects ``U`` with ``v0 = ||G_0||^2 / mn`` and steps ``X -= lr M~ / sqrt(U~ + eps)``.
     State: ``p_acc`` (m) and ``q_acc`` (n), the factors less their decayed start ``beta2^k sqrt(v0)``,
     in fp32 (fp64 for fp64 params); ``v0`` and ``step`` are host numbers. Resident bytes:
-    ``4 (m + n)`` per parameter; each step also holds one fp32 m x n scratch buffer, for one
-    parameter at a time.
+    ``4 (m + n)`` per parameter (``8 (m + n)`` for fp64); each step also holds one m x n scratch
+    buffer in that dtype, for one parameter at a time.
 
     Step 1: a grad of ``None`` is ``M_0 = 0``: :meth:`zero_grad` leaves it ``None`` and backward
     creates ``(1 - beta1) G_0``, exactly ``M_1``. A parameter is initialised at the first step
@@ -117,6 +117,14 @@ class Alada(torch.optim.Optimizer):
             grads = [param.grad for param in group["params"] if param.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, group["betas"][0])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the factors in fp32 (torch casts them to the param dtype)."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            for key in ("p_acc", "q_acc"):
+                if key in state:
+                    state[key] = state[key].to(torch.promote_types(param.dtype, torch.float32))
 
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""

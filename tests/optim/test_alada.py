@@ -150,6 +150,9 @@ def test_state_bytes_are_4_m_plus_n(shape: tuple[int, ...], dtype: torch.dtype) 
     assert sum(storages.values()) == 4 * (m + n)  # p in R^m, q in R^n, fp32 (digest §2)
     assert unused not in opt.state
     assert set(opt.state[x]) == set(Alada.state_roles)
+    reloaded = Alada([x, unused])
+    reloaded.load_state_dict(opt.state_dict())
+    assert reloaded.state[x]["p_acc"].dtype == torch.float32 and reloaded.state[x]["step"] == 1
 
 
 def test_zero_first_momentum_defers_initialisation() -> None:
