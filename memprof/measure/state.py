@@ -1,7 +1,8 @@
 """Exact tensor accounting: optimizer state walked recursively, deduplicated by storage.
 
 State is found in ``optimizer.state[p]`` and in anything reachable from it (tuples, lists,
-dicts, object attributes such as a GaLore projector). Each storage is counted once, with its
+dicts, object attributes such as a GaLore projector, the inner tensors of a tensor subclass such
+as torchao's quantized moments). Each storage is counted once, with its
 full ``untyped_storage().nbytes()`` so a view that keeps a larger storage alive is charged
 honestly.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memprof.optim.registry import role_of
 
@@ -50,7 +52,11 @@ def unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
 
 
 def _tensors_in(obj: Any, path: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
+    if is_traceable_wrapper_subclass(obj):
+        # A wrapper subclass (torchao's OptimState8bit) owns no storage; its inner tensors do.
+        for attr in obj.__tensor_flatten__()[0]:
+            yield from _tensors_in(getattr(obj, attr), f"{path}.{attr}", depth + 1)
+    elif isinstance(obj, torch.Tensor):
         yield path, obj
     elif depth > 6 or obj is None or isinstance(obj, (int, float, str, bool, bytes)):
         return
@@ -82,6 +88,9 @@ def walk_state(
                 continue
             seen.add(key)
             state_key = path.split(".")[0].split("[")[0]
-            role, inferred = role_of(roles, state_key, tensor, param if isinstance(param, torch.Tensor) else None)
+            # A role declared for the full path ("exp_avg.codes") wins over the state key's.
+            role, inferred = role_of(
+                roles, path if path in roles else state_key, tensor, param if isinstance(param, torch.Tensor) else None
+            )
             out.append(StateTensor(param_name, state_key, path, role, inferred, tensor))
     return out

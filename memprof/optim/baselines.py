@@ -1,39 +1,150 @@
-"""Baseline optimizers taken from well-kept libraries, with the roles of their state keys."""
+"""Baseline optimizers taken from well-kept libraries, with the roles of their state keys.
+
+Roles are keyed by the key in ``optimizer.state[p]`` (or by ``key.attribute`` for the inner
+tensors of a tensor-subclass state, such as torchao's quantized moments). docs/baselines.md
+lists every entry's layout, dtype rules and memprof's default overrides.
+"""
 
 from __future__ import annotations
 
-from memprof.optim.registry import OptimizerEntry
+from memprof.optim.registry import OptimizerEntry, Role
 
-_ADAM_ROLES = {"exp_avg": "moment", "exp_avg_sq": "moment", "max_exp_avg_sq": "moment", "step": "other"}
+_ADAM_ROLES: dict[str, Role] = {"exp_avg": "moment", "exp_avg_sq": "moment", "max_exp_avg_sq": "moment", "step": "other"}
+
+# Adafactor-family names: *_row / *_col are the factored second moment, *_sq the full one (1-D).
+_HF_ADAFACTOR_ROLES: dict[str, Role] = {
+    "exp_avg": "moment",
+    "exp_avg_sq": "moment",
+    "exp_avg_sq_row": "factor",
+    "exp_avg_sq_col": "factor",
+    "RMS": "other",
+    "step": "other",
+}
+
+_CAME_ROLES: dict[str, Role] = {
+    **_HF_ADAFACTOR_ROLES,
+    "exp_avg_res_row": "factor",
+    "exp_avg_res_col": "factor",
+    "exp_avg_sq_hat": "moment",
+}
+
+# SM3 keeps one accumulator per tensor axis (accumulator_0 … accumulator_{ndim-1}).
+_SM3_ROLES: dict[str, Role] = {"momentum_buffer": "moment", **{f"accumulator_{i}": "factor" for i in range(8)}}
+
+# bitsandbytes: state1/state2 are uint8 codes (fp32 below min_8bit_size elements), absmax*/max*
+# the block scales, qmap1/qmap2 the code books shared by every parameter (one storage each).
+_BNB_ROLES: dict[str, Role] = {
+    **{key: "quant" for key in ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")},
+    **{key: "quant" for key in ("max1", "max2", "new_max1", "new_max2")},
+    "unorm_vec": "other",
+    "gnorm_vec": "other",
+    "step": "other",
+}
+
+# torchao: a moment of a parameter with >= 4096 elements is an OptimState8bit/4bit tensor
+# subclass whose storage is its inner codes, scale and qmap; smaller ones stay plain tensors.
+_AO_ROLES: dict[str, Role] = {
+    **_ADAM_ROLES,
+    **{f"{key}.{inner}": "quant" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") for inner in ("codes", "scale", "qmap")},
+}
 
 BASELINES: tuple[OptimizerEntry, ...] = (
     OptimizerEntry(
         name="adam",
-        target="torch.optim:Adam",
-        summary="Adam; foreach/fused/single-tensor selectable (adam:fused=true)",
+        target="memprof.optim.adapters:adam",
+        summary="torch.optim.Adam; foreach/fused/single-tensor selectable (adam:fused=true), resolved choice recorded",
         source="torch.optim",
         roles=_ADAM_ROLES,
     ),
     OptimizerEntry(
         name="adamw",
-        target="torch.optim:AdamW",
-        summary="AdamW (decoupled weight decay)",
+        target="memprof.optim.adapters:adamw",
+        summary="torch.optim.AdamW (decoupled weight decay); foreach/fused/single-tensor selectable",
         source="torch.optim",
         roles=_ADAM_ROLES,
     ),
     OptimizerEntry(
         name="sgd",
-        target="torch.optim:SGD",
-        summary="SGD with momentum 0.9",
+        target="memprof.optim.adapters:sgd",
+        summary="torch.optim.SGD with momentum 0.9",
         source="torch.optim",
         roles={"momentum_buffer": "moment"},
         defaults={"lr": 1e-3, "momentum": 0.9},
     ),
     OptimizerEntry(
         name="adafactor",
-        target="torch.optim:Adafactor",
-        summary="Adafactor (no first moment); row/column factors, full vector for 1-D",
+        target="memprof.optim.adapters:adafactor",
+        summary="torch.optim.Adafactor (no first moment); row/column factors, full vector for 1-D",
         source="torch.optim",
         roles={"row_var": "factor", "col_var": "factor", "variance": "moment", "step": "other"},
+    ),
+    OptimizerEntry(
+        name="hf_adafactor",
+        target="transformers.optimization:Adafactor",
+        summary="transformers Adafactor, fixed lr; first moment with hf_adafactor:beta1=0.9; fp32 state",
+        source="transformers",
+        roles=_HF_ADAFACTOR_ROLES,
+        defaults={"lr": 1e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False},
+    ),
+    OptimizerEntry(
+        name="came",
+        target="pytorch_optimizer:CAME",
+        summary="CAME: Adafactor factors + factored confidence residual, full first moment",
+        source="pytorch_optimizer",
+        roles=_CAME_ROLES,
+    ),
+    OptimizerEntry(
+        name="sm3",
+        target="pytorch_optimizer:SM3",
+        summary="SM3: one accumulator per axis; momentum_buffer always allocated by the library",
+        source="pytorch_optimizer",
+        roles=_SM3_ROLES,
+    ),
+    OptimizerEntry(
+        name="lion",
+        target="pytorch_optimizer:Lion",
+        summary="Lion: sign update, one momentum buffer",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_grad_adanorm": "other"},
+    ),
+    OptimizerEntry(
+        name="galore",
+        target="memprof.optim.adapters:galore",
+        summary="GaLore AdamW: 2-D weights projected to rank r (galore:rank=128:update_proj_gap=200:scale=0.25)",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment", "projector": "projection"},
+        params="model",
+    ),
+    OptimizerEntry(
+        name="adam_mini",
+        target="memprof.optim.adapters:adam_mini",
+        summary="Adam-mini: full first moment, one second moment per block; dims from the model config",
+        source="pytorch_optimizer",
+        roles={"m": "moment", "v": "moment", "v_mean": "factor", "dimension": "other"},
+        params="model",
+    ),
+    OptimizerEntry(
+        name="adam8bit",
+        target="bitsandbytes.optim:Adam8bit",
+        summary="bitsandbytes 8-bit blockwise Adam (CUDA)",
+        source="bitsandbytes",
+        roles=_BNB_ROLES,
+        requires="cuda",
+    ),
+    OptimizerEntry(
+        name="ao_adamw8bit",
+        target="torchao.optim:AdamW8bit",
+        summary="torchao 8-bit AdamW: tensor-subclass moments, codes + block scales (CUDA)",
+        source="torchao",
+        roles=_AO_ROLES,
+        requires="cuda",
+    ),
+    OptimizerEntry(
+        name="ao_adamw4bit",
+        target="torchao.optim:AdamW4bit",
+        summary="torchao 4-bit AdamW: tensor-subclass moments, packed codes + block scales (CUDA)",
+        source="torchao",
+        roles=_AO_ROLES,
+        requires="cuda",
     ),
 )
