@@ -1,0 +1,76 @@
+"""memprof's offline model zoo: a name becomes a randomly initialised model and an example batch.
+
+``name`` is one of:
+
+* a built-in name (``model_names()``): GPT-2 and GaLore's LLaMA sizes, BERT, RoBERTa, T5-small,
+  ALBERT (``memprof.models.hf``) and every torchvision classifier (``memprof.models.vision``);
+* a local HF ``config.json``, or a folder holding one (``memprof.models.hf``);
+* ``path/to/file.py:function`` (``memprof.models.user``).
+
+Nothing is ever downloaded. Importing this package and ``model_names()`` load neither
+transformers nor torchvision; ``build_model`` imports what the name needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memprof.errors import UsageError, closest
+from memprof.models.base import BuiltModel, ModelOptions, parameter_count
+from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_names
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BuiltModel", "ModelOptions", "build_model", "model_names"]
+
+SEED = 0  # weights are the same on every build of a name
+
+
+def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu") -> BuiltModel:
+    """Build ``name`` on ``device`` (``"meta"`` works: shapes without memory), in train() mode."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"Device {device} requested but torch sees no CUDA device")
+    cuda_devices = [] if device.type != "cuda" else [
+        device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
+        torch.manual_seed(SEED)
+        built = _build(name, options, device)
+    built.config.update(
+        name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,
+        batch_size=options.batch_size, batch={k: [list(v.shape), str(v.dtype)] for k, v in built.batch.items()},
+    )
+    return built
+
+
+def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
+    if name in TEXT_MODELS:
+        from memprof.models import hf
+
+        return hf.build_builtin(name, options, device)
+    if name in TORCHVISION_CLASSIFIERS:
+        from memprof.models import vision
+
+        return vision.build(name, options, device)
+    if _is_hf_config(name):
+        from memprof.models import hf
+
+        return hf.build_from_config_file(Path(name).expanduser(), options, device)
+    from memprof.models import user
+
+    if not user.is_user_spec(name):
+        known = [entry[0] for entry in model_names()]
+        raise UsageError(f"Unknown model {name!r}; did you mean {closest(name, known)}? (or give a local "
+                         "config.json, or path/to/file.py:function)")
+    return user.build(name, options, device)
+
+
+def _is_hf_config(name: str) -> bool:
+    path = Path(name).expanduser()
+    if name.endswith(".json") and not path.is_file():
+        raise UsageError(f"No such file: {path}")
+    return (name.endswith(".json") and path.is_file()) or (path.is_dir() and (path / "config.json").is_file())

@@ -1,0 +1,147 @@
+"""Hugging Face transformers models from configs only: built-in sizes or a local ``config.json``.
+
+Choices, the same for every HF model memprof builds:
+
+* Random init with ``Auto*.from_config``; nothing is downloaded (``local_files_only=True``).
+* Built directly on the target device and in the target dtype (``with torch.device(device)`` and
+  ``dtype=``), so a large model never passes through CPU memory or through fp32.
+* Attention: transformers' own default, ``"sdpa"`` where the class supports it (the realistic
+  training default), else ``"eager"``; recorded in ``config["attn_implementation"]``.
+* Dropout stays at the library/config defaults; ``use_cache=False`` (no KV cache in training).
+* Tied weights stay tied (GPT-2 ``wte``/``lm_head``, T5 and the masked-LM decoders).
+* BERT, RoBERTa and ALBERT use their masked-LM heads (the pre-training objective; every weight of
+  the checkpoint, bar BERT's pooler, gets a gradient). For GLUE-style fine-tuning pass a
+  ``config.json`` whose ``architectures`` names ``*ForSequenceClassification``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers.models.auto import modeling_auto
+
+from memprof.errors import UsageError
+from memprof.models.base import BuiltModel, ModelOptions, move_batch
+from memprof.models.catalog import TEXT_MODELS
+
+# Task -> (Auto class, model-type -> class-name mapping used to recognise `architectures`).
+TASKS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "seq2seq-lm": (transformers.AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "masked-lm": (transformers.AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    "causal-lm": (transformers.AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "sequence-classification": (transformers.AutoModelForSequenceClassification,
+                                modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+}
+
+# Built-in family -> (config class, task).
+FAMILIES: dict[str, tuple[type[transformers.PretrainedConfig], str]] = {
+    "gpt2": (transformers.GPT2Config, "causal-lm"),
+    "llama": (transformers.LlamaConfig, "causal-lm"),
+    "bert": (transformers.BertConfig, "masked-lm"),
+    "roberta": (transformers.RobertaConfig, "masked-lm"),
+    "t5": (transformers.T5Config, "seq2seq-lm"),
+    "albert": (transformers.AlbertConfig, "masked-lm"),
+}
+
+MASK_FRACTION = 0.15  # masked-LM: share of positions replaced by the mask token and scored (BERT's rate)
+SEED = 0
+
+
+def build_builtin(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
+    """Build a built-in text model (a key of ``TEXT_MODELS``)."""
+    spec = TEXT_MODELS[name]
+    if spec.max_seq_len is not None and options.seq_len > spec.max_seq_len:
+        raise UsageError(f"Invalid seq_len: {options.seq_len} ({name} has learned positions for {spec.max_seq_len})")
+    config_class, task = FAMILIES[spec.family]
+    config = config_class(**spec.config)
+    return _build(name, spec.family, config, task, options, device)
+
+
+def build_from_config_file(path: Path, options: ModelOptions, device: torch.device) -> BuiltModel:
+    """Build from a local ``config.json`` (or a folder holding one).
+
+    The head comes from the config's ``architectures`` when one of them is a causal-LM, seq2seq-LM,
+    masked-LM or sequence-classification class; without it, encoder-decoder configs get a seq2seq
+    LM, model types with a masked-LM head get that, and the rest a causal LM.
+    """
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
+    return _build(str(path), "hf-config", config, _task_of(config, path), options, device)
+
+
+def _task_of(config: transformers.PretrainedConfig, path: Path) -> str:
+    for architecture in config.architectures or ():
+        for task, (_, names) in TASKS.items():
+            if any(architecture == n or (isinstance(n, tuple) and architecture in n) for n in names.values()):
+                return task
+    if config.is_encoder_decoder and config.model_type in TASKS["seq2seq-lm"][1]:
+        return "seq2seq-lm"
+    for task in ("masked-lm", "causal-lm"):
+        if config.model_type in TASKS[task][1]:
+            return task
+    raise UsageError(f"No supported head for {path} (model_type {config.model_type!r}, architectures "
+                     f"{config.architectures}); memprof builds: {', '.join(TASKS)}")
+
+
+def _build(name: str, family: str, config: transformers.PretrainedConfig, task: str,
+           options: ModelOptions, device: torch.device) -> BuiltModel:
+    auto_class, _ = TASKS[task]
+    config.use_cache = False
+    with torch.device(device):
+        model = auto_class.from_config(config, dtype=options.torch_dtype)
+    model.train()
+    text_config = model.config.get_text_config()
+    batch = _batch(task, text_config, options, device)
+    record = {
+        "class": type(model).__name__,
+        "task": task,
+        "attn_implementation": model.config._attn_implementation,
+        "vocab_size": text_config.vocab_size,
+        "seq_len": options.seq_len,
+        "hf_config": json.loads(model.config.to_json_string(use_diff=False)),
+    }
+    return BuiltModel(name=name, family=family, model=model, batch=batch, loss=hf_loss, config=record)
+
+
+def hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss transformers computes from ``labels`` (shifted inside for causal LMs)."""
+    return model(**batch).loss
+
+
+def _batch(task: str, config: transformers.PretrainedConfig, options: ModelOptions,
+           device: torch.device) -> dict[str, torch.Tensor]:
+    """Random token ids from a fixed-seed CPU generator (the same batch on every device), then moved.
+
+    causal-lm: ``labels`` is ``input_ids`` itself (one storage; transformers shifts it).
+    masked-lm: ``round(0.15 * seq_len)`` positions per row (at least one) become the mask token and
+    are the only scored labels (-100 elsewhere). seq2seq-lm: decoder ``labels`` of length seq_len.
+    sequence-classification: one class per row (a float target when ``num_labels == 1``).
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    shape = (options.batch_size, options.seq_len)
+    input_ids = torch.randint(0, config.vocab_size, shape, generator=gen)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones(shape, dtype=torch.long)}
+    if task == "causal-lm":
+        batch["labels"] = input_ids
+    elif task == "masked-lm":
+        n_masked = max(1, round(MASK_FRACTION * options.seq_len))
+        positions = torch.rand(shape, generator=gen).argsort(dim=1)[:, :n_masked]
+        labels = torch.full(shape, -100, dtype=torch.long)
+        labels.scatter_(1, positions, input_ids.gather(1, positions))
+        mask_token_id = getattr(config, "mask_token_id", None)
+        if mask_token_id is not None:  # a config.json may not name its mask token: keep the ids then
+            input_ids.scatter_(1, positions, mask_token_id)
+        batch["labels"] = labels
+    elif task == "seq2seq-lm":
+        batch["labels"] = torch.randint(0, config.vocab_size, shape, generator=gen)
+    elif config.num_labels == 1:
+        batch["labels"] = torch.randn(options.batch_size, generator=gen).to(options.torch_dtype)
+    else:
+        batch["labels"] = torch.randint(0, config.num_labels, (options.batch_size,), generator=gen)
+    return move_batch(batch, device)
