@@ -1,22 +1,22 @@
 """memprof: where every byte of a training step goes, optimizer state component by component.
 
 The heavy machinery is imported on first use, so ``import memprof`` and ``memprof --help``
-stay fast.
+stay fast. ``memprof.api.measure`` returns the run records themselves.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["compare", "measure", "profile", "RunRecord"]
+__all__ = ["compare", "profile", "RunRecord"]
 
 if TYPE_CHECKING:
-    from memprof.api import compare, measure, profile
+    from memprof.api import compare, profile
     from memprof.record import RunRecord
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compare", "measure", "profile"):
+    if name in ("compare", "profile"):
         from memprof import api
 
         return getattr(api, name)

@@ -21,7 +21,8 @@ app = typer.Typer(
     help="Where every byte of a training step goes: weights, gradients, each piece of optimizer state, "
     "activations, step transients, allocator and driver overhead.",
 )
-out = Console()
+# Tables are data: when piped, keep them whole rather than folded to 80 columns.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `memprof models`), a local HF config.json, or file.py:function.")]

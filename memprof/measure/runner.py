@@ -51,6 +51,10 @@ class _Capture:
             storage = tensor.untyped_storage()
             self.tags.append(Tag(now, storage.data_ptr(), category, component, storage.nbytes()))
 
+    def tag_state(self, state: list[StateTensor]) -> None:
+        for item in state:
+            self.tag([item.tensor], "optimizer_state", item.role)
+
     def saved_tensor_hooks(self):
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             self.tag([tensor], "activations", "saved")
@@ -100,13 +104,13 @@ def measure(settings: Settings) -> RunRecord:
         capture.tag(params, "weights", "param")
         capture.tag(buffers, "buffers", "buffer")
         capture.tag(inputs, "inputs", "batch")
-        state: list[StateTensor] = []
-        gradients: list[torch.Tensor] = []
         roles = spec.entry.state_roles()
         autocast = (
             torch.autocast(device.type, dtype=AMP[settings.amp]) if settings.amp else contextlib.nullcontext()
         )
-        phase = "forward"
+        # The loop keeps no references of its own to gradients or state between phases:
+        # holding them would change what is live and when it is freed.
+        phase, step = "forward", 0
         try:
             for step in range(1, settings.steps + 1):
                 phase = "forward"
@@ -123,21 +127,19 @@ def measure(settings: Settings) -> RunRecord:
                 del loss
                 capture.mark("step", step)
                 capture.phase_ms["backward"].append(_elapsed_ms(start, tracker))
-                gradients = [p.grad for p in params if p.grad is not None]
-                capture.tag(gradients, "gradients", record.gradient_component)
+                capture.tag((p.grad for p in params), "gradients", record.gradient_component)
                 phase = "step"
                 start = time.perf_counter()
                 optimizer.step()
-                tracker.sync()
                 capture.phase_ms["step"].append(_elapsed_ms(start, tracker))
-                state = walk_state(optimizer, names, roles)
-                for item in state:
-                    capture.tag([item.tensor], "optimizer_state", item.role)
+                capture.tag_state(walk_state(optimizer, names, roles))
                 record.telemetry.append(protocol.telemetry(optimizer, names))
         except torch.OutOfMemoryError:
             record.status, record.failure = "oom", f"OOM in {phase} (step {step})"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
+        state = walk_state(optimizer, names, roles)
+        gradients = [p.grad for p in params if p.grad is not None]
         record.hyperparameters = {k: v for k, v in optimizer.defaults.items() if _plain(v)}
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)
         peaks = _allocator_peaks(device, nvml_before)
