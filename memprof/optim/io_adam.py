@@ -1,0 +1,294 @@
+"""IO-Adam: Adam whose weight gradient is never stored and whose second moment comes from the
+linear layers' inputs and output gradients.
+
+Paper: "IO-Adam: Rethinking memory-efficient adaptive optimizers from gradient computation"
+(anonymous ICLR 2026 submission, OpenReview iCT5xdOlJH). Digest: shared/papers/io-adam-digest.md.
+
+For a linear layer y = W x (W is n×m) the batch weight gradient is (∇_Y L) Xᵀ (Eq. 2). IO-Adam
+replaces the layer's autograd node by one that, in backward, computes the input gradient as usual
+but folds (∇_Y L) Xᵀ straight into the first moment M (Eq. 4) instead of returning a weight
+gradient, and adds Σ_rows |X|^p and Σ_rows |∇_Y L|^q to one column of the factors C (m×b) and
+R (n×b) (Eq. 9, 18). ``step()`` then applies W ← W − lr · M̂ / (sqrt(V̂) + eps) with V = R Cᵀ.
+Every other parameter (biases, embeddings, norms, convolutions, tied weights) uses AdamW.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["IOAdam"]
+
+
+class _FoldedLinear(torch.autograd.Function):
+    """``F.linear`` whose backward hands (x, ∇_y L) to the optimizer instead of a weight gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool,
+                fold: Callable[[Tensor, Tensor], None]) -> Tensor:
+        # The same two tensors nn.Linear's own backward node saves: IO-Adam adds no activation.
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.fold = transposed, fold
+        # GPT-2's Conv1D keeps W as (in, out) and computes x W + b.
+        return F.linear(x, weight.t() if transposed else weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        # Paper ambiguity (digest §1.1): the paper has no sequence dimension. We treat every token
+        # as a sample: X is (N, m) and ∇_Y L is (N, n) with N = batch × sequence length.
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(g.dtype)  # no-op unless autocast made the output lower precision
+            grad_x = (g @ (w.t() if ctx.transposed else w)).reshape(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        ctx.fold(x.reshape(-1, x.shape[-1]), g)
+        return grad_x, None, grad_bias, None, None
+
+
+def _foldable_layers(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
+    """Linear layers IO-Adam can take over, each with whether its weight is stored (in, out)."""
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    # nn.MultiheadAttention calls F.linear on out_proj.weight without calling out_proj.
+    bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            continue
+        # transformers.pytorch_utils.Conv1D, found by name and layout so transformers stays optional.
+        transposed = type(module).__name__ == "Conv1D" and tuple(weight.shape) == (
+            getattr(module, "nx", None), getattr(module, "nf", None))
+        plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        # Paper ambiguity (digest §6.4): tied weights (GPT-2's lm_head = wte) also get gradients
+        # from another module, and a forward someone already replaced (accelerate hooks) may not
+        # be a plain linear. We choose AdamW for them: they are not folded.
+        if ((plain or transposed) and weight.requires_grad and owners[id(weight)] == 1
+                and id(module) not in bypassed and "forward" not in module.__dict__):
+            yield module, transposed
+
+
+def _column_weight_sq_sum(step: int, buffer_size: int, beta2: float) -> float:
+    """Σ_k w_k², where w_k is what column k of C would hold at ``step`` if every write were 1."""
+    total = 0.0
+    for age in range(min(step, buffer_size)):  # the column written ``age`` steps ago
+        writes = (step - age - 1) // buffer_size + 1
+        weight = (1 - beta2) * beta2**age * (1 - beta2 ** (buffer_size * writes)) / (1 - beta2**buffer_size)
+        total += weight * weight
+    return total
+
+
+class IOAdam(torch.optim.Optimizer):
+    """IO-Adam over a whole model: folded linear layers plus AdamW for every other parameter.
+
+    Args:
+        model: the module to train; its linear layers (``nn.Linear`` and GPT-2's ``Conv1D``) are
+            taken over until :meth:`remove_hooks` is called.
+        lr: learning rate α (default: 1e-3). IO-Adam's V bounds Adam's G² from above, so it
+            usually wants a larger lr than Adam (paper: 0.025 vs 0.002 on LLaMA pre-training).
+        betas: (β1, β2) for the first moment and the second-moment factors (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: decoupled weight decay λ, applied to every parameter (default: 0).
+        buffer_size: columns b of C and R; column t mod b is written at step t (default: 1).
+        holder_p: Hölder exponent p for the inputs; output gradients use q = p / (p − 1)
+            (default: 2, the Cauchy–Schwarz bound).
+    """
+
+    state_roles: dict[str, str] = {
+        "exp_avg": "moment",
+        "exp_avg_sq": "moment",
+        "input_sq": "factor",
+        "grad_out_sq": "factor",
+        "step": "other",
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        buffer_size: int = 1,
+        holder_p: float = 2.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"IOAdam takes the model (an nn.Module), got {type(model).__name__}")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid lr: {lr}")
+        if not (len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas)):
+            raise ValueError(f"Invalid betas: {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"Invalid buffer_size: {buffer_size}")
+        # Paper ambiguity (digest §1.5): p, q ∈ [1, ∞] in the paper; p = 1 or ∞ makes the other
+        # exponent infinite and |·|^∞ sums meaningless. We require 1 < p < ∞ so q is finite.
+        if not 1.0 < holder_p < float("inf"):
+            raise ValueError(f"Invalid holder_p: {holder_p}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        buffer_size=buffer_size, holder_p=holder_p)
+        super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        self._transposed: dict[Tensor, bool] = {}  # folded weight -> stored as (in, out)
+        self._group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        self._folded: set[Tensor] = set()  # folded weights that saw a backward since the last step
+        self._modules: list[nn.Module] = []
+        for module, transposed in _foldable_layers(model):
+            self._attach(module, transposed)
+
+    def _attach(self, module: nn.Module, transposed: bool) -> None:
+        fold = functools.partial(self._fold, module.weight, transposed)
+
+        def forward(x: Tensor) -> Tensor:
+            return _FoldedLinear.apply(x, module.weight, module.bias, transposed, fold)
+
+        # An instance attribute shadows the class's forward; nn.Module hooks still run around it.
+        module.forward = forward
+        self._transposed[module.weight] = transposed
+        self._modules.append(module)
+
+    def remove_hooks(self) -> None:
+        """Give the linear layers back their own forward (their weights get gradients again)."""
+        for module in self._modules:
+            del module.forward
+        self._modules.clear()
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        # Lazy state initialization
+        if len(state) == 0:
+            # Optimizer steps taken (a Python int: no device memory)
+            state["step"] = 0
+            # First moment M, full size and in the parameter's dtype, as torch.optim.AdamW keeps it
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if p in self._transposed:
+                n_in, n_out = p.shape if self._transposed[p] else reversed(p.shape)
+                # Paper ambiguity (digest §6.5): no dtypes are stated. C and R are fp32 even for
+                # bf16 weights: a bf16 EMA with β2 = 0.999 cannot move (1 − β2 < half an ulp),
+                # and they are small (b·(m + n) values); fp32 matches Table 4's arithmetic.
+                # C (m×b): EMA of Σ_rows |X|^p, one column written per step (Eq. 9, 18)
+                state["input_sq"] = torch.zeros(n_in, group["buffer_size"], dtype=torch.float32, device=p.device)
+                # R (n×b): EMA of Σ_rows |∇_Y L|^q, one column written per step (Eq. 9, 18)
+                state["grad_out_sq"] = torch.zeros(n_out, group["buffer_size"], dtype=torch.float32, device=p.device)
+            else:
+                # AdamW second moment for every parameter that is not a folded linear weight
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def _fold(self, weight: Tensor, transposed: bool, x: Tensor, g: Tensor) -> None:
+        """Add one backward's (N, m) inputs ``x`` and (N, n) output gradients ``g`` to M, C, R."""
+        group = self.param_groups[self._group_index[weight]]
+        state = self._init_state(weight, group)
+        beta1, beta2 = group["betas"]
+        p = group["holder_p"]
+        q = p / (p - 1)
+        # Paper ambiguity (digest §1.7, §6.5): gradient accumulation is not described. We decay
+        # M, C and R once per optimizer step, on the first backward after it; later backwards
+        # before the step only add, so k micro-batches act as one batch of all their rows.
+        fresh = weight not in self._folded
+        self._folded.add(weight)
+        exp_avg = state["exp_avg"]
+        xs, gs = x.to(exp_avg.dtype), g.to(exp_avg.dtype)
+        # Eq. 4: M ← β1 M + (1 − β1)(∇_Y L) Xᵀ. This GEMM is the weight-gradient GEMM; its result
+        # lands in M, so no weight gradient is ever stored.
+        exp_avg.addmm_(xs.T if transposed else gs.T, gs if transposed else xs,
+                       beta=beta1 if fresh else 1.0, alpha=1 - beta1)
+        input_sq, grad_out_sq = state["input_sq"], state["grad_out_sq"]
+        # Paper ambiguity (digest §1.4, §6.2): literal Eq. 9 decays every column by β2 each step
+        # while only column t mod b receives new mass. We follow it (not a per-column EMA);
+        # ``_column_weight_sq_sum`` corrects the resulting scale in ``step``.
+        if fresh:
+            input_sq.mul_(beta2)
+            grad_out_sq.mul_(beta2)
+        column = (state["step"] + 1) % group["buffer_size"]
+        # vector_norm reduces without materialising |X|^p; raising the norm to p gives Σ|x|^p.
+        input_sq[:, column].add_(torch.linalg.vector_norm(x, p, dim=0).float().pow_(p), alpha=1 - beta2)
+        grad_out_sq[:, column].add_(torch.linalg.vector_norm(g, q, dim=0).float().pow_(q), alpha=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            plain = []
+            for p in group["params"]:
+                if p in self._transposed:
+                    if p.grad is not None:
+                        raise RuntimeError(
+                            f"IOAdam: a folded linear weight of shape {tuple(p.shape)} received a .grad; "
+                            "it is used outside its module's forward, or remove_hooks() was called")
+                    if p in self._folded:
+                        self._folded_update(p, group)
+                elif p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("IOAdam does not support sparse gradients")
+                    plain.append(p)
+            self._adamw_update(plain, group)
+        self._folded.clear()
+        return loss
+
+    def _folded_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        state["step"] += 1
+        step, lr, eps = state["step"], group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        hp = group["holder_p"]
+        hq = hp / (hp - 1)
+        input_sq, grad_out_sq = state["input_sq"], state["grad_out_sq"]
+        if hp != 2.0:
+            # Paper error (digest §1.5): Eq. 18 prints sqrt(V) = r^(1/p) c^(1/q), swapping the
+            # exponents; Hölder gives |G_jk| ≤ r_j^(1/q) c_k^(1/p). Paper ambiguity: p with b > 1
+            # is not described. We choose V = Σ_col r_col^(2/q) c_col^(2/p), which is R Cᵀ at p = 2
+            # and (r^(1/q) c^(1/p))² at b = 1. These are (m + n)·b-sized copies, not n×m.
+            input_sq, grad_out_sq = input_sq.pow(2 / hp), grad_out_sq.pow(2 / hq)
+        # Paper error (digest §1.4): V = C Rᵀ is m×n but W is n×m; we use V = R Cᵀ (Conv1D: C Rᵀ).
+        # This is the step's one full-size temporary (fp32), freed before the next layer.
+        v = torch.mm(input_sq, grad_out_sq.T) if self._transposed[p] else torch.mm(grad_out_sq, input_sq.T)
+        # Paper ambiguity (digest §1.4, §6.1): the "modified bias correction" (Algorithm 2) is
+        # missing from the paper. With column k holding w_k·s (w_k from Eq. 9's decay, s the
+        # per-step sum), V ≈ (Σ_k w_k²)·s_x s_g. We divide by Σ_k w_k², so V̂ ≈ s_x s_g for any b
+        # and any step; at b = 1 this is Adam's correction applied to both factors, (1 − β2^t)².
+        denom = v.div_(_column_weight_sq_sum(step, group["buffer_size"], beta2)).sqrt_().add_(eps)
+        # Paper ambiguity (digest §1.6): weight decay is only given as 0.1 for MiniPile. We apply
+        # it decoupled, as AdamW does, before the Adam update.
+        p.mul_(1 - lr * group["weight_decay"])
+        # Paper ambiguity (digest §6.3): the paper does not say when W moves. We update it here,
+        # after backward, so no layer's input gradient ever sees a half-updated weight.
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+    def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        # Paper ambiguity (digest §1.7, §6.4): the paper says nothing about parameters outside
+        # linear layers. We use AdamW with the same lr, betas, eps and weight decay.
+        if not params:
+            return
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        states = [self._init_state(p, group) for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        for p, state, exp_avg, exp_avg_sq in zip(params, states, exp_avgs, exp_avg_sqs):
+            state["step"] += 1
+            step = state["step"]
+            # One parameter-sized temporary at a time (a foreach sqrt would hold all of them).
+            denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
