@@ -24,7 +24,8 @@ def measure_in_child(settings: Settings) -> RunRecord:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The child imports what the parent can (a user's optimizer class by dotted path).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         if proc.returncode == 0 and record_path.exists():
             return RunRecord.load(record_path)[0]
