@@ -1,0 +1,380 @@
+"""SMMF: Square-Matricized Momentum Factorization (Park & Lee, AAAI 2025, arXiv 2412.08894).
+
+Each parameter is viewed as its most nearly square n̂×m̂ matrix (Algorithm 2). The first moment
+M is kept as a rank-1 factorization of |M| (a row and a column vector) plus the sign of each
+element; the second moment V as a rank-1 factorization of V. A step decompresses both, folds in
+the gradient, compresses them again and updates the weight with the *uncompressed*
+M_t / (sqrt(V_t) + eps) ("decompression → compression", Algorithm 1).
+
+State per parameter of N elements: four fp32 vectors (2·(n̂ + m̂) floats) and the sign, one bit
+per element (``sign_bits=1``, what the paper's memory tables count) or one byte
+(``sign_bits=8``, the official code's ``torch.bool``).
+
+Two implementations give the same updates: a pure-torch one (CPU, meta and fallback) that walks
+each parameter in row blocks so its temporaries stay bounded, and fused Triton kernels
+(``memprof.optim._smmf_triton``), used on CUDA when Triton imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+__all__ = ["SMMF", "square_matricize"]
+
+# The torch path updates a parameter in blocks of whole rows of about this many elements, so its
+# full-size temporaries are bounded (4 fp32 blocks of 4 MiB) whatever the parameter's size.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def square_matricize(numel: int) -> tuple[int, int]:
+    """Algorithm 2: the (n̂, m̂) with n̂·m̂ = numel, n̂ ≥ m̂ and n̂ − m̂ smallest.
+
+    A prime numel gives (numel, 1): nothing is saved, and the rank-1 factorization is exact.
+    """
+    for cols in range(math.isqrt(numel), 0, -1):
+        if numel % cols == 0:
+            return numel // cols, cols
+    return 0, 1  # numel == 0
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    try:
+        from memprof.optim import _smmf_triton
+    except ImportError:
+        return None
+    return _smmf_triton
+
+
+class SMMF(Optimizer):
+    """SMMF: square-matricized rank-1 factored moments with a sign bitmap.
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate η (default: 1e-3).
+        beta: first-moment coefficient β₁, or ``None`` for no first moment (default: 0.9).
+        eps: added to sqrt(V) in the denominator (default: 1e-8).
+        weight_decay: weight-decay coefficient c (default: 0).
+        decay_rate: γ in β₂,t = 1 − t^γ, in [-1, 0] (default: -0.5; the paper recommends -0.8
+            for Transformers).
+        growth_rate: λ in β₁,t = β₁·λ^(t−1), in [0, 1] (default: 0.999).
+        vector_reshape: square-matricize and factorize tensors with one non-singleton axis
+            too; ``False`` keeps full moments for them (default: True).
+        weight_decay_mode: ``"adam"`` adds c·W to the gradient (Algorithm 6), ``"adamw"``
+            multiplies W by 1 − η·c (Algorithm 7) (default: "adam").
+        sign_bits: 1 packs the signs 8 per byte; 8 stores one ``torch.bool`` per element
+            (default: 1). Both give identical updates.
+        implementation: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"``
+            or ``"triton"`` (default: "auto").
+
+    State dtype: the factor vectors are fp32 whatever the parameter dtype (fp64 for fp64
+    parameters): a row sum over thousands of elements needs more precision than bf16 has, and
+    the vectors are tiny.
+    """
+
+    state_roles: dict[str, str] = {
+        "row_m": "factor",
+        "col_m": "factor",
+        "row_v": "factor",
+        "col_v": "factor",
+        "sign": "sign",
+        "exp_avg": "moment",
+        "exp_avg_sq": "moment",
+        "step": "other",
+        "shape": "other",
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        beta: float | None = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_rate: float = -0.5,
+        growth_rate: float = 0.999,
+        vector_reshape: bool = True,
+        weight_decay_mode: Literal["adam", "adamw"] = "adam",
+        *,
+        sign_bits: Literal[1, 8] = 1,
+        implementation: Literal["auto", "torch", "triton"] = "auto",
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid lr: {lr}")
+        if beta is not None and not 0.0 <= beta <= 1.0:
+            raise ValueError(f"Invalid beta: {beta}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if not -1.0 <= decay_rate <= 0.0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate}")
+        if not 0.0 <= growth_rate <= 1.0:
+            raise ValueError(f"Invalid growth_rate: {growth_rate}")
+        if not isinstance(vector_reshape, bool):
+            raise ValueError(f"Invalid vector_reshape: {vector_reshape!r}")
+        if weight_decay_mode not in ("adam", "adamw"):
+            raise ValueError(f"Invalid weight_decay_mode: {weight_decay_mode!r}")
+        if sign_bits not in (1, 8):
+            raise ValueError(f"Invalid sign_bits: {sign_bits!r}")
+        if implementation not in ("auto", "torch", "triton"):
+            raise ValueError(f"Invalid implementation: {implementation!r}")
+        if implementation == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError("Invalid implementation: 'triton' (triton is not installed)")
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_rate=decay_rate,
+            growth_rate=growth_rate,
+            vector_reshape=vector_reshape,
+            weight_decay_mode=weight_decay_mode,
+            sign_bits=sign_bits,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        # Steps taken so far (t − 1 before this step); a Python int, so it adds no tensor bytes
+        state["step"] = 0
+        if not group["vector_reshape"] and sum(d > 1 for d in p.shape) == 1:
+            # vector_reshape=False: a vector keeps full moments, as the official `_adam` path.
+            # We keep them in fp32 (the official code uses the parameter dtype) so bf16 vectors
+            # get the same arithmetic as the factorized path.
+            if group["beta"] is not None:
+                # First moment M_t, full size
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            # Second moment V_t, full size
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            return
+        rows, cols = square_matricize(p.numel())
+        # (n̂, m̂) of Algorithm 2, the view of the flattened parameter, computed once
+        state["shape"] = (rows, cols)
+        if group["beta"] is not None:
+            # r_M: row sums of |M_t| (n̂,)
+            state["row_m"] = torch.zeros(rows, dtype=dtype, device=p.device)
+            # c_M: column sums of |M_t| (m̂,)
+            state["col_m"] = torch.zeros(cols, dtype=dtype, device=p.device)
+            # S_M: 1 where M_t ≥ 0, flat in row-major order; 8 per uint8 (bit k of byte j is
+            # element 8j + k) or one bool per element
+            if group["sign_bits"] == 1:
+                state["sign"] = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+            else:
+                state["sign"] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        # r_V: row sums of V_t (n̂,)
+        state["row_v"] = torch.zeros(rows, dtype=dtype, device=p.device)
+        # c_V: column sums of V_t (m̂,)
+        state["col_v"] = torch.zeros(cols, dtype=dtype, device=p.device)
+
+    def _use_triton(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        choice = group["implementation"]
+        if choice == "torch" or (choice == "auto" and not p.is_cuda):
+            return False
+        kernels = _triton_kernels()
+        if kernels is None:
+            if choice == "triton":
+                raise RuntimeError("SMMF implementation='triton' needs triton, which does not import")
+            return False
+        reason = kernels.unsupported(p)
+        if reason is not None and choice == "triton":
+            raise RuntimeError(f"SMMF implementation='triton' cannot update this parameter: {reason}")
+        return reason is None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta, lr, wd = group["beta"], group["lr"], group["weight_decay"]
+            fused: list[tuple[torch.Tensor, dict[str, Any], float, float]] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SMMF does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state, group)
+                state["step"] += 1
+                t = state["step"]
+                # Algorithm 8: β₁,t = β₁·λ^(t−1) (AdamNC), β₂,t = 1 − t^γ (Adafactor). With λ < 1
+                # the "growth rate" shrinks β₁,t over time; we implement the formula as written.
+                beta1 = 0.0 if beta is None else beta * group["growth_rate"] ** (t - 1)
+                beta2 = 1.0 - t ** group["decay_rate"]
+                if "shape" not in state:
+                    _dense_update(p, state, group, beta1, beta2)
+                elif self._use_triton(p, group):
+                    fused.append((p, state, beta1, beta2))
+                else:
+                    if wd != 0.0 and group["weight_decay_mode"] == "adamw":
+                        p.mul_(1.0 - lr * wd)
+                    _factored_update(p, state, group, beta1, beta2)
+            if fused:
+                kernels = _triton_kernels()
+                assert kernels is not None
+                kernels.smmf_step(fused, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved dtype of every state tensor.
+
+        ``torch.optim.Optimizer`` casts floating-point state to the parameter's dtype, which would
+        turn the fp32 factors of a bf16 parameter into bf16.
+        """
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, p in zip(saved_group["params"], group["params"]):
+                for key, value in state_dict["state"].get(param_id, {}).items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device)
+
+
+def _weight_decayed_grad(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    if group["weight_decay"] != 0.0 and group["weight_decay_mode"] == "adam":
+        # Algorithm 6: G_t ← G_t + c·W_{t−1} (a new tensor: p.grad is left untouched)
+        return p.grad.add(p, alpha=group["weight_decay"])
+    return p.grad
+
+
+def _dense_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float, beta2: float) -> None:
+    """vector_reshape=False on a vector: the same update with full-size M and V."""
+    lr, wd = group["lr"], group["weight_decay"]
+    grad = _weight_decayed_grad(p, group)
+    if wd != 0.0 and group["weight_decay_mode"] == "adamw":
+        p.mul_(1.0 - lr * wd)
+    exp_avg_sq = state["exp_avg_sq"]
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(group["eps"])
+    if group["beta"] is None:
+        p.addcdiv_(grad, denom, value=-lr)
+    else:
+        exp_avg = state["exp_avg"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        p.addcdiv_(exp_avg, denom, value=-lr)
+
+
+def _rows_per_chunk(rows: int, cols: int) -> int:
+    # Whole rows, and a multiple of 8 elements so each block starts on a sign byte.
+    align = 8 // math.gcd(cols, 8)
+    return min(rows, max(align, _CHUNK_ELEMENTS // cols // align * align))
+
+
+def _normalize(row: torch.Tensor, col: torch.Tensor) -> None:
+    """Algorithm 4: divide r by its sum when n̂ ≤ m̂, else c (the product r ⊗ c is the same)."""
+    vec = row if row.numel() <= col.numel() else col
+    total = vec.sum()
+    # Zero-sum guard, as the official code: an all-zero matrix keeps all-zero factors.
+    vec.div_(torch.where(total == 0, 1.0, total))
+
+
+def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float, beta2: float) -> None:
+    """Algorithm 1 for one parameter, in blocks of whole rows of the n̂×m̂ view.
+
+    Per block: V̂ and M̂ are decompressed into scratch, the gradient folded in, the new row sums
+    written straight into the state (those old rows are no longer needed), the column sums
+    accumulated, the signs rewritten and the weight updated. AdamW-style decay is applied by the
+    caller.
+    """
+    rows, cols = state["shape"]
+    if rows == 0:
+        return
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    adam_decay = wd != 0.0 and group["weight_decay_mode"] == "adam"
+    has_m = "sign" in state
+    dtype, device = state["row_v"].dtype, p.device
+
+    weight = p if p.is_contiguous() else p.contiguous()
+    w_flat, g_flat = weight.view(-1), p.grad.reshape(-1)
+    block_rows = _rows_per_chunk(rows, cols)
+    block = block_rows * cols
+    # One scratch allocation per parameter step, reused by every block: V, M, ±β₁, decayed G.
+    scratch = torch.empty(2 + has_m + adam_decay, block, dtype=dtype, device=device)
+    new_cols = torch.zeros(2, cols, dtype=dtype, device=device)
+    if has_m:
+        sign = state["sign"]
+        packed = sign.dtype == torch.uint8
+        bits = torch.empty((block + 7) // 8 * 8, dtype=torch.uint8, device=device) if packed else None
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+
+    for r0 in range(0, rows, block_rows):
+        r1 = min(rows, r0 + block_rows)
+        e0, e1 = r0 * cols, r1 * cols
+        size = e1 - e0
+        g = g_flat[e0:e1].view(-1, cols)
+        w = w_flat[e0:e1].view(-1, cols)
+        if adam_decay:
+            # Algorithm 6: G_t ← G_t + c·W_{t−1}
+            g = torch.add(g, w, alpha=wd, out=scratch[-1, :size].view(-1, cols))
+
+        # V_t = β₂,t·(r_V ⊗ c_V) + (1 − β₂,t)·G², then its row and column sums
+        v = scratch[0, :size].view(-1, cols)
+        torch.outer(state["row_v"][r0:r1], state["col_v"], out=v)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        torch.sum(v, 1, out=state["row_v"][r0:r1])
+        new_cols[1].add_(v.sum(0))
+        # Paper ambiguity (digest §1.5): Algorithm 1 has M/sqrt(V + eps), the official code
+        # M/(sqrt(V) + eps). We choose the code's form because the paper's results come from it
+        # and eps = 1e-8 then means what it means in Adam.
+        denom = v.sqrt_().add_(eps)
+        if not has_m:
+            # beta=None: U = G/(sqrt(V) + eps), no first moment and no sign
+            w.addcdiv_(g, denom, value=-lr)
+            continue
+
+        # M_t = β₁,t·(S ∘ (r_M ⊗ c_M)) + (1 − β₁,t)·G, with S = ±1 from the sign bits
+        m = scratch[1, :size].view(-1, cols)
+        torch.outer(state["row_m"][r0:r1], state["col_m"], out=m)
+        signed_beta = scratch[2, :size].view(-1, cols)
+        signed_beta.copy_(_unpack_signs(sign, e0, e1, bits, shifts).view(-1, cols))
+        m.mul_(signed_beta.mul_(2.0 * beta1).sub_(beta1)).add_(g, alpha=1.0 - beta1)
+        # Paper error (digest §1.3): Algorithm 4 sets S = 1 where M ≥ 0, the code where M > 0.
+        # We follow the paper; the two differ only where M_t is exactly 0.
+        _pack_signs(m, sign, e0, e1, bits, shifts)
+        torch.linalg.vector_norm(m, 1, dim=1, out=state["row_m"][r0:r1])
+        new_cols[0].add_(torch.linalg.vector_norm(m, 1, dim=0))
+        # W_t = W_{t−1} − η·M_t/(sqrt(V_t) + eps): the update uses the uncompressed M_t, V_t
+        w.addcdiv_(m, denom, value=-lr)
+
+    state["col_v"].copy_(new_cols[1])
+    _normalize(state["row_v"], state["col_v"])
+    if has_m:
+        state["col_m"].copy_(new_cols[0])
+        _normalize(state["row_m"], state["col_m"])
+    if weight is not p:
+        p.copy_(weight)
+
+
+def _unpack_signs(sign: torch.Tensor, e0: int, e1: int, bits: torch.Tensor | None, shifts: torch.Tensor) -> torch.Tensor:
+    """S for flat elements [e0, e1) as 0/1 (uint8 or bool); e0 is a multiple of 8."""
+    if bits is None:
+        return sign[e0:e1]
+    b0, b1 = e0 // 8, (e1 + 7) // 8
+    out = bits[: (b1 - b0) * 8].view(-1, 8)
+    torch.bitwise_right_shift(sign[b0:b1, None], shifts, out=out)
+    return out.bitwise_and_(1).view(-1)[: e1 - e0]
+
+
+def _pack_signs(m: torch.Tensor, sign: torch.Tensor, e0: int, e1: int, bits: torch.Tensor | None, shifts: torch.Tensor) -> None:
+    """Write S = (M ≥ 0) for flat elements [e0, e1) into the sign state."""
+    if bits is None:
+        torch.ge(m, 0, out=sign[e0:e1].view_as(m))
+        return
+    b0, b1 = e0 // 8, (e1 + 7) // 8
+    flat = bits[: (b1 - b0) * 8]
+    torch.ge(m.view(-1), 0, out=flat[: e1 - e0])
+    flat[e1 - e0 :].zero_()  # bits past the last element of a partial final byte
+    torch.sum(flat.view(-1, 8).bitwise_left_shift_(shifts), 1, dtype=torch.uint8, out=sign[b0:b1])
