@@ -98,6 +98,10 @@ def test_torchvision_builds_pass_num_classes_and_image_size():
     # SMMF digest: MobileNetV2 has 2.352M parameters at 100 classes.
     hundred = build_model("mobilenet_v2", ModelOptions(num_classes=100), device="meta")
     assert round(hundred.config["parameters"], -3) == 2_352_000
+    # RegNet computes its widths with torch and reads them back: built on meta all the same.
+    regnet = build_model("regnet_x_400mf", SMALL, device="meta")
+    assert regnet.config["parameters"] == 5_495_976
+    assert all(t.is_meta for t in regnet.model.state_dict().values())
     vit = build_model("vit_b_16", ModelOptions(image_size=64, dtype="bfloat16"), device="meta")
     assert vit.model.image_size == 64 and vit.batch["pixel_values"].shape == (2, 3, 64, 64)
     assert vit.batch["pixel_values"].dtype == torch.bfloat16
@@ -201,6 +205,8 @@ def test_options_are_validated():
         ModelOptions(dtype="fp8")
     with pytest.raises(UsageError, match="batch_size"):
         ModelOptions(batch_size=0)
+    with pytest.raises(UsageError, match="image_size"):
+        build_model("inception_v3", ModelOptions(image_size=224), device="meta")
     with pytest.raises(UsageError, match="seq_len"):
         build_model("bert-base-uncased", ModelOptions(seq_len=513), device="meta")
 

@@ -66,7 +66,8 @@ def build_from_config_file(path: Path, options: ModelOptions, device: torch.devi
 
     The head comes from the config's ``architectures`` when one of them is a causal-LM, seq2seq-LM,
     masked-LM or sequence-classification class; without it, encoder-decoder configs get a seq2seq
-    LM, model types with a masked-LM head get that, and the rest a causal LM.
+    LM, model types with a masked-LM head get that, and the rest a causal LM. ``seq_len`` is not
+    checked against the config's position limit here; the model itself raises at forward.
     """
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
