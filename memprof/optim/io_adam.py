@@ -15,6 +15,8 @@ Every other parameter (biases, embeddings, norms, convolutions, tied weights) us
 from __future__ import annotations
 
 import functools
+import types
+import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -68,12 +70,25 @@ def _foldable_layers(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
         transposed = type(module).__name__ == "Conv1D" and tuple(weight.shape) == (
             getattr(module, "nx", None), getattr(module, "nf", None))
         plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        # A deep copy of a folded layer carries our forward; it may be folded again.
+        replaced = getattr(module.__dict__.get("forward"), "__func__", _folded_forward) is not _folded_forward
         # Paper ambiguity (digest §6.4): tied weights (GPT-2's lm_head = wte) also get gradients
-        # from another module, and a forward someone already replaced (accelerate hooks) may not
-        # be a plain linear. We choose AdamW for them: they are not folded.
+        # from another module, and a forward someone else replaced (accelerate hooks) may not be
+        # a plain linear. We choose AdamW for them: they are not folded.
         if ((plain or transposed) and weight.requires_grad and owners[id(weight)] == 1
-                and id(module) not in bypassed and "forward" not in module.__dict__):
+                and id(module) not in bypassed and not replaced):
             yield module, transposed
+
+
+def _folded_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """Forward of a layer IO-Adam folds. A copy of the layer (its weight is not the optimizer's),
+    or a layer whose optimizer is gone, runs its class's own forward."""
+    optimizer = module._io_adam()
+    transposed = None if optimizer is None else optimizer._transposed.get(module.weight)
+    if transposed is None:
+        return type(module).forward(module, x)
+    fold = functools.partial(optimizer._fold, module.weight, transposed)
+    return _FoldedLinear.apply(x, module.weight, module.bias, transposed, fold)
 
 
 def _column_weight_sq_sum(step: int, buffer_size: int, beta2: float) -> float:
@@ -145,23 +160,29 @@ class IOAdam(torch.optim.Optimizer):
         self._modules: list[nn.Module] = []
         for module, transposed in _foldable_layers(model):
             self._attach(module, transposed)
+        self.register_load_state_dict_post_hook(IOAdam._factors_to_fp32)
 
     def _attach(self, module: nn.Module, transposed: bool) -> None:
-        fold = functools.partial(self._fold, module.weight, transposed)
-
-        def forward(x: Tensor) -> Tensor:
-            return _FoldedLinear.apply(x, module.weight, module.bias, transposed, fold)
-
         # An instance attribute shadows the class's forward; nn.Module hooks still run around it.
-        module.forward = forward
+        # The optimizer is held weakly, so the model does not keep it alive.
+        module.forward = types.MethodType(_folded_forward, module)
+        module._io_adam = weakref.ref(self)
         self._transposed[module.weight] = transposed
         self._modules.append(module)
 
     def remove_hooks(self) -> None:
         """Give the linear layers back their own forward (their weights get gradients again)."""
         for module in self._modules:
-            del module.forward
+            del module.forward, module._io_adam
         self._modules.clear()
+
+    def _factors_to_fp32(self) -> None:
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype; C and R go back
+        # to fp32 (for bf16 weights they lose their low bits once, at load).
+        for state in self.state.values():
+            for key in ("input_sq", "grad_out_sq"):
+                if key in state:
+                    state[key] = state[key].float()
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]

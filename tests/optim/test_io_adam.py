@@ -12,6 +12,15 @@ from memprof.optim.io_adam import IOAdam
 from memprof.optim.registry import build_optimizer, parse_spec
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Mixed(nn.Module):
     """Embedding 50x16, conv 4x3x3x3, Linear 20->13 (prime), LayerNorm 13, bias-free Linear 13->7,
     Linear 7->50 (weight 50x7) and Linear 16->50 (weight 50x16): every shape the brief names."""
@@ -302,3 +311,33 @@ def test_which_layers_are_folded_and_remove_hooks():
     assert net.proj.weight.grad is not None
     with pytest.raises(RuntimeError, match="received a .grad"):
         opt.step()
+
+
+def test_copies_state_dict_and_autocast():
+    torch.manual_seed(0)
+    model = Mixed()
+    inputs, target = mixed_batch(0)
+    opt = run_io_adam(model, inputs, target, lr=1e-2, buffer_size=2)
+    # A deep copy of a folded model is a plain model: its weights get ordinary gradients.
+    twin = copy.deepcopy(model)
+    lm_loss(twin(*inputs), target).backward()
+    assert twin.fc1.weight.grad is not None and model.fc1.weight.grad is None
+    # A state_dict round trip continues exactly like the original.
+    twin_opt = IOAdam(twin, lr=1e-2, buffer_size=2)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict may alias tensors
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        lm_loss(m(*mixed_batch(1)[0]), mixed_batch(1)[1]).backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    # Under bf16 autocast the folds take bf16 output gradients; the state keeps its dtypes.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(model(*inputs).float(), target)
+    opt.zero_grad()
+    loss.backward()
+    before = model.fc2.weight.clone()
+    opt.step()
+    assert opt.state[model.fc2.weight]["exp_avg"].dtype == torch.float32
+    assert opt.state[model.fc2.weight]["input_sq"].dtype == torch.float32
+    assert torch.isfinite(model.fc2.weight).all() and not torch.equal(before, model.fc2.weight)
