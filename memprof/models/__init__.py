@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memprof.errors import UsageError, closest
-from memprof.models.base import BuiltModel, ModelOptions, parameter_count
+from memprof.models.base import SEED, BuiltModel, ModelOptions, parameter_count
 from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_names
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["BuiltModel", "ModelOptions", "build_model", "model_names"]
-
-SEED = 0  # weights are the same on every build of a name
 
 
 def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu") -> BuiltModel:
@@ -38,7 +36,7 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
     cuda_devices = [] if device.type != "cuda" else [
         device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
-        torch.manual_seed(SEED)
+        torch.manual_seed(SEED)  # the same weights on every build on one device type
         built = _build(name, options, device)
     built.config.update(
         name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+SEED = 0  # for the weights and for the example batches (drawn on the CPU: the same on every device)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import transformers
 from transformers.models.auto import modeling_auto
 
 from memprof.errors import UsageError
-from memprof.models.base import BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
 from memprof.models.catalog import TEXT_MODELS
 
 # Task -> (Auto class, model-type -> class-name mapping used to recognise `architectures`).
@@ -48,7 +48,6 @@ FAMILIES: dict[str, tuple[type[transformers.PretrainedConfig], str]] = {
 }
 
 MASK_FRACTION = 0.15  # masked-LM: share of positions replaced by the mask token and scored (BERT's rate)
-SEED = 0
 
 
 def build_builtin(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memprof.errors import UsageError, closest
-from memprof.models.base import BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
 
-SEED = 0
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 

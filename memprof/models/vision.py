@@ -16,9 +16,8 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 
 from memprof.errors import UsageError
-from memprof.models.base import BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
 
-SEED = 0
 # Auxiliary-classifier loss weights: 0.3 as stated in the GoogLeNet paper (Szegedy et al. 2015);
 # 0.4 as in TF-slim's Inception-v3 training code.
 AUX_WEIGHTS = {"googlenet": 0.3, "inception_v3": 0.4}
