@@ -72,7 +72,8 @@ class _EmptyTensorsOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], aux_weight: float = 0.0) -> torch.Tensor:
+def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        aux_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the logits (in fp32), plus ``aux_weight`` times each auxiliary head's."""
     out = model(batch["pixel_values"])
     labels = batch["labels"]
