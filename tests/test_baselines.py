@@ -270,6 +270,37 @@ def test_dotted_path_into_pytorch_optimizer() -> None:
     assert state and all(s.inferred for s in state)
 
 
+USER_OPTIMIZER = """
+import torch
+
+
+class HeavyBall(torch.optim.Optimizer):
+    state_roles = {"buf": "moment"}
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                    p.sub_(buf.mul_(0.9).add_(p.grad), alpha=group["lr"])
+"""
+
+
+def test_dotted_path_to_a_users_own_module(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_optimizers_for_memprof.py").write_text(USER_OPTIMIZER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = parse_spec("my_optimizers_for_memprof.HeavyBall:lr=0.05")
+    assert not spec.inferred_roles  # the class declares its roles
+    model, optimizer, state = run("my_optimizers_for_memprof.HeavyBall:lr=0.05", torch.float32)
+    assert optimizer.defaults["lr"] == 0.05
+    assert measured(state) == {(n, "buf"): p.numel() * FP32 for n, p in model.named_parameters() if n != "unused"}
+    assert {s.role for s in state} == {"moment"} and not any(s.inferred for s in state)
+
+
 @pytest.mark.parametrize("path", ["torch.optim.NoSuchOptimizer", "no_such_package_xyz.Opt", "torch.nn.Linear"])
 def test_bad_dotted_path_is_a_usage_error(path: str) -> None:
     with pytest.raises(UsageError):
