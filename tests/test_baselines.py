@@ -236,6 +236,7 @@ def test_pinning_follows_torch_rule_on_a_foreach_device(monkeypatch: pytest.Monk
     assert adapters.sgd(params, momentum=0.9).defaults["implementation"] == "foreach"
     assert adapters.adafactor(params).defaults["implementation"] == "single-tensor"
     assert adapters.adamw(params, lr=torch.tensor(1e-3)).defaults["implementation"] == "single-tensor"
+    assert adapters.adam(params, fused=False).defaults["implementation"] == "single-tensor"
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ def pin_implementation(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
         foreach = group.get("foreach")
         if foreach is None:
             foreach = False
-            if not fused and isinstance(optimizer, _FOREACH_BY_DEFAULT):
+            # torch picks a default only when neither is given: an explicit fused=False means single-tensor.
+            if group.get("fused") is None and isinstance(optimizer, _FOREACH_BY_DEFAULT):
                 _, foreach = _default_to_fused_or_foreach(
                     group["params"], group.get("differentiable", False), use_fused=False
                 )
