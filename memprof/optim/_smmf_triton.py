@@ -30,6 +30,8 @@ BLOCK_ROWS = 32
 BLOCK_COLS = 64
 BLOCK = 2048
 FINALIZE_BLOCK = 1024
+SUMS_WARPS = 4
+UPDATE_WARPS = 4
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,23 +99,27 @@ def _load_signs(sign_ptr, idx, mask, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _moments(row, rows, cols, mask, idx, p_ref, g_ref, weight_decay, HAS_M: tl.constexpr, PACKED: tl.constexpr, ADAM_DECAY: tl.constexpr):
-    """M_t and V_t (fp32) at the given row/column indices; M_t is zeros when HAS_M is False."""
+def _moments(row, idx, mask, rows, row_ok, cols, col_ok, p_ref, g_ref, weight_decay,
+             HAS_M: tl.constexpr, PACKED: tl.constexpr, ADAM_DECAY: tl.constexpr):
+    """M_t, V_t and G_t (fp32) at flat indices ``idx``, whose rows and columns broadcast to it.
+
+    M_t is zeros when HAS_M is False.
+    """
     g = tl.load(tl.load(row + _GRAD).to(g_ref.dtype) + idx, mask=mask, other=0.0).to(tl.float32)
     if ADAM_DECAY:
         # Algorithm 6: G_t ← G_t + c·W_{t−1}
         w = tl.load(tl.load(row + _PARAM).to(p_ref.dtype) + idx, mask=mask, other=0.0).to(tl.float32)
         g = g + weight_decay * w
-    r_v = tl.load(_vec(row, _ROW_V) + rows, mask=mask, other=0.0)
-    c_v = tl.load(_vec(row, _COL_V) + cols, mask=mask, other=0.0)
+    r_v = tl.load(_vec(row, _ROW_V) + rows, mask=row_ok, other=0.0)
+    c_v = tl.load(_vec(row, _COL_V) + cols, mask=col_ok, other=0.0)
     v = r_v * c_v * _f32(row, _BETA1 + 2) + _f32(row, _BETA1 + 3) * g * g
     m = v * 0.0
     if HAS_M:
         sign = tl.load(row + _SIGN).to(tl.pointer_type(tl.uint8))
         s = _load_signs(sign, idx, mask, PACKED)
         beta1 = _f32(row, _BETA1)
-        r_m = tl.load(_vec(row, _ROW_M) + rows, mask=mask, other=0.0)
-        c_m = tl.load(_vec(row, _COL_M) + cols, mask=mask, other=0.0)
+        r_m = tl.load(_vec(row, _ROW_M) + rows, mask=row_ok, other=0.0)
+        c_m = tl.load(_vec(row, _COL_M) + cols, mask=col_ok, other=0.0)
         m = r_m * c_m * tl.where(s != 0, beta1, -beta1) + _f32(row, _BETA1 + 1) * g
     return m, v, g
 
@@ -137,7 +143,8 @@ def _sums_kernel(
     col_ok = cols < m
     mask = row_ok[:, None] & col_ok[None, :]
     idx = rows[:, None] * m + cols[None, :]
-    mm, v, g = _moments(row, rows[:, None], cols[None, :], mask, idx, p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
+    mm, v, g = _moments(row, idx, mask, rows[:, None], row_ok[:, None], cols[None, :], col_ok[None, :],
+                        p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
     tl.atomic_add(_vec(row, _NEW_ROW_V) + rows, tl.sum(v, axis=1), mask=row_ok)
     tl.atomic_add(_vec(row, _NEW_COL_V) + cols, tl.sum(v, axis=0), mask=col_ok)
     if HAS_M:
@@ -165,7 +172,7 @@ def _update_kernel(
     mask = idx < numel
     rows = idx // m
     cols = idx - rows * m
-    mm, v, g = _moments(row, rows, cols, mask, idx, p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
+    mm, v, g = _moments(row, idx, mask, rows, mask, cols, mask, p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
     denom = tl.sqrt(v) + eps
     if HAS_M:
         update = mm / denom
@@ -238,7 +245,7 @@ def _launch(batch: list[tuple[torch.Tensor, dict[str, Any], float, float]], grou
     device = p0.device
     has_m = "sign" in state0
     packed = has_m and state0["sign"].dtype == torch.uint8
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     adam_decay = wd != 0.0 and group["weight_decay_mode"] == "adam"
     decay = 1.0 - lr * wd if wd != 0.0 and group["weight_decay_mode"] == "adamw" else 1.0
 
@@ -273,6 +280,10 @@ def _launch(batch: list[tuple[torch.Tensor, dict[str, Any], float, float]], grou
     search = max(1, n_params.bit_length())
     flags = dict(HAS_M=has_m, PACKED=packed, ADAM_DECAY=adam_decay, SEARCH_STEPS=search)
 
-    _sums_kernel[(tiles[-1],)](meta, tile_prefix, n_params, p0, p0.grad, wd, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, **flags)
-    _update_kernel[(blocks[-1],)](meta, block_prefix, n_params, p0, p0.grad, lr, eps, wd, decay, BLOCK=BLOCK, **flags)
+    _sums_kernel[(tiles[-1],)](
+        meta, tile_prefix, n_params, p0, p0.grad, wd, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=SUMS_WARPS, **flags
+    )
+    _update_kernel[(blocks[-1],)](
+        meta, block_prefix, n_params, p0, p0.grad, lr, eps, wd, decay, BLOCK=BLOCK, num_warps=UPDATE_WARPS, **flags
+    )
     _finalize_kernel[(n_params,)](meta, HAS_M=has_m, BLOCK=FINALIZE_BLOCK)
