@@ -70,11 +70,12 @@ def _foldable_layers(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
         transposed = type(module).__name__ == "Conv1D" and tuple(weight.shape) == (
             getattr(module, "nx", None), getattr(module, "nf", None))
         plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-        # A deep copy of a folded layer carries our forward; it may be folded again.
-        replaced = getattr(module.__dict__.get("forward"), "__func__", _folded_forward) is not _folded_forward
         # Paper ambiguity (digest §6.4): tied weights (GPT-2's lm_head = wte) also get gradients
         # from another module, and a forward someone else replaced (accelerate hooks) may not be
-        # a plain linear. We choose AdamW for them: they are not folded.
+        # a plain linear. We choose AdamW for them: they are not folded. (A deep copy of a folded
+        # layer carries our own forward; that one may be folded again.)
+        own = module.__dict__.get("forward")
+        replaced = own is not None and getattr(own, "__func__", None) is not _folded_forward
         if ((plain or transposed) and weight.requires_grad and owners[id(weight)] == 1
                 and id(module) not in bypassed and not replaced):
             yield module, transposed

@@ -287,13 +287,15 @@ def test_which_layers_are_folded_and_remove_hooks():
             self.emb = nn.Embedding(10, 6)
             self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
             self.proj = nn.Linear(6, 6)
+            self.wrapped = nn.Linear(6, 6)  # forward replaced by someone else, as accelerate does
+            self.wrapped.forward = lambda x: nn.functional.linear(x, self.wrapped.weight, self.wrapped.bias)
             self.out = nn.Linear(6, 10)
             self.out.weight = self.emb.weight  # tied
 
         def forward(self, ids):
             h = self.emb(ids)
             h = self.attn(h, h, h, need_weights=False)[0]
-            return self.out(self.proj(h))
+            return self.out(self.wrapped(self.proj(h)))
 
     net = Net()
     opt = IOAdam(net)
@@ -301,6 +303,7 @@ def test_which_layers_are_folded_and_remove_hooks():
     ids = torch.randint(0, 10, (2, 4))
     lm_loss(net(ids), ids).backward()
     assert net.proj.weight.grad is None and net.attn.out_proj.weight.grad is not None
+    assert net.wrapped.weight.grad is not None
     opt.step()
     assert set(opt.state[net.proj.weight]) == {"step", "exp_avg", "input_sq", "grad_out_sq"}
     assert set(opt.state[net.attn.out_proj.weight]) == {"step", "exp_avg", "exp_avg_sq"}
