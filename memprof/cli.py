@@ -316,7 +316,7 @@ def baseline(
 def check(
     baseline: Annotated[Path, typer.Option(help="The baseline `memprof baseline` (or --csv/--json) wrote.", show_default=False)],
     current: Annotated[Optional[Path], typer.Option(help="A run file (.csv or .json) to check; default: re-measure the baseline's settings here.")] = None,
-    tolerance: Annotated[Optional[list[str]], typer.Option(metavar="TOL", help="Allowed growth, repeatable: 2% or 1MiB for every gated category, CATEGORY=2% for one. Default: 0% for tensor-counted rows, 2% for allocator rows.")] = None,
+    tolerance: Annotated[Optional[list[str]], typer.Option(metavar="TOL", help="Allowed growth, repeatable: 2% or 1MiB for every gated category, CATEGORY=2% for one. Default: 0% for the exact persistent rows, 2% for the rest.")] = None,
     category: Annotated[Optional[list[str]], typer.Option(metavar="CATEGORY", help="Gate these categories (repeatable) instead of the device's default set (see docs/ci-gate.md); `peak` is the peak allocated.")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Also write the re-measured run's tidy CSV here.")] = None,
 ) -> None:
