@@ -178,8 +178,8 @@ def _allocator_peaks(device: torch.device, nvml_before: dict[str, int]) -> dict[
     return {
         "max_allocated": torch.cuda.max_memory_allocated(device),
         "max_reserved": torch.cuda.max_memory_reserved(device),
-        "reserved": torch.cuda.memory_reserved(device),
-        "allocated": torch.cuda.memory_allocated(device),
+        "reserved_end": torch.cuda.memory_reserved(device),
+        "allocated_end": torch.cuda.memory_allocated(device),
         "nvml": nvml,
         "nvml_basis": nvml_basis,
     }
@@ -223,7 +223,7 @@ def _attribute(
     if cuda:
         rows.append(Row("allocator", "reserved-allocated", peaks["max_reserved"] - peaks["max_allocated"], "allocator"))
         if peaks.get("nvml") is not None:
-            rows.append(Row("context", "nvml-reserved", peaks["nvml"] - peaks["reserved"], "nvml"))
+            rows.append(Row("context", "nvml-reserved", peaks["nvml"] - peaks["reserved_end"], "nvml"))
     unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
     rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
     record.breakdown = rows

@@ -114,20 +114,75 @@ class CudaTracker:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         trace = snapshot["device_traces"][index]
         self.dropped = len(trace) >= self.max_entries
-        live: dict[int, Allocation] = {}
-        out: list[Allocation] = []
-        for entry in trace:
-            action = entry["action"]
-            if action == "alloc":
-                alloc = Allocation(ptr=entry["addr"], nbytes=entry["size"], start=float(entry["time_us"]))
-                live[entry["addr"]] = alloc
-                out.append(alloc)
-            elif action == "free_requested":
-                # The allocator's allocated counter drops at the request, not at completion.
-                alloc = live.pop(entry["addr"], None)
-                if alloc is not None:
-                    alloc.end = float(entry["time_us"])
-        return out
+        return blocks_from_trace(trace)
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
+
+
+# The caching allocator's sizing rules (c10/cuda/CUDACachingAllocator.cpp), needed because its
+# history records the *requested* size while its ``allocated_bytes`` counter adds block sizes.
+MIN_BLOCK = 512  # kMinBlockSize: every block is a multiple of it
+SMALL_SIZE = 1 << 20  # kSmallSize: requests up to 1 MiB come from the small pool
+
+
+def block_size(requested: int, free_extent: int | None) -> int:
+    """The block the allocator hands out for ``requested`` bytes from a free block of ``free_extent``.
+
+    The request is rounded up to 512 bytes; the free block is split only if what remains is
+    worth keeping (>= 512 bytes in the small pool, > 1 MiB in the large pool), otherwise the
+    whole free block is given out and counted as allocated.
+    """
+    rounded = MIN_BLOCK * max(1, -(-requested // MIN_BLOCK))
+    if free_extent is None or free_extent <= rounded:
+        return rounded
+    remaining = free_extent - rounded
+    split = remaining >= MIN_BLOCK if rounded <= SMALL_SIZE else remaining > SMALL_SIZE
+    return rounded if split else free_extent
+
+
+def blocks_from_trace(trace: list[dict]) -> list[Allocation]:
+    """Allocations with their real block sizes, replaying segment and block events in order.
+
+    A block's free extent is the gap from its address to the next block in use (or the end of
+    its segment); freed neighbours have coalesced. Blocks count as allocated from ``alloc`` to
+    ``free_requested`` (when the counter drops) and occupy address space until ``free_completed``.
+    """
+    import bisect
+
+    segments: dict[int, int] = {}  # start -> size
+    segment_starts: list[int] = []
+    occupied: list[int] = []  # sorted addresses of blocks not yet completely freed
+    live: dict[int, Allocation] = {}
+    out: list[Allocation] = []
+    for entry in trace:
+        action, addr = entry["action"], entry["addr"]
+        if action == "segment_alloc":
+            segments[addr] = entry["size"]
+            bisect.insort(segment_starts, addr)
+        elif action == "segment_free":
+            segments.pop(addr, None)
+            i = bisect.bisect_left(segment_starts, addr)
+            if i < len(segment_starts) and segment_starts[i] == addr:
+                segment_starts.pop(i)
+        elif action == "alloc":
+            extent = None
+            i = bisect.bisect_right(segment_starts, addr) - 1
+            if i >= 0:
+                seg_end = segment_starts[i] + segments[segment_starts[i]]
+                j = bisect.bisect_right(occupied, addr)
+                next_used = occupied[j] if j < len(occupied) else seg_end
+                extent = min(next_used, seg_end) - addr
+            alloc = Allocation(ptr=addr, nbytes=block_size(entry["size"], extent), start=float(entry["time_us"]))
+            live[addr] = alloc
+            bisect.insort(occupied, addr)
+            out.append(alloc)
+        elif action == "free_requested":
+            alloc = live.pop(addr, None)
+            if alloc is not None:
+                alloc.end = float(entry["time_us"])
+        elif action == "free_completed":
+            i = bisect.bisect_left(occupied, addr)
+            if i < len(occupied) and occupied[i] == addr:
+                occupied.pop(i)
+    return out
