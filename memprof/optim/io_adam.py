@@ -92,6 +92,7 @@ def _folded_forward(module: nn.Module, x: Tensor) -> Tensor:
     return _FoldedLinear.apply(x, module.weight, module.bias, transposed, fold)
 
 
+@functools.lru_cache(maxsize=256)  # the same (step, b, β2) for every folded layer of a step
 def _column_weight_sq_sum(step: int, buffer_size: int, beta2: float) -> float:
     """Σ_k w_k², where w_k is what column k of C would hold at ``step`` if every write were 1."""
     total = 0.0
