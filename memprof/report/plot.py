@@ -69,9 +69,21 @@ def _label(category: str, component: str | None) -> str:
     return f"state: {component}" if category == "optimizer_state" and component else text
 
 
+def _value(nbytes: int | float, unit: str) -> str:
+    """A byte count in ``unit`` with about three significant digits (0.034, 5.30, 458.0)."""
+    value = abs(nbytes) / scale(unit)
+    return fmt(nbytes, unit, 1 if value >= 10 else 2 if value >= 1 else 3)
+
+
+def _model(name: str) -> str:
+    """A model for a title: a ``path/to/file.py:function`` loses its folders (the exports keep them)."""
+    path, sep, function = name.rpartition(":")
+    return f"{Path(path).name}:{function}" if sep and path.endswith(".py") else name
+
+
 def _title(records: Sequence[RunRecord]) -> str:
     s = records[0].settings
-    models = ", ".join(dict.fromkeys(r.settings.model for r in records))
+    models = ", ".join(dict.fromkeys(_model(r.settings.model) for r in records))
     shape = f"batch {s.batch_size}" + (f", seq {s.seq_len}" if s.seq_len else "")
     return f"{models} · {shape} · {s.dtype}{' · amp ' + s.amp if s.amp else ''} · {s.device} · {s.steps} steps"
 
@@ -122,7 +134,7 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
                     seen.setdefault(label, (color, hatch))
                     bottom += nbytes / div
                 where = f"\n{record.peaks.get('phase')}, step {record.peaks.get('step')}" if at_peak else ""
-                ax.annotate(f"{fmt(bottom * div, unit)}{where}", (x, bottom), xytext=(0, 3),
+                ax.annotate(f"{_value(bottom * div, unit)}{where}", (x, bottom), xytext=(0, 3),
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
                 top = max(top, bottom)
             ax.set_title(title)
@@ -143,19 +155,15 @@ LEGEND_ORDER = [_label(c, comp) for c in CATEGORIES
 """Legend entries in stacking order, so every figure lists them alike."""
 
 
-def _legend(fig: "Figure", entries: dict[str, tuple[str, str]], where: str = "right") -> None:
+def _legend(fig: "Figure", entries: dict[str, tuple[str, str]]) -> None:
+    """One legend below the panels, in stacking order (bottom of the stack first)."""
     from matplotlib.patches import Patch
 
     rank = {label: i for i, label in enumerate(LEGEND_ORDER)}
     ordered = sorted(entries.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-    if where == "right":  # beside stacked bars: top of the legend = top of the stack
-        ordered.reverse()
     handles = [Patch(facecolor=color, hatch=hatch, edgecolor="#333333" if hatch else color, label=label)
                for label, (color, hatch) in ordered]
-    if where == "right":
-        fig.legend(handles=handles, loc="outside right upper", frameon=False)
-    else:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), frameon=False)
 
 
 def plot_timeline(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figure":
@@ -170,7 +178,7 @@ def plot_timeline(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figure
         seen: dict[str, tuple[str, str]] = {}
         for ax, record in zip(axes, shown):
             _timeline_panel(ax, record, unit, seen)
-        _legend(fig, seen, where="bottom")
+        _legend(fig, seen)
         fig.suptitle(_title(shown), fontsize=10)
         return fig
 
@@ -232,9 +240,9 @@ def _annotate_peak(ax: "Axes", record: RunRecord, x, total, unit: str) -> None:
     for row in record.peak:
         label = _label(row.category, row.component if row.category == "optimizer_state" else None)
         parts[label] = parts.get(label, 0) + row.bytes
-    lines = [f"peak {fmt(record.peaks['allocated'], unit)} {unit}",
+    lines = [f"peak {_value(record.peaks['allocated'], unit)} {unit}",
              f"({record.peaks.get('phase')}, step {record.peaks.get('step')})"]
-    lines += [f"{label}: {fmt(v, unit)}" for label, v in sorted(parts.items(), key=lambda kv: -kv[1])[:6] if v]
+    lines += [f"{label}: {_value(v, unit)}" for label, v in sorted(parts.items(), key=lambda kv: -kv[1])[:6] if v]
     ax.annotate("\n".join(lines), (x[i], total[i]), xytext=(1.02, 1.0), textcoords="axes fraction",
                 ha="left", va="top", fontsize=8, annotation_clip=False,
                 arrowprops={"arrowstyle": "->", "color": "#555555", "linewidth": 0.8, "shrinkB": 2},
