@@ -87,9 +87,12 @@ def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark
             alloc.category, alloc.component = "temporaries", phase
         elif phase == "step":
             alloc.category, alloc.component = "step_transient", "step"
+        elif phase == "warmup":
+            # What the library warm-up leaves allocated is cuBLAS/cuDNN workspace: context
+            # that happens to live inside the caching allocator.
+            alloc.category, alloc.component = "context", "library workspace"
         else:
-            # Made before the measured steps and owned by no tensor of the run:
-            # cuBLAS/cuDNN workspaces from the warm-up, objects of the model's construction.
+            # Made while the model was built and owned by no tensor of the run.
             alloc.category, alloc.component = "unattributed", phase
 
 

@@ -222,8 +222,10 @@ def _attribute(
     rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
     if cuda:
         rows.append(Row("allocator", "reserved-allocated", peaks["max_reserved"] - peaks["max_allocated"], "allocator"))
+        workspace = sum(v for (c, _), v in result.peak_composition.items() if c == "context")
+        rows.append(Row("context", "library workspace", workspace, "allocator"))
         if peaks.get("nvml") is not None:
-            rows.append(Row("context", "nvml-reserved", peaks["nvml"] - peaks["reserved_end"], "nvml"))
+            rows.append(Row("context", "driver (nvml-reserved)", peaks["nvml"] - peaks["reserved_end"], "nvml"))
     unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
     rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
     record.breakdown = rows
