@@ -145,6 +145,15 @@ def test_different_settings_or_missing_runs_are_usage_errors(tmp_path):
                     "the current run has no adafactor")
 
 
+def test_runs_of_one_model_at_several_settings_are_told_apart(tmp_path):
+    base = write(tmp_path / "base.csv", record(batch_size=2), record(batch_size=4))
+    current = write(tmp_path / "now.csv", record(batch_size=2), record(batch_size=4, moment=MOMENT + 4))
+    result = check("--baseline", str(base), "--current", str(current))
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("REGRESSION")]
+    assert line.startswith("REGRESSION  tiny_mlp.py:build [batch_size=4] · adam · optimizer_state/moment")
+
+
 def test_github_step_summary_gets_a_markdown_section(tmp_path, monkeypatch):
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
@@ -165,8 +174,9 @@ def test_baseline_then_check_remeasures_deterministically_on_cpu(mlp_spec, tmp_p
     result = check("--baseline", str(base), "--csv", str(again))
     assert result.exit_code == 0, result.output
     assert "0 regression(s), 0 improvement(s)" in result.stdout
-    exact = {slot: v for slot, v in gate.load_runs(base)[(mlp_spec, "adam")].values.items() if slot[0] in gate.GATED_CPU}
-    assert {slot: v for slot, v in gate.load_runs(again)[(mlp_spec, "adam")].values.items() if slot in exact} == exact
+    first, second = ([run for run in gate.load_runs(path) if run.spec == "adam"] for path in (base, again))
+    exact = {slot: v for slot, v in first[0].values.items() if slot[0] in gate.GATED_CPU}
+    assert len(first) == len(second) == 1 and {slot: second[0].values[slot] for slot in exact} == exact
 
 
 # -- budgets ------------------------------------------------------------------------------------

@@ -52,12 +52,17 @@ class Run:
     def device(self) -> str:
         return self.settings.get("device", "cpu")
 
+    @property
+    def key(self) -> tuple[str, ...]:
+        """Model, optimizer and settings: one config file may measure a model at several batch sizes."""
+        return (self.model, self.spec, *(self.settings.get(k, "") for k in SETTING_KEYS))
+
 
 def _bad(what: str, path: Path, detail: str) -> UsageError:
     return UsageError(f"{what} {path} is truncated or unreadable: {detail}; record it again with `memprof baseline`")
 
 
-def load_runs(path: str | Path, what: str = "baseline") -> dict[tuple[str, str], Run]:
+def load_runs(path: str | Path, what: str = "baseline") -> list[Run]:
     """The runs in a memprof CSV (``--csv``, ``memprof baseline``) or JSON (``--json``) file."""
     path = Path(path)
     try:
@@ -79,12 +84,12 @@ def _json_items(data: Any) -> list[dict]:
     return data["records"] if isinstance(data, dict) and "records" in data else [data]
 
 
-def runs_from_records(records: Sequence[RunRecord]) -> dict[tuple[str, str], Run]:
+def runs_from_records(records: Sequence[RunRecord]) -> list[Run]:
     rows = [{k: "" if v is None else str(v) for k, v in row.items()} for r in records for row in record_rows(r)]
     return _collect(rows, Path("<records>"), "run")
 
 
-def _runs_from_csv(text: str, path: Path, what: str) -> dict[tuple[str, str], Run]:
+def _runs_from_csv(text: str, path: Path, what: str) -> list[Run]:
     if not text.endswith("\n"):
         raise _bad(what, path, "the last line is cut off (no final newline)")
     reader = csv.reader(io.StringIO(text))
@@ -102,17 +107,15 @@ def _runs_from_csv(text: str, path: Path, what: str) -> dict[tuple[str, str], Ru
     return _collect(rows, path, what)
 
 
-def _collect(rows: Iterable[dict[str, str]], path: Path, what: str) -> dict[tuple[str, str], Run]:
-    runs: dict[tuple[str, str], Run] = {}
-    counts: dict[tuple[str, str], tuple[int, str]] = {}
+def _collect(rows: Iterable[dict[str, str]], path: Path, what: str) -> list[Run]:
+    runs: dict[tuple[str, ...], Run] = {}
+    counts: dict[tuple[str, ...], tuple[int, str]] = {}
     for row in rows:
-        key = (row["model"], row["spec"])
-        run = runs.get(key)
-        if run is None:
-            settings = {k: row.get(k, "") for k in SETTING_KEYS}
-            run = runs[key] = Run(model=key[0], spec=key[1], settings=settings, status=row["status"])
-        n, declared = counts.get(key, (0, row.get("record_rows", "")))
-        counts[key] = (n + 1, declared)
+        settings = {k: row.get(k, "") for k in SETTING_KEYS}
+        candidate = Run(model=row["model"], spec=row["spec"], settings=settings, status=row["status"])
+        run = runs.setdefault(candidate.key, candidate)
+        n, declared = counts.get(run.key, (0, row.get("record_rows", "")))
+        counts[run.key] = (n + 1, declared)
         if not row["category"]:
             continue  # the placeholder row of a failed run
         try:
@@ -126,16 +129,16 @@ def _collect(rows: Iterable[dict[str, str]], path: Path, what: str) -> dict[tupl
         elif row["measure"] == "peak":
             run.values[(PEAK, "allocated")] = run.values.get((PEAK, "allocated"), 0) + nbytes
             run.basis[(PEAK, "allocated")] = "allocator"
-    for (model, spec), (n, declared) in counts.items():
+    for key, (n, declared) in counts.items():
         if declared and declared.isdigit() and int(declared) != n:
-            raise _bad(what, path, f"{spec} on {model} has {n} of its {declared} rows")
-    return runs
+            raise _bad(what, path, f"{runs[key].spec} on {runs[key].model} has {n} of its {declared} rows")
+    return list(runs.values())
 
 
-def rerun_settings(runs: Mapping[tuple[str, str], Run]) -> list[dict[str, Any]]:
+def rerun_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """``memprof.api.measure`` keyword arguments that re-measure the runs, one dict per settings group."""
     groups: dict[tuple, dict[str, Any]] = {}
-    for run in runs.values():
+    for run in runs:
         s = run.settings
         kwargs = {
             "model": run.model, "device": s["device"], "dtype": s["dtype"], "amp": s["amp"] or None,
@@ -278,9 +281,39 @@ def human(nbytes: int | None) -> str:
     return f"{fmt(nbytes, unit, 0 if unit == 'B' else 2)} {unit}"
 
 
+def _match(old: Run, current: Sequence[Run], by_key: Mapping[tuple[str, ...], Run]) -> Run:
+    """The current run measured like ``old``; settings a file does not record (older CSVs) match anything."""
+    if old.key in by_key:
+        return by_key[old.key]
+    same = [run for run in current if (run.model, run.spec) == (old.model, old.spec)]
+    if not same:
+        raise UsageError(f"the current run has no {old.spec} on {old.model}, which the baseline has; "
+                         "measure the same models and optimizers")
+    for new in same:
+        differ = [f"{k} {old.settings[k]!r} vs {new.settings[k]!r}" for k in SETTING_KEYS
+                  if old.settings[k] and new.settings[k] and old.settings[k] != new.settings[k]]
+        if not differ:
+            return new
+    raise UsageError(f"{old.spec} on {old.model}: baseline and current differ in settings ({'; '.join(differ)})")
+
+
+def _labels(runs: Sequence[Run]) -> dict[tuple[str, ...], str]:
+    """The model as a result line names it, with the settings that tell apart runs of one model and optimizer."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.model, run.spec), []).append(run)
+    labels = {}
+    for group in groups.values():
+        varying = [k for k in SETTING_KEYS if len({run.settings[k] for run in group}) > 1]
+        for run in group:
+            extra = ", ".join(f"{k}={run.settings[k]}" for k in varying)
+            labels[run.key] = f"{run.model} [{extra}]" if extra else run.model
+    return labels
+
+
 def check(
-    baseline: Mapping[tuple[str, str], Run],
-    current: Mapping[tuple[str, str], Run],
+    baseline: Sequence[Run],
+    current: Sequence[Run],
     *,
     tolerances: Sequence[str] = (),
     categories: Sequence[str] | None = None,
@@ -291,21 +324,17 @@ def check(
         _check_category(name)
     deltas: list[Delta] = []
     gated_by_device: dict[str, tuple[str, ...]] = {}
-    for key, old in baseline.items():
-        new = current.get(key)
-        if new is None:
-            raise UsageError(f"the current run has no {old.spec} on {old.model}, which the baseline has; "
-                             "measure the same models and optimizers")
-        differ = [f"{k} {old.settings[k]!r} vs {new.settings.get(k)!r}" for k in SETTING_KEYS
-                  if old.settings[k] and new.settings.get(k) and old.settings[k] != new.settings.get(k)]
-        if differ:
-            raise UsageError(f"{old.spec} on {old.model}: baseline and current differ in settings ({'; '.join(differ)})")
+    by_key = {run.key: run for run in current}
+    labels = _labels(baseline)
+    for old in baseline:
+        new = _match(old, current, by_key)
+        model = labels[old.key]
         base_gated = categories or (GATED_CUDA if old.device.startswith("cuda") else GATED_CPU)
         gated = tuple(dict.fromkeys([*base_gated, *per_category]))
         gated_by_device[old.device] = gated
         if old.status != "ok" or new.status != "ok":
             verdict = "within" if old.status == new.status else ("regression" if old.status == "ok" else "improvement")
-            deltas.append(Delta(old.model, old.spec, "status", "", None, None, "", verdict,
+            deltas.append(Delta(model, old.spec, "status", "", None, None, "", verdict,
                                 note=f"status {old.status} → {new.status}"))
             continue
         for slot in dict.fromkeys([*old.values, *new.values]):
@@ -323,7 +352,7 @@ def check(
                 verdict = "improvement"
             else:
                 verdict = "within"
-            deltas.append(Delta(old.model, old.spec, category, component, before, after, tolerance.text, verdict))
+            deltas.append(Delta(model, old.spec, category, component, before, after, tolerance.text, verdict))
     return GateResult(deltas, gated_by_device)
 
 

@@ -69,6 +69,11 @@ def _label(category: str, component: str | None) -> str:
     return f"state: {component}" if category == "optimizer_state" and component else text
 
 
+LEGEND_ORDER = [_label(c, comp) for c in CATEGORIES
+                for comp in ((None, *COMPONENT_STYLES) if c == "optimizer_state" else (None,))]
+"""Legend entries in stacking order, so every figure lists them alike."""
+
+
 def _value(nbytes: int | float, unit: str) -> str:
     """A byte count in ``unit`` with about three significant digits (0.034, 5.30, 458.0)."""
     value = abs(nbytes) / scale(unit)
@@ -108,7 +113,6 @@ def _segments(record: RunRecord, *, at_peak: bool) -> list[tuple[str, str | None
     return [(cat, comp, by_key[(cat, comp)]) for cat, comp in order if by_key.get((cat, comp))]
 
 
-
 def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figure":
     """Stacked bars per optimizer: what persists after the last step, and the composition at the peak."""
     with _style():
@@ -119,7 +123,6 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
         cpu = all(not r.settings.device.startswith("cuda") for r in records)
         titles = ("After the last step (persistent)", "At the peak" + (" (simulated, CPU)" if cpu else ""))
         for ax, at_peak, title in zip(axes, (False, True), titles):
-            top = 0.0
             for x, record in enumerate(records):
                 if record.status != "ok":
                     ax.text(x, 0, f" {record.failure or record.status}", rotation=90, ha="center", va="bottom",
@@ -136,7 +139,6 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
                 where = f"\n{record.peaks.get('phase')}, step {record.peaks.get('step')}" if at_peak else ""
                 ax.annotate(f"{_value(bottom * div, unit)}{where}", (x, bottom), xytext=(0, 3),
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
-                top = max(top, bottom)
             ax.set_title(title)
             ax.set_xticks(range(len(records)), [r.settings.spec for r in records],
                           rotation=30 if len(records) > 3 else 0, ha="right" if len(records) > 3 else "center")
@@ -148,11 +150,6 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
         _legend(fig, seen)
         fig.suptitle(_title(records), fontsize=10)
         return fig
-
-
-LEGEND_ORDER = [_label(c, comp) for c in CATEGORIES
-                for comp in ((None, *COMPONENT_STYLES) if c == "optimizer_state" else (None,))]
-"""Legend entries in stacking order, so every figure lists them alike."""
 
 
 def _legend(fig: "Figure", entries: dict[str, tuple[str, str]]) -> None:
