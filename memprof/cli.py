@@ -98,16 +98,20 @@ def _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_cl
         )
 
 
+def _check_plot(plot: Path | None) -> None:
+    """Fail on a bad figure extension before measuring, not after."""
+    if plot is not None:
+        from memprof.report.plot import figure_paths
+
+        figure_paths(plot)
+
+
 def _write_exports(records, *, csv: Path | None = None, json: Path | None = None, markdown: Path | None = None,
                    latex: Path | None = None, plot: Path | None = None, unit: str = "MiB", detail: bool = False) -> None:
     from memprof.report.export import to_csv, to_json, write_atomic
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
 
-    if plot is not None:
-        from memprof.report.plot import figure_paths
-
-        figure_paths(plot)  # a bad extension fails before anything is written
     renders = ((csv, lambda: to_csv(records)), (json, lambda: to_json(records)),
                (markdown, lambda: to_markdown(records, unit=unit, detail=detail)),
                (latex, lambda: to_latex(records, unit=unit, detail=detail)))
@@ -151,6 +155,7 @@ def compare(
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
+    _check_plot(plot)
     records = _measure_runs(ctx, config, unit=unit, snapshot=snapshot, baseline=baseline)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
 
@@ -214,6 +219,7 @@ def profile(
     from memprof.report.units import scale
 
     scale(unit)
+    _check_plot(plot)
     if len(split_specs(opt)) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     records = _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_classes, steps, seed, snapshot)
@@ -248,6 +254,7 @@ def report(
     from memprof.report.units import scale
 
     scale(unit)
+    _check_plot(plot)
     records = []
     for path in runs:
         try:

@@ -291,3 +291,11 @@ def test_snapshot_on_cpu_is_a_one_line_usage_error(tmp_path):
                                  "--snapshot", str(tmp_path / "s.pickle")])
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "--snapshot needs CUDA" in result.stderr
+
+
+def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
+    import memprof.cli
+
+    monkeypatch.setattr(memprof.cli, "_run", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    result = runner.invoke(app, ["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
+    assert result.exit_code == 2 and "use .png, .pdf or .svg" in result.stderr
