@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -84,8 +85,11 @@ def test_csv_keeps_tidy_columns_and_adds_settings_and_environment(records):
     assert {int(r["record_rows"]) for r in adam} == {len(adam)}
     failed = [r for r in rows if r["spec"] == "adam_100%"]
     assert len(failed) == 1 and failed[0]["status"] == "oom" and failed[0]["bytes"] == ""
-    # A failed run in the file must not turn byte counts into floats.
+    # A failed run (or a default setting) in the file must not turn integers into floats.
     assert all(re.fullmatch(r"\d+", r["bytes"]) for r in rows if r["status"] == "ok")
+    vision = make_record("sgd", {"moment": 8})
+    vision.settings = dataclasses.replace(vision.settings, num_classes=10)
+    assert {r["num_classes"] for r in csv.DictReader(io.StringIO(to_csv([records[0], vision])))} == {"", "10"}
 
 
 def test_json_round_trips_and_carries_the_reproduce_command(records, tmp_path):

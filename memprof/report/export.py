@@ -53,7 +53,8 @@ def records_to_frame(records: Sequence[RunRecord]) -> "pd.DataFrame":
     import pandas as pd
 
     frame = pd.DataFrame([row for record in records for row in record_rows(record)], columns=list(CSV_COLUMNS))
-    frame["bytes"] = frame["bytes"].astype("Int64")  # integers even when a failed run leaves a gap
+    for column in ("bytes", "num_classes"):  # integers even where a failed run or a default leaves a gap
+        frame[column] = frame[column].astype("Int64")
     return frame
 
 
