@@ -1,0 +1,67 @@
+"""The seed optimizers against torch's fused AdamW, measured in one run.
+
+    python benchmarks/optimizers.py --model gpt2 --steps 12 --out reports/optimizers-gpt2.md
+
+For each optimizer (each in its own process): optimizer-state MiB, step-transient MiB, median
+``optimizer.step()`` time, and the ratios to fused AdamW measured in the same run. Goal for the
+seed optimizers: step <= 2x fused AdamW, and a step transient smaller than the state they save.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from memprof.api import measure
+from memprof.report.export import write_atomic
+
+MiB = 2**20
+SEEDS = ["smmf", "smmf:sign_bits=8", "smmf:implementation=torch", "alada", "adamem", "adapprox", "io_adam"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--baseline", default="adamw:fused=true")
+    parser.add_argument("--opt", default=",".join(SEEDS))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
+    args = parser.parse_args()
+    specs = [args.baseline, *args.opt.split(",")]
+    records = measure(args.model, specs, device=args.device, steps=args.steps, batch_size=args.batch_size,
+                      seq_len=args.seq_len, timeline=False)
+    base = records[0]
+    base_state, base_step = base.total("optimizer_state"), base.timings_ms["step"]
+    env = base.environment
+    lines = [
+        f"{args.model} fp32, batch {args.batch_size}, seq {args.seq_len}, {args.steps} steps (median after the first), "
+        f"{env.get('gpu', args.device)}, torch {env.get('torch')}, CUDA {env.get('cuda')}",
+        "",
+        "| optimizer | state MiB | step transient MiB | step ms | step / fused AdamW | state saved MiB | transient / state saved | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for record in records:
+        if record.status != "ok":
+            lines.append(f"| {record.settings.spec} | | | | | | | {record.failure} |")
+            continue
+        state, transient = record.total("optimizer_state"), record.total("step_transient")
+        step = record.timings_ms["step"]
+        saved = base_state - state
+        lines.append(
+            f"| {record.settings.spec} | {state / MiB:.2f} | {transient / MiB:.2f} | {step:.2f} | {step / base_step:.2f}x | "
+            f"{saved / MiB:.1f} | {transient / saved:.3f} | ok |" if record is not base else
+            f"| {record.settings.spec} | {state / MiB:.2f} | {transient / MiB:.2f} | {step:.2f} | 1.00x | | | baseline |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        command = "python benchmarks/optimizers.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out",) and v is not None)
+        write_atomic(args.out, f"# Seed optimizers vs fused AdamW\n\nMeasured with `{command}`.\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
