@@ -61,7 +61,10 @@ class CpuTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.layout == torch.strided:
-                storage = item.untyped_storage()
+                try:
+                    storage = item.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue  # a wrapper subclass (torchao's quantized state): its inner tensors are tracked
                 if storage.data_ptr() not in self._live:
                     # An output storage we have not seen: a new allocation, unless the op mutated
                     # or viewed a tensor that existed before the capture (then it was live all along).
