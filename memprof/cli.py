@@ -131,7 +131,7 @@ def _write_exports(records, *, csv: Path | None = None, json: Path | None = None
 def compare(
     ctx: typer.Context,
     model: ModelOpt = "gpt2",
-    opt: OptOpt = "adam,adafactor",
+    opt: OptOpt = "smmf,adam",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     amp: AmpOpt = None,
