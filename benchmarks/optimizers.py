@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from memprof.api import measure
-from memprof.report.export import write_atomic
+from memprof.report.export import to_json, write_atomic
 
 MiB = 2**20
 SEEDS = ["smmf", "smmf:sign_bits=8", "smmf:implementation=torch", "alada", "adamem", "adapprox", "io_adam"]
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
+    parser.add_argument("--json", type=Path, help="also save the run records (for `memprof report`)")
     args = parser.parse_args()
     specs = [args.baseline, *args.opt.split(",")]
     records = measure(args.model, specs, device=args.device, steps=args.steps, batch_size=args.batch_size,
@@ -55,11 +56,13 @@ def main() -> None:
             f"{saved / MiB:.1f} | {transient / saved:.3f} | ok |" if record is not base else
             f"| {record.settings.spec} | {state / MiB:.2f} | {transient / MiB:.2f} | {step:.2f} | 1.00x | | | baseline |"
         )
+    if args.json:
+        write_atomic(args.json, to_json(records))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         command = "python benchmarks/optimizers.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out",) and v is not None)
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "json") and v is not None)
         write_atomic(args.out, f"# Seed optimizers vs fused AdamW\n\nMeasured with `{command}`.\n\n{text}")
 
 

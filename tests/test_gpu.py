@@ -31,7 +31,9 @@ def test_tensor_bytes_match_allocator_blocks_up_to_rounding():
     for category in PERSISTENT:
         tensor = record.total(category)
         blocks = record.total(category, at_peak=True)
-        assert 0 <= blocks - tensor <= 512 * 600, (category, tensor, blocks)
+        # Blocks are 512-byte multiples, and the allocator hands out a whole free block rather
+        # than split off a remainder of 1 MiB or less in its large pool.
+        assert 0 <= blocks - tensor <= 0.005 * tensor, (category, tensor, blocks)
 
 
 def test_state_bytes_identical_on_cpu_and_cuda():
