@@ -199,7 +199,7 @@ class SMMF(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            beta, lr, wd = group["beta"], group["lr"], group["weight_decay"]
+            beta = group["beta"]
             fused: list[tuple[torch.Tensor, dict[str, Any], float, float]] = []
             for p in group["params"]:
                 if p.grad is None:
@@ -220,8 +220,6 @@ class SMMF(Optimizer):
                 elif self._use_triton(p, group):
                     fused.append((p, state, beta1, beta2))
                 else:
-                    if wd != 0.0 and group["weight_decay_mode"] == "adamw":
-                        p.mul_(1.0 - lr * wd)
                     _factored_update(p, state, group, beta1, beta2)
             if fused:
                 kernels = _triton_kernels()
@@ -243,19 +241,28 @@ class SMMF(Optimizer):
                         self.state[p][key] = value.to(device=p.device)
 
 
-def _weight_decayed_grad(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    if group["weight_decay"] != 0.0 and group["weight_decay_mode"] == "adam":
-        # Algorithm 6: G_t ← G_t + c·W_{t−1} (a new tensor: p.grad is left untouched)
-        return p.grad.add(p, alpha=group["weight_decay"])
-    return p.grad
+def _decay(group: dict[str, Any]) -> tuple[bool, float]:
+    """(add c·W to G, Algorithm 6; the factor W is multiplied by, Algorithm 7)."""
+    wd = group["weight_decay"]
+    if wd == 0.0:
+        return False, 1.0
+    if group["weight_decay_mode"] == "adam":
+        return True, 1.0
+    # Paper error (digest §1.7): Algorithm 7 has W ← W − c·W; the official code (and AdamW)
+    # scale it by lr. We scale by lr: without it a usual c = 0.01 shrinks W by 1% every step.
+    return False, 1.0 - group["lr"] * wd
 
 
 def _dense_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float, beta2: float) -> None:
     """vector_reshape=False on a vector: the same update with full-size M and V."""
-    lr, wd = group["lr"], group["weight_decay"]
-    grad = _weight_decayed_grad(p, group)
-    if wd != 0.0 and group["weight_decay_mode"] == "adamw":
-        p.mul_(1.0 - lr * wd)
+    lr = group["lr"]
+    adam_decay, decay = _decay(group)
+    grad = p.grad
+    if adam_decay:
+        # Algorithm 6: G_t ← G_t + c·W_{t−1}, in the state dtype (p.grad is left untouched)
+        grad = grad.to(state["exp_avg_sq"].dtype, copy=True).add_(p, alpha=group["weight_decay"])
+    if decay != 1.0:
+        p.mul_(decay)
     exp_avg_sq = state["exp_avg_sq"]
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(group["eps"])
@@ -286,14 +293,13 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
 
     Per block: V̂ and M̂ are decompressed into scratch, the gradient folded in, the new row sums
     written straight into the state (those old rows are no longer needed), the column sums
-    accumulated, the signs rewritten and the weight updated. AdamW-style decay is applied by the
-    caller.
+    accumulated, the signs rewritten and the weight updated (W_t is rounded to its dtype once).
     """
     rows, cols = state["shape"]
     if rows == 0:
         return
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    adam_decay = wd != 0.0 and group["weight_decay_mode"] == "adam"
+    adam_decay, decay = _decay(group)
     has_m = "sign" in state
     dtype, device = state["row_v"].dtype, p.device
 
@@ -301,7 +307,7 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
     w_flat, g_flat = weight.view(-1), p.grad.reshape(-1)
     block_rows = _rows_per_chunk(rows, cols)
     block = block_rows * cols
-    # One scratch allocation per parameter step, reused by every block: V, M, ±β₁, decayed G.
+    # One scratch allocation per parameter step, reused by every block: V, M (then U), ±β₁, G + c·W.
     scratch = torch.empty(2 + has_m + adam_decay, block, dtype=dtype, device=device)
     new_cols = torch.zeros(2, cols, dtype=dtype, device=device)
     if has_m:
@@ -317,8 +323,8 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
         g = g_flat[e0:e1].view(-1, cols)
         w = w_flat[e0:e1].view(-1, cols)
         if adam_decay:
-            # Algorithm 6: G_t ← G_t + c·W_{t−1}
-            g = torch.add(g, w, alpha=wd, out=scratch[-1, :size].view(-1, cols))
+            # Algorithm 6: G_t ← G_t + c·W_{t−1}, computed in the state dtype
+            g = scratch[-1, :size].view(-1, cols).copy_(g).add_(w, alpha=wd)
 
         # V_t = β₂,t·(r_V ⊗ c_V) + (1 − β₂,t)·G², then its row and column sums
         v = scratch[0, :size].view(-1, cols)
@@ -330,13 +336,13 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
         # M/(sqrt(V) + eps). We choose the code's form because the paper's results come from it
         # and eps = 1e-8 then means what it means in Adam.
         denom = v.sqrt_().add_(eps)
+        m = scratch[1, :size].view(-1, cols)
         if not has_m:
             # beta=None: U = G/(sqrt(V) + eps), no first moment and no sign
-            w.addcdiv_(g, denom, value=-lr)
+            _apply_update(w, g, denom, m, lr, decay)
             continue
 
         # M_t = β₁,t·(S ∘ (r_M ⊗ c_M)) + (1 − β₁,t)·G, with S = ±1 from the sign bits
-        m = scratch[1, :size].view(-1, cols)
         torch.outer(state["row_m"][r0:r1], state["col_m"], out=m)
         signed_beta = scratch[2, :size].view(-1, cols)
         signed_beta.copy_(_unpack_signs(sign, e0, e1, bits, shifts).view(-1, cols))
@@ -346,8 +352,8 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
         _pack_signs(m, sign, e0, e1, bits, shifts)
         torch.linalg.vector_norm(m, 1, dim=1, out=state["row_m"][r0:r1])
         new_cols[0].add_(torch.linalg.vector_norm(m, 1, dim=0))
-        # W_t = W_{t−1} − η·M_t/(sqrt(V_t) + eps): the update uses the uncompressed M_t, V_t
-        w.addcdiv_(m, denom, value=-lr)
+        # The update uses the uncompressed M_t and V_t
+        _apply_update(w, m, denom, m, lr, decay)
 
     state["col_v"].copy_(new_cols[1])
     _normalize(state["row_v"], state["col_v"])
@@ -356,6 +362,14 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
         _normalize(state["row_m"], state["col_m"])
     if weight is not p:
         p.copy_(weight)
+
+
+def _apply_update(w: torch.Tensor, num: torch.Tensor, denom: torch.Tensor, out: torch.Tensor, lr: float, decay: float) -> None:
+    """W_t = decay·W_{t−1} − η·num/denom, rounded to W's dtype once (``out`` is scratch)."""
+    if decay == 1.0:
+        w.addcdiv_(num, denom, value=-lr)
+    else:
+        w.copy_(torch.div(num, denom, out=out).mul_(-lr).add_(w, alpha=decay))
 
 
 def _unpack_signs(sign: torch.Tensor, e0: int, e1: int, bits: torch.Tensor | None, shifts: torch.Tensor) -> torch.Tensor:

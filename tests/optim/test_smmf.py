@@ -359,8 +359,9 @@ def test_triton_matches_torch_on_cuda(name, dtype):
         opt_b.step()
     for pa, pb in zip(a, b):
         # Rounding differs (FMA, atomics' order), and an M_t within rounding of 0 may take the
-        # other sign: require all but a handful of elements to agree closely.
-        far = ((pa.float() - pb.float()).abs() > 1e-5 + 2e-3 * pa.float().abs()).sum().item()
+        # other sign: require all but a handful of elements to agree within a few ulps.
+        rtol = 2e-3 if dtype == torch.float32 else 2e-2
+        far = ((pa.float() - pb.float()).abs() > 1e-5 + rtol * pa.float().abs()).sum().item()
         assert far <= max(2, pa.numel() // 10_000), (pa.shape, far)
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert sa.keys() == sb.keys()
