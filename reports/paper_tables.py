@@ -83,9 +83,15 @@ class Cell:
     note: str = ""
     ratio: bool = False  # two terms: the first over the second (unit "×"), not their difference
 
+    def __post_init__(self) -> None:
+        if self.quantity not in QUANTITIES or self.unit not in UNITS:
+            raise ValueError(f"Invalid cell: quantity {self.quantity!r}, unit {self.unit!r}")
+
 
 @dataclass
 class Reproduction:
+    """One paper table: its cells, the commands that measure it, and what its comparison shows."""
+
     name: str
     title: str
     source: str
@@ -108,7 +114,7 @@ def difference(table: str, model: str, optimizer: str, minuend: Run, subtrahend:
 
 
 # -- what memprof measured -------------------------------------------------------------------
-Key = tuple[str, str, "int | None"]
+Key = tuple[str, str, int | None]  # (model, spec, num_classes) of one run record
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -209,7 +215,9 @@ def tolerance_text(c: Cell) -> str:
     if kind == "abs":
         return f"±{limit:g} {c.unit}"
     rounding = printed_half_unit(c.paper)
-    return f"±{limit:g} %" if limit / 100 * abs(c.paper) >= rounding else f"±{limit:g} % or the paper's rounding ±{rounding:g}"
+    if limit / 100 * abs(c.paper) >= rounding:
+        return f"±{limit:g} %"
+    return f"±{limit:g} % or the paper's rounding ±{rounding:g}"
 
 
 def compare(cells: Sequence[Cell], measured: dict[Key, dict]) -> list[dict]:
@@ -226,7 +234,7 @@ def compare(cells: Sequence[Cell], measured: dict[Key, dict]) -> list[dict]:
         elif memprof == PENDING:
             row["memprof"] = PENDING
         else:
-            row["memprof"] = f"{memprof:.4g}" if abs(memprof) >= 1000 else f"{memprof:.3f}"
+            row["memprof"] = f"{memprof:.3f}"
             if c.paper is not None:
                 diff = memprof - c.paper
                 row["diff"] = f"{diff:+.3f}"
@@ -294,8 +302,6 @@ def provenance_of(path: str | Path) -> str:
 
 
 # -- the papers ------------------------------------------------------------------------------
-CPU_NOTE = ("--device cpu --steps 1 --batch-size {batch} --seq-len 32 --image-size 32")
-
 SMMF_OPTS = (("Adam", "adam"), ("Adafactor", "hf_adafactor:beta1=0.9"), ("SM3", "sm3"), ("CAME", "came"),
              ("SMMF", "smmf"))
 SMMF_SIGN8 = ("SMMF (8-bit signs)", "smmf:sign_bits=8")
@@ -347,20 +353,27 @@ def _smmf_table1() -> Reproduction:
         explanation=[
             "Batch 2 at 32×32 instead of the paper's 128 at 224: optimizer state, weights and gradients do not "
             "depend on either (batch 1 would break BatchNorm at ResNet-50's 1×1 last stage).",
-            "Adam, Adafactor (β1 = 0.9, factored over the last two axes only, so 1×1 convs cost more than Adam's "
-            "v), SM3 (momentum + one accumulator per axis) and CAME (momentum + two factored statistics) are "
-            "the paper's exact state: their exact bytes are within 2 % of every cell. The paper's numbers sit "
-            "0.2–2 % above the exact bytes, as the 512-B-block rows show: they were read from the CUDA "
-            "allocator (memory_allocated), which rounds each tensor up to 512 B.",
-            "SMMF (1-bit signs) is 3.5 MiB of exact bytes on ResNet-50, but 5 small tensors per parameter "
-            "(four fp32 factor vectors and the packed sign) make the 512-B rounding a large share of it. The "
-            "512-B-block rows reproduce the paper's 3.7/0.8/3.5/0.7 MiB; the paper therefore counts the sign "
-            "at 1 bit per element and measures allocated memory, not tensor bytes.",
+            "Baselines: memprof's exact state bytes of Adam, Adafactor (β1 = 0.9, factored over the last two axes "
+            "only, so a 1×1 conv costs two floats per weight, more than Adam's v), SM3 (momentum + one accumulator "
+            "per axis) and CAME (momentum + two factored statistics) agree with the ImageNet cells within 2 % (or "
+            "the paper's rounding). The ResNet-50/CIFAR-100 cells sit 1.4–2.3 % above the exact state for all "
+            "four, Adam included (184 vs 180.9 MiB), whose layout leaves nothing to interpret: those readings hold "
+            "3–7 MiB that are not optimizer state. The two baseline cells outside (ResNet-50/CIFAR SM3 +2.3 %, "
+            "MobileNetV2/CIFAR CAME +2.6 %) are of this kind. "
+            "Rounding each tensor to the allocator's 512-B block changes the baselines by < 0.2 MiB.",
+            "SMMF at 1-bit signs: the exact bytes (four fp32 factor vectors and ⌈N/8⌉ sign bytes per parameter) "
+            "are 4–38 % below the paper, and rounding every tensor to 512 B overshoots MobileNetV2 (0.86 vs 0.8). "
+            "Rounding only the fp32 factor vectors to 512-B blocks and counting the sign at exactly one bit per "
+            "element reproduces all four cells at the paper's precision (row \"state in 512-B blocks, sign at 1 "
+            "bit/element\"). So the paper measured the factor vectors as allocated on the GPU and added the sign "
+            "as N/8 bytes computed, not allocated: the released code has no 1-bit packing (digest §5).",
             "With the released code's 1-byte `torch.bool` sign (`smmf:sign_bits=8`, no paper cell) SMMF holds "
-            "about 7× more; Adam ÷ that is the §5.3 \"7.8× memory reduction\" quoted for ResNet-50, so §5.3 "
-            "refers to the 8-bit sign, the tables to the 1-bit one.",
-            "\"End-to-end\" agrees with weights + gradients + optimizer state (no activations): the paper's "
-            "end-to-end figure is the live memory after a step, not a peak.",
+            "24.9 MiB on ResNet-50, and Adam ÷ that is the 7.8× \"memory reduction\" of §5.3: §5.3 refers to the "
+            "8-bit sign, the tables to the 1-bit one.",
+            "\"End-to-end\" agrees with weights + gradients + optimizer state (no activations) in most cells: it "
+            "is the live memory after a step, not a peak. ResNet-50/CIFAR-100/SM3 (227 MiB) is an error in the "
+            "paper: 227 − 93 leaves 134 MiB for weights and gradients, where every other CIFAR ResNet-50 cell "
+            "leaves 181.",
         ],
     )
 
@@ -410,17 +423,19 @@ def _smmf_table4() -> Reproduction:
             "memprof's built-in `gpt2` (LM head tied to the embedding) and `t5-small` (T5ForConditionalGeneration) "
             "stand in for the GLUE models: GPT2ForSequenceClassification adds 1,536 parameters (0.01 MiB of Adam "
             "state), T5ForSequenceClassification 263,682 (2.0 MiB of Adam state, which would lift memprof's T5 "
-            "Adam from 461.6 to 463.6 MiB, the paper's 464).",
+            "Adam from 461.6 to 463.6 MiB, the paper's 464). memprof cannot build T5ForSequenceClassification "
+            "with random token ids (it needs the same number of EOS tokens in every row).",
             "The paper is not self-consistent: the same model and optimizer get different optimizer memory on "
             "different tasks (GPT-2 Adam 861–973 MiB, T5 Adam 434–464, GPT-2 CAME 468–489), although the state "
-            "does not depend on the data. Optimizer state is fixed by the parameter shapes, so these spreads are "
-            "measurement noise in the paper: most likely a difference of `memory_allocated` readings taken around "
-            "the step, which then includes whatever gradients or temporaries were alive. Cells outside 2 % are "
-            "those outliers (GPT-2 Adam on QQP and MRPC, T5 Adam on QQP and STSB).",
-            "CAME below Adafactor (GPT-2 QNLI 468 vs 478) is impossible for the state itself: CAME keeps "
-            "Adafactor's state plus a second pair of factored vectors.",
-            "SMMF's 16 and 8 MiB are the 1-bit-sign state; the 8-bit sign (no paper cell) is about 7× more.",
-            "End-to-end agrees with weights + gradients + state (no activations), as in Table 1.",
+            "depends only on the parameter shapes. The cells outside 2 % (listed above: GPT-2's QQP column, "
+            "GPT-2 Adam on MRPC, T5 Adam on QQP) are such readings; they cannot be optimizer state alone and "
+            "must include whatever else was allocated when the reading was taken. CAME below Adafactor (GPT-2 QNLI "
+            "468 vs 478) is impossible for the state itself: CAME keeps Adafactor's state plus a second pair of "
+            "factored vectors.",
+            "In every model the most frequent task value agrees with memprof's state within 2 % (or the paper's "
+            "rounding), SMMF (1-bit signs) included.",
+            "End-to-end is weights + gradients + state (no activations) plus 0.02–0.04 GiB, as in Table 1; the "
+            "rows outside 2 % are those few percent.",
         ])
 
 
@@ -436,11 +451,12 @@ def _smmf_table6() -> Reproduction:
         [
             "memprof's built-in `bert-base-uncased` has the masked-LM head (109,514,298 parameters); "
             "BertForSequenceClassification has 109,483,778, 0.03 % fewer: 0.23 MiB of Adam state.",
-            "The paper is not self-consistent: BERT's Adam state is 837–854 MiB depending on the task, though "
-            "it depends only on the parameter shapes (835.5 MiB exact). The cells above 2 % are those readings; "
-            "like Tables 1 and 4 they are allocator readings around the step that include some live "
-            "gradients or temporaries, not the state alone.",
-            "End-to-end agrees with weights + gradients + state.",
+            "The paper is not self-consistent: BERT's Adam state reads 837–854 MiB depending on the task, and "
+            "SMMF 15 MiB here but 14 MiB in Table 8, though the state depends only on the parameter shapes. The "
+            "most frequent task values agree with memprof within 2 % (or the paper's rounding); the other cells "
+            "sit up to 2.2 % above the exact state (every MRPC cell): readings that include more than the "
+            "optimizer's tensors. SMMF's 15 MiB is within the paper's rounding only with 512-B blocks.",
+            "End-to-end agrees with weights + gradients + state within 1.2 %.",
         ])
 
 
@@ -479,14 +495,16 @@ def _smmf_table8() -> Reproduction:
             "memprof's built-ins carry masked-LM heads; the paper's SQuAD models carry a 768×2 span head. "
             "Parameters: RoBERTa 124,697,433 vs 124,056,578 (QA, no pooler), BERT 109,514,298 vs 108,893,186, "
             "ALBERT 11,221,680 vs 11,094,530, GPT-2 identical. memprof therefore holds 0.5–1.1 % more state "
-            "than the QA models for the encoders, which is inside the 2 % asked for but pushes some cells "
-            "against it.",
-            "Adam on RoBERTa and BERT (972, 856 MiB) is 2–3 % above the exact state even of the larger MLM "
-            "models; with the QA heads the gap is 2.7 % (946.5 and 830.8 MiB exact). Like Tables 4 and 6, these "
-            "are allocator readings that include more than the state.",
-            "Table 8's end-to-end column is not weights + gradients + state (that is ~400 MiB more for BERT): "
-            "it agrees with weights + optimizer state (+10–20 MiB), i.e. it was read with the gradients freed "
-            "(`zero_grad(set_to_none=True)`), unlike Tables 1, 4 and 6.",
+            "than the QA encoders.",
+            "ALBERT, GPT-2 and every SMMF cell agree with the exact state. The RoBERTa and BERT baselines are "
+            "2.0–2.5 % above it even with the larger MLM heads (2.7–3.2 % with the QA heads): about 10 MiB per "
+            "full-size state tensor (Adam +20, the others +10). The same BERT reads 837–854 (Adam) and 420–428 "
+            "MiB (Adafactor) in Table 6, so this is within the paper's own spread for one model, not a layout "
+            "difference.",
+            "Table 8's end-to-end is not weights + gradients + state (that is 400–460 MiB more than the paper "
+            "for BERT, RoBERTa and GPT-2): it is weights + optimizer state plus a constant 12–32 MiB per model, "
+            "i.e. it was read with the gradients freed (`zero_grad(set_to_none=True)`), unlike Tables 1, 4 "
+            "and 6. The constant (the batch and workspaces) is why those rows miss 2 % for the small models.",
         ],
     )
 
@@ -503,7 +521,8 @@ def _adapprox_table2() -> Reproduction:
     )
     cells = []
     for beta1, name, spec, p117, p345 in rows:
-        for label, model, paper in (("GPT-2 117M (vocab 50,304)", cfg117, p117), ("GPT-2 345M (vocab 50,304)", cfg345, p345)):
+        for label, model, paper in (("GPT-2 117M (vocab 50,304)", cfg117, p117),
+                                    ("GPT-2 345M (vocab 50,304)", cfg345, p345)):
             cells.append(cell("Adapprox T2", label, f"{name} (β1 = {beta1:g})", Run(model, spec), "state", paper,
                               "MiB", tolerance=("abs", 0.1)))
     return Reproduction(
@@ -518,13 +537,13 @@ def _adapprox_table2() -> Reproduction:
         gpu_command="memprof compare --config reports/adapprox-table2.toml --device cuda --csv adapprox-table2-gpu.csv",
         cells=cells,
         explanation=[
-            "The paper's \"MB\" is MiB, its state is fp32 and its Adafactor is the HF/fairseq one (a first moment "
-            "only with β1 > 0, a dense second moment for 1-D tensors, row and column factors for every ≥2-D "
-            "tensor including the embeddings); CAME is the official layout (pytorch_optimizer's matches: "
-            "momentum, two factored statistics, dense for 1-D).",
+            "All ten cells agree to 0.05 MiB. The paper's \"MB\" is MiB, its state is fp32, and its Adafactor is "
+            "the HF/fairseq one: a first moment only with β1 > 0, a dense second moment for 1-D tensors, row and "
+            "column factors for every ≥2-D tensor including the embeddings. CAME matches the official layout "
+            "(pytorch_optimizer's is the same: momentum, two factored statistics, dense for 1-D).",
             "AdamW at β1 = 0 still allocates its first moment, so its row equals β1 = 0.9, as the paper says.",
             "The vocabulary must be Megatron's 50,304 (50,257 padded to a multiple of 128): with HF's 50,257 the "
-            "AdamW cells are 0.3 MiB (117M) and 0.4 MiB (345M) lower and miss the 0.1 MiB target.",
+            "AdamW cells would be 0.28 MiB (117M) and 0.37 MiB (345M) lower and miss the 0.1 MiB target.",
         ],
     )
 
@@ -537,13 +556,14 @@ def _alada_table4() -> Reproduction:
     for label, model, values in peaks:
         for (name, spec), paper in zip(opts, values):
             run = Run(model, spec)
-            cells.append(cell("Alada T4", label, name, run, "peak", paper, "GiB", note="paper's GB read as GiB"))
+            cells.append(cell("Alada T4", label, name, run, "peak", paper, "GiB", note="the paper's GB read as GiB"))
             cells.append(cell("Alada T4", label, name, run, "state", None, "GiB"))
             cells.append(cell("Alada T4", label, name, run, "model_grads_state", None, "GiB"))
         adam, adafactor, alada = (Run(model, spec) for _, spec in opts)
-        cells.append(difference("Alada T4", label, "Adam − Adafactor", adam, adafactor, "state",
-                                round(values[0] - values[1], 3), "GiB", label="peak difference vs state difference",
-                                note="the paper's peak gap against memprof's state gap"))
+        for unit in ("GiB", "GB"):
+            cells.append(difference("Alada T4", label, "Adam − Adafactor", adam, adafactor, "state",
+                                    round(values[0] - values[1], 3), unit, label="peak difference vs state difference",
+                                    note=f"the paper's peak gap read as {unit} against memprof's state gap"))
         cells.append(difference("Alada T4", label, "Alada − Adafactor", alada, adafactor, "state",
                                 round(values[2] - values[1], 3), "GiB", tolerance=("abs", 0.01),
                                 label="peak difference vs state difference",
@@ -563,15 +583,14 @@ def _alada_table4() -> Reproduction:
             "The peak cells wait for the GPU run (the config holds the paper's batch 1 and sequence 1024 for "
             "GPT-2; T5's NMT lengths are not stated, 128 is assumed). Feed that run's CSV to this script and "
             "they fill in.",
-            "Which measurement the paper's ratios follow: the Adam − Adafactor peak gap equals the gap in "
-            "optimizer state (2N fp32 = Adam's two moments) only when \"GB\" is read as GiB (GPT-2: 0.949 vs "
-            "0.927 GiB; T5: 0.450 vs 0.451 GiB; in 10⁹ B the state gaps would be 0.996 and 0.484). So the paper "
-            "reports peak allocated memory in GiB, and Adam's peak is larger by its state, not by its step "
-            "transient.",
-            "Alada and Adafactor (β1 = 0) hold the same state within a few MiB (factor vectors only; Alada keeps "
-            "its first moment in the gradient buffer), yet the paper's peaks differ by +0.037 (GPT-2) and "
-            "−0.025 GiB (T5): that difference must be each optimizer's step transient (Adafactor's fp32 "
-            "update of the largest matrix against Alada's reconstruction), which only the GPU peak can show.",
+            "Which measurement the paper's ratios follow: the Adam − Adafactor peak gap is the gap in optimizer "
+            "state (Adam's two fp32 moments) when \"GB\" is read as GiB: T5 0.450 vs 0.450, GPT-2 0.949 vs 0.926 "
+            "(2.4 % more in the paper). Read as 10⁹ B the state gaps are 0.484 and 0.994, 5–8 % off. So the "
+            "table reports peak allocated memory in GiB, and Adam's peak exceeds Adafactor's by its state.",
+            "Alada and Adafactor (β1 = 0) hold the same state within 1 MiB (factor vectors only; Alada keeps its "
+            "first moment in the gradient buffer), yet the paper's peaks differ by +0.037 (GPT-2) and −0.025 GiB "
+            "(T5). State cannot explain that: it is the difference of the two optimizers' step transients or of "
+            "where the peak falls, which only the GPU peak can show.",
         ],
     )
 
@@ -604,14 +623,15 @@ def _io_adam_table2() -> Reproduction:
                     "--json io-adam-table2-gpu.json",
         cells=cells,
         explanation=[
-            "The paper states neither the tool, the sequence length (128 assumed: run_glue's default max "
-            "length; CoLA sentences are short) nor the precision (fp32 assumed). The peak cells wait for the "
-            "GPU run.",
-            "Which measurement the ratios follow: compare the paper's gaps to AdamW with memprof's gaps in "
-            "weights + gradients + state. They do not match (Adafactor −1276 MiB in the paper against about "
-            "−950 MiB of state), so the paper's numbers are peaks that include different step transients "
-            "(AdamW's foreach step adds about one copy of the parameters on CUDA; IO-Adam frees the weight "
-            "gradients of folded layers). Only the GPU peak can settle it.",
+            "The paper states neither the tool, the sequence length (128 assumed: run_glue's default max length; "
+            "CoLA sentences are short) nor the precision (fp32 assumed). The peak cells wait for the GPU run.",
+            "Which measurement the ratios follow: the GaLore − AdamW gap equals the gap in weights + gradients + "
+            "state within 1 %, but Adafactor's and IO-Adam's gaps are 327 and 168 MiB larger in the paper. The "
+            "paper's values exceed memprof's persistent bytes by about 508 (AdamW), 502 (GaLore), 181 (Adafactor) "
+            "and 340 MiB (IO-Adam), so the paper's numbers are peaks inside the step, where each optimizer adds its "
+            "own transient: about one parameter-sized copy for foreach AdamW and GaLore's unprojected AdamW "
+            "(475.5 MiB), fp32 temporaries of the largest matrix for Adafactor (the 147 MiB word embedding). "
+            "This is a reading of the arithmetic; the GPU run decides it.",
         ],
     )
 
@@ -635,6 +655,11 @@ def _io_adam_table4() -> Reproduction:
         cells.append(difference("IO-Adam T4", label, f"{name} − AdamW", Run(model, spec), adamw, "model_grads_state",
                                 round(paper - opts[0][2], 2), "MiB", tolerance=("abs", 0.5),
                                 label="mem-alloc difference vs weights+grads+state difference"))
+    io_adam = opts[2:]
+    for (name, spec, paper), (_, smaller, paper_smaller) in zip(io_adam, io_adam[1:]):
+        cells.append(difference("IO-Adam T4", label, f"{name} − {smaller.split('=')[1]}", Run(model, spec),
+                                Run(model, smaller), "model_grads_state", round(paper - paper_smaller, 2), "MiB",
+                                tolerance=("abs", 0.05), label="buffer increment: mem-alloc vs weights+grads+state"))
     return Reproduction(
         name="io-adam-table4",
         title="IO-Adam Table 4: memory of the small ViT on CIFAR-10",
@@ -647,11 +672,15 @@ def _io_adam_table4() -> Reproduction:
                     "--json io-adam-table4-gpu.json",
         cells=cells,
         explanation=[
-            "Which measurement the ratios follow: the paper's differences to AdamW equal memprof's differences in "
-            "weights + gradients + optimizer state, to within the tolerance shown; the paper's values are those "
-            "persistent bytes plus a common ~16 MiB (the batch and workspaces), not a peak. That includes "
-            "IO-Adam's claim that folded layers keep no weight gradient: with a gradient kept, IO-Adam would be "
-            "~24 MiB higher.",
+            "Which measurement the ratios follow: Table 4 tracks persistent memory, not a peak. Adafactor − AdamW "
+            "equals memprof's difference in weights + gradients + state within 0.5 MiB, and every step of the "
+            "buffer (16→8→4→2→1) changes the paper's value by memprof's C and R increment within 0.05 MiB. Each "
+            "paper value is memprof's weights + gradients + state plus a near-constant 15.5–16.8 MiB (the batch, "
+            "CUDA workspaces).",
+            "That includes the paper's claim that folded layers keep no weight gradient: with gradients kept, "
+            "IO-Adam would be about 24 MiB higher. IO-Adam's gap to AdamW is 1.2–1.3 MiB smaller in the paper "
+            "than in memprof at every buffer size (−2.8 %): the paper's IO-Adam holds about 1.3 MiB more, "
+            "independent of b, which memprof's IO-Adam does not allocate.",
             "The batch size is not stated (128 assumed in the config); it changes only the common overhead and "
             "the peaks, which wait for the GPU run.",
         ],
@@ -686,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{repro.name}.csv").write_text(to_csv_text(rows))
-    (out / f"{repro.name}.md").write_text(to_markdown(repro, rows, args.run_csv, args.json, provenance_of(args.run_csv)))
+    page = to_markdown(repro, rows, args.run_csv, args.json, provenance_of(args.run_csv))
+    (out / f"{repro.name}.md").write_text(page)
     for line in summary(rows):
         print(line)
     return 0

@@ -117,6 +117,13 @@ def test_peak_is_pending_on_cpu_and_filled_from_cuda(run_csv):
     assert "1 peak cells are pending GPU run" in lines[0]
 
 
+def test_a_cell_names_a_known_quantity_and_unit():
+    with pytest.raises(ValueError, match="Invalid cell"):
+        pt.cell("T", "m", "Adam", pt.Run("m", "adam"), "activations", 1.0, "MiB")
+    with pytest.raises(ValueError, match="Invalid cell"):
+        pt.cell("T", "m", "Adam", pt.Run("m", "adam"), "state", 1.0, "furlongs")
+
+
 def test_printed_rounding_allowance():
     assert pt.printed_half_unit(9) == 0.5
     assert pt.printed_half_unit(3.7) == pytest.approx(0.05)
