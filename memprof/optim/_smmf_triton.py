@@ -1,8 +1,9 @@
 """Fused Triton kernels for SMMF: three launches update every parameter of a group.
 
-1. ``_sums_kernel`` (2-D tiles of each n̂×m̂ view) rebuilds M_t and V_t from the old factors, the
-   sign and the gradient, and atomically adds the row and column sums of |M_t| and V_t into a
-   small fp32 scratch.
+1. ``_sums_kernel`` rebuilds M_t and V_t from the old factors, the sign and the gradient, and adds
+   the row and column sums of |M_t| and V_t into a small fp32 scratch. A program walks a strip of
+   ``STRIP_ROWS`` rows × ``BLOCK_COLS`` columns of one n̂×m̂ view, so the column sums cost one
+   atomic add per column per strip and the row sums one per row per column tile.
 2. ``_update_kernel`` (blocks of consecutive elements, a multiple of 8 so that every sign byte
    belongs to one program) rebuilds M_t and V_t again and writes W_t and the new sign bits.
 3. ``_finalize_kernel`` (one program per parameter) normalizes the new factors (Algorithm 4) into
@@ -12,7 +13,9 @@ Full-size tensors are only read, or written in place: the gradient (read twice),
 the sign. The step allocates 2·(n̂ + m̂) floats of scratch per parameter and a table of pointers;
 rebuilding M_t and V_t twice costs arithmetic, which is cheaper than a full-size temporary.
 All parameters of a group with the same device and dtypes share one launch of each kernel: a
-program finds its parameter by binary search over the per-parameter prefix sums of its grid.
+program finds its parameter by binary search over the per-parameter prefix sums of the grid.
+The table is built once per set of parameters (a ``_Plan``); a step only writes the gradient
+pointers and the betas into a pinned copy of it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import triton.language as tl
 
 __all__ = ["smmf_step", "unsupported"]
 
-# Tile of the sums kernel (rows × columns) and block of the update kernel (elements).
-BLOCK_ROWS = 32
-BLOCK_COLS = 64
+# Sums kernel: rows per program, rows per iteration, columns per program. Update kernel: elements
+# per program (a multiple of 8).
+STRIP_ROWS = 256
+BLOCK_ROWS = 16
+BLOCK_COLS = 128
 BLOCK = 2048
 FINALIZE_BLOCK = 1024
 SUMS_WARPS = 4
@@ -35,7 +40,8 @@ UPDATE_WARPS = 4
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Columns of the per-parameter table (int64; betas stored as float64 bit patterns).
+# Columns of the per-parameter table (int64). Pointers, except the four new factors, which are
+# element offsets into the step's scratch; betas are float64 bit patterns.
 _PARAM = tl.constexpr(0)
 _GRAD = tl.constexpr(1)
 _SIGN = tl.constexpr(2)
@@ -51,7 +57,10 @@ _ROWS = tl.constexpr(11)
 _COLS = tl.constexpr(12)
 _BETA1 = tl.constexpr(13)  # β₁,t, 1 − β₁,t, β₂,t, 1 − β₂,t
 _FIELDS = tl.constexpr(17)
-_INT_FIELDS = 13
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def unsupported(p: torch.Tensor) -> str | None:
@@ -126,9 +135,9 @@ def _moments(row, idx, mask, rows, row_ok, cols, col_ok, p_ref, g_ref, weight_de
 
 @triton.jit
 def _sums_kernel(
-    meta_ptr, prefix_ptr, n_params, p_ref, g_ref, weight_decay,
+    meta_ptr, prefix_ptr, n_params, scratch_ptr, p_ref, g_ref, weight_decay,
     HAS_M: tl.constexpr, PACKED: tl.constexpr, ADAM_DECAY: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    STRIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     k = _param_index(prefix_ptr, pid, n_params, SEARCH_STEPS)
@@ -137,20 +146,29 @@ def _sums_kernel(
     m = tl.load(row + _COLS).to(tl.int32)
     tile = pid - tl.load(prefix_ptr + k).to(tl.int32)
     col_tiles = tl.cdiv(m, BLOCK_C)
-    rows = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first_row = (tile // col_tiles) * STRIP
     cols = (tile % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n
     col_ok = cols < m
-    mask = row_ok[:, None] & col_ok[None, :]
-    idx = rows[:, None] * m + cols[None, :]
-    mm, v, g = _moments(row, idx, mask, rows[:, None], row_ok[:, None], cols[None, :], col_ok[None, :],
-                        p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
-    tl.atomic_add(_vec(row, _NEW_ROW_V) + rows, tl.sum(v, axis=1), mask=row_ok)
-    tl.atomic_add(_vec(row, _NEW_COL_V) + cols, tl.sum(v, axis=0), mask=col_ok)
+    new_row_v = scratch_ptr + tl.load(row + _NEW_ROW_V)
+    new_row_m = scratch_ptr + tl.load(row + _NEW_ROW_M)
+    col_v = tl.zeros([BLOCK_C], dtype=tl.float32)
+    col_m = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(first_row, tl.minimum(first_row + STRIP, n), BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < n
+        mask = row_ok[:, None] & col_ok[None, :]
+        idx = rows[:, None] * m + cols[None, :]
+        mm, v, g = _moments(row, idx, mask, rows[:, None], row_ok[:, None], cols[None, :], col_ok[None, :],
+                            p_ref, g_ref, weight_decay, HAS_M, PACKED, ADAM_DECAY)
+        tl.atomic_add(new_row_v + rows, tl.sum(v, axis=1), mask=row_ok)
+        col_v += tl.sum(v, axis=0)
+        if HAS_M:
+            a = tl.abs(mm)
+            tl.atomic_add(new_row_m + rows, tl.sum(a, axis=1), mask=row_ok)
+            col_m += tl.sum(a, axis=0)
+    tl.atomic_add(scratch_ptr + tl.load(row + _NEW_COL_V) + cols, col_v, mask=col_ok)
     if HAS_M:
-        a = tl.abs(mm)
-        tl.atomic_add(_vec(row, _NEW_ROW_M) + rows, tl.sum(a, axis=1), mask=row_ok)
-        tl.atomic_add(_vec(row, _NEW_COL_M) + cols, tl.sum(a, axis=0), mask=col_ok)
+        tl.atomic_add(scratch_ptr + tl.load(row + _NEW_COL_M) + cols, col_m, mask=col_ok)
 
 
 @triton.jit
@@ -216,74 +234,111 @@ def _normalized_copy(src_r, src_c, dst_r, dst_c, n, m, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finalize_kernel(meta_ptr, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+def _finalize_kernel(meta_ptr, scratch_ptr, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
     row = meta_ptr + tl.program_id(0) * _FIELDS
     n = tl.load(row + _ROWS).to(tl.int32)
     m = tl.load(row + _COLS).to(tl.int32)
-    _normalized_copy(_vec(row, _NEW_ROW_V), _vec(row, _NEW_COL_V), _vec(row, _ROW_V), _vec(row, _COL_V), n, m, BLOCK)
+    new_r = scratch_ptr + tl.load(row + _NEW_ROW_V)
+    new_c = scratch_ptr + tl.load(row + _NEW_COL_V)
+    _normalized_copy(new_r, new_c, _vec(row, _ROW_V), _vec(row, _COL_V), n, m, BLOCK)
     if HAS_M:
-        _normalized_copy(_vec(row, _NEW_ROW_M), _vec(row, _NEW_COL_M), _vec(row, _ROW_M), _vec(row, _COL_M), n, m, BLOCK)
+        new_r = scratch_ptr + tl.load(row + _NEW_ROW_M)
+        new_c = scratch_ptr + tl.load(row + _NEW_COL_M)
+        _normalized_copy(new_r, new_c, _vec(row, _ROW_M), _vec(row, _COL_M), n, m, BLOCK)
 
 
-def smmf_step(items: list[tuple[torch.Tensor, dict[str, Any], float, float]], group: dict[str, Any]) -> None:
-    """Update each (parameter, state, β₁,t, β₂,t) of ``items`` in place (AdamW decay included)."""
+def smmf_step(
+    items: list[tuple[torch.Tensor, dict[str, Any], float, float]], group: dict[str, Any], plans: dict[tuple, "_Plan"]
+) -> None:
+    """Update each (parameter, state, β₁,t, β₂,t) of ``items`` in place (AdamW decay included).
+
+    ``plans`` is the caller's cache of launch tables, kept between steps.
+    """
     batches: dict[tuple, list] = {}
     for item in items:
         p, state = item[0], item[1]
+        if p.numel() == 0:
+            continue
         sign = state.get("sign")
+        if sign is not None and sign.dtype not in (torch.uint8, torch.bool):
+            raise TypeError(f"SMMF sign state must be uint8 or bool, got {sign.dtype}")
         key = (p.device, p.dtype, p.grad.dtype, None if sign is None else sign.dtype)
         batches.setdefault(key, []).append(item)
     for batch in batches.values():
-        _launch(batch, group)
+        key = tuple(id(item[0]) for item in batch)
+        plan = plans.get(key)
+        if plan is None or not plan.matches(batch):
+            plan = plans[key] = _Plan(batch)
+        _launch(plan, batch, group)
 
 
-def _launch(batch: list[tuple[torch.Tensor, dict[str, Any], float, float]], group: dict[str, Any]) -> None:
-    batch = [item for item in batch if item[0].numel() > 0]
-    if not batch:
-        return
-    p0, state0 = batch[0][0], batch[0][1]
+class _Plan:
+    """What a launch needs that changes only with the parameters and their state tensors."""
+
+    def __init__(self, batch: list[tuple[torch.Tensor, dict[str, Any], float, float]]) -> None:
+        state0 = batch[0][1]
+        self.has_m = "sign" in state0
+        self.packed = self.has_m and state0["sign"].dtype == torch.uint8
+        # Identity of each parameter's state (load_state_dict replaces these tensors) and storage
+        self.anchors = [item[1]["row_v"] for item in batch]
+        self.weights = [item[0].data_ptr() for item in batch]
+        rows, tiles, blocks, offset = [], [0], [0], 0
+        for p, state, _, _ in batch:
+            n, m = state["shape"]
+            # Scratch offsets of the new [r_M, c_M, r_V, c_V] (r_V, c_V only without M)
+            if self.has_m:
+                m_ptrs = [state["sign"].data_ptr(), state["row_m"].data_ptr(), state["col_m"].data_ptr()]
+                new = [offset, offset + n, offset + n + m, offset + 2 * n + m]
+                offset += 2 * (n + m)
+            else:
+                m_ptrs, new = [0, 0, 0], [0, 0, offset, offset + n]
+                offset += n + m
+            rows.append([p.data_ptr(), 0, *m_ptrs, state["row_v"].data_ptr(), state["col_v"].data_ptr(), *new, n, m, 0, 0, 0, 0])
+            tiles.append(tiles[-1] + _cdiv(n, STRIP_ROWS) * _cdiv(m, BLOCK_COLS))
+            blocks.append(blocks[-1] + _cdiv(n * m, BLOCK))
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.prefixes = torch.tensor(tiles + blocks, dtype=torch.int64)
+        self.tiles, self.blocks, self.scratch = tiles[-1], blocks[-1], offset
+        self.key = (STRIP_ROWS, BLOCK_COLS, BLOCK)
+
+    def matches(self, batch: list[tuple[torch.Tensor, dict[str, Any], float, float]]) -> bool:
+        return (
+            self.key == (STRIP_ROWS, BLOCK_COLS, BLOCK)
+            and all(item[1]["row_v"] is anchor for item, anchor in zip(batch, self.anchors))
+            and [item[0].data_ptr() for item in batch] == self.weights
+        )
+
+
+def _launch(plan: _Plan, batch: list[tuple[torch.Tensor, dict[str, Any], float, float]], group: dict[str, Any]) -> None:
+    p0 = batch[0][0]
     device = p0.device
-    has_m = "sign" in state0
-    packed = has_m and state0["sign"].dtype == torch.uint8
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     adam_decay = wd != 0.0 and group["weight_decay_mode"] == "adam"
     decay = 1.0 - lr * wd if wd != 0.0 and group["weight_decay_mode"] == "adamw" else 1.0
 
-    # Scratch for the new factors: [r_M, c_M, r_V, c_V] per parameter (r_V, c_V only without M).
-    sizes = [sum(item[1]["shape"]) * (2 if has_m else 1) for item in batch]
-    scratch = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-    base, offset = scratch.data_ptr(), 0
-    ints, floats, tiles, blocks = [], [], [0], [0]
-    for (p, state, beta1, beta2), size in zip(batch, sizes):
-        n, m = state["shape"]
-        new = base + 4 * offset
-        offset += size
-        if has_m:
-            m_ptrs = [state["sign"].data_ptr(), state["row_m"].data_ptr(), state["col_m"].data_ptr()]
-            new_ptrs = [new, new + 4 * n, new + 4 * (n + m), new + 4 * (2 * n + m)]
-        else:
-            m_ptrs = [0, 0, 0]
-            new_ptrs = [0, 0, new, new + 4 * n]
-        ints.append([p.data_ptr(), p.grad.data_ptr(), *m_ptrs, state["row_v"].data_ptr(), state["col_v"].data_ptr(), *new_ptrs, n, m])
-        floats.append([beta1, 1.0 - beta1, beta2, 1.0 - beta2])
-        tiles.append(tiles[-1] + triton.cdiv(n, BLOCK_ROWS) * triton.cdiv(m, BLOCK_COLS))
-        blocks.append(blocks[-1] + triton.cdiv(n * m, BLOCK))
-    table = torch.cat([torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64).view(torch.int64)], 1)
-    host = torch.cat([table.view(-1), torch.tensor(tiles + blocks, dtype=torch.int64)])
-    if device.type == "cuda":
-        host = host.pin_memory()
-    meta = host.to(device, non_blocking=True)
     n_params = len(batch)
-    table_end = n_params * _FIELDS.value
-    tile_prefix = meta[table_end : table_end + n_params + 1]
-    block_prefix = meta[table_end + n_params + 1 :]
-    search = max(1, n_params.bit_length())
-    flags = dict(HAS_M=has_m, PACKED=packed, ADAM_DECAY=adam_decay, SEARCH_STEPS=search)
+    host = torch.empty(plan.table.numel() + plan.prefixes.numel(), dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = host[: plan.table.numel()].view(n_params, -1)
+    table.copy_(plan.table)
+    table[:, _GRAD.value] = torch.tensor([item[0].grad.data_ptr() for item in batch], dtype=torch.int64)
+    betas = {(item[2], item[3]) for item in batch}
+    if len(betas) == 1:  # the usual case: every parameter took the same number of steps
+        rows = [[b1, 1.0 - b1, b2, 1.0 - b2] for b1, b2 in betas]
+    else:
+        rows = [[item[2], 1.0 - item[2], item[3], 1.0 - item[3]] for item in batch]
+    table[:, _BETA1.value :] = torch.tensor(rows, dtype=torch.float64).view(torch.int64)
+    host[plan.table.numel() :] = plan.prefixes
+    meta = host.to(device, non_blocking=True)
+    tile_prefix = meta[plan.table.numel() : plan.table.numel() + n_params + 1]
+    block_prefix = meta[plan.table.numel() + n_params + 1 :]
+    scratch = torch.zeros(plan.scratch, dtype=torch.float32, device=device)
+    flags = dict(HAS_M=plan.has_m, PACKED=plan.packed, ADAM_DECAY=adam_decay, SEARCH_STEPS=max(1, n_params.bit_length()))
 
-    _sums_kernel[(tiles[-1],)](
-        meta, tile_prefix, n_params, p0, p0.grad, wd, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=SUMS_WARPS, **flags
+    _sums_kernel[(plan.tiles,)](
+        meta, tile_prefix, n_params, scratch, p0, p0.grad, wd,
+        STRIP=STRIP_ROWS, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=SUMS_WARPS, **flags,
     )
-    _update_kernel[(blocks[-1],)](
+    _update_kernel[(plan.blocks,)](
         meta, block_prefix, n_params, p0, p0.grad, lr, eps, wd, decay, BLOCK=BLOCK, num_warps=UPDATE_WARPS, **flags
     )
-    _finalize_kernel[(n_params,)](meta, HAS_M=has_m, BLOCK=FINALIZE_BLOCK)
+    _finalize_kernel[(n_params,)](meta, scratch, HAS_M=plan.has_m, BLOCK=FINALIZE_BLOCK)

@@ -142,6 +142,12 @@ class SMMF(Optimizer):
             implementation=implementation,
         )
         super().__init__(params, defaults)
+        # Launch tables of the Triton path, reused between steps (not optimizer state)
+        self._triton_plans: dict[tuple, Any] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._triton_plans = {}
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = torch.promote_types(p.dtype, torch.float32)
@@ -224,20 +230,20 @@ class SMMF(Optimizer):
             if fused:
                 kernels = _triton_kernels()
                 assert kernels is not None
-                kernels.smmf_step(fused, group)
+                kernels.smmf_step(fused, group, self._triton_plans)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping the saved dtype of every state tensor.
 
-        ``torch.optim.Optimizer`` casts floating-point state to the parameter's dtype, which would
-        turn the fp32 factors of a bf16 parameter into bf16.
+        ``torch.optim.Optimizer`` casts all state of a floating-point parameter to its dtype, which
+        would turn the sign bytes into floats and the fp32 factors of a bf16 parameter into bf16.
         """
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):
                 for key, value in state_dict["state"].get(param_id, {}).items():
-                    if torch.is_tensor(value) and value.is_floating_point():
+                    if torch.is_tensor(value):
                         self.state[p][key] = value.to(device=p.device)
 
 
@@ -312,6 +318,8 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
     new_cols = torch.zeros(2, cols, dtype=dtype, device=device)
     if has_m:
         sign = state["sign"]
+        if sign.dtype not in (torch.uint8, torch.bool):
+            raise TypeError(f"SMMF sign state must be uint8 or bool, got {sign.dtype}")
         packed = sign.dtype == torch.uint8
         bits = torch.empty((block + 7) // 8 * 8, dtype=torch.uint8, device=device) if packed else None
         shifts = torch.arange(8, dtype=torch.uint8, device=device)

@@ -287,8 +287,10 @@ def test_bf16_params_train_and_state_dict_keeps_fp32_factors():
     assert state["row_m"].dtype == torch.float32 and torch.isfinite(model.weight).all()
     clone = SMMF(model.parameters(), lr=1e-2, implementation="torch")
     clone.load_state_dict(opt.state_dict())
-    assert clone.state[model.weight]["row_m"].dtype == torch.float32
-    assert torch.equal(clone.state[model.weight]["row_m"], state["row_m"])
+    loaded = clone.state[model.weight]
+    assert loaded.keys() == state.keys()
+    for key in ("row_m", "col_m", "row_v", "col_v", "sign"):
+        assert loaded[key].dtype == state[key].dtype and torch.equal(loaded[key], state[key])
 
 
 def test_params_without_grad_are_skipped():
