@@ -504,7 +504,8 @@ def _smmf_table8() -> Reproduction:
             "Table 8's end-to-end is not weights + gradients + state (that is 400–460 MiB more than the paper "
             "for BERT, RoBERTa and GPT-2): it is weights + optimizer state plus a constant 12–32 MiB per model, "
             "i.e. it was read with the gradients freed (`zero_grad(set_to_none=True)`), unlike Tables 1, 4 "
-            "and 6. The constant (the batch and workspaces) is why those rows miss 2 % for the small models.",
+            "and 6. The constant (the batch and workspaces) is why the rows with small totals (ALBERT, every "
+            "SMMF) and GPT-2's (a 30–32 MiB constant) miss 2 %.",
         ],
     )
 
@@ -628,10 +629,11 @@ def _io_adam_table2() -> Reproduction:
             "Which measurement the ratios follow: the GaLore − AdamW gap equals the gap in weights + gradients + "
             "state within 1 %, but Adafactor's and IO-Adam's gaps are 327 and 168 MiB larger in the paper. The "
             "paper's values exceed memprof's persistent bytes by about 508 (AdamW), 502 (GaLore), 181 (Adafactor) "
-            "and 340 MiB (IO-Adam), so the paper's numbers are peaks inside the step, where each optimizer adds its "
-            "own transient: about one parameter-sized copy for foreach AdamW and GaLore's unprojected AdamW "
-            "(475.5 MiB), fp32 temporaries of the largest matrix for Adafactor (the 147 MiB word embedding). "
-            "This is a reading of the arithmetic; the GPU run decides it.",
+            "and 340 MiB (IO-Adam): not a common overhead, so the paper's numbers are most likely peaks inside "
+            "the step, where each optimizer adds its own transient. Two fit: CUDA's foreach AdamW allocates about "
+            "one parameter-sized copy (475.5 MiB against AdamW's 508), and Adafactor's fp32 temporaries of the "
+            "largest matrix, the 147 MiB word embedding, against its 181. This is a reading of the arithmetic; "
+            "the GPU run decides it.",
         ],
     )
 
