@@ -111,10 +111,6 @@ class RunRecord:
                 out[r.component] = out.get(r.component, 0) + r.bytes
         return out
 
-    @property
-    def label(self) -> str:
-        return self.settings.spec
-
     # -- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -71,7 +71,9 @@ def measure(settings: Settings) -> RunRecord:
     spec = parse_spec(settings.spec)
     nvml_before = environment.nvml_device_used() if device.type == "cuda" else {}
     tracker: CpuTracker | CudaTracker = (
-        CudaTracker(device, stacks=settings.snapshot is not None) if device.type == "cuda" else CpuTracker()
+        # With --snapshot every entry carries Python frames: keep the history short enough to load.
+        CudaTracker(device, stacks=True, max_entries=200_000) if device.type == "cuda" and settings.snapshot
+        else CudaTracker(device) if device.type == "cuda" else CpuTracker()
     )
     capture = _Capture(tracker)
     record = RunRecord(settings=settings, environment={})
@@ -146,6 +148,9 @@ def measure(settings: Settings) -> RunRecord:
         if settings.snapshot and isinstance(tracker, CudaTracker):
             tracker.keep_snapshot(settings.snapshot)
     record.environment = environment.collect(device)
+    if getattr(tracker, "dropped", False):
+        record.status = "failed"
+        record.failure = f"allocator history overflowed ({tracker.max_entries} entries); measure fewer --steps"
     _attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, peaks)
     return record
 

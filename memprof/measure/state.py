@@ -28,10 +28,6 @@ class StateTensor:
     tensor: torch.Tensor
 
     @property
-    def storage_ptr(self) -> int:
-        return self.tensor.untyped_storage().data_ptr()
-
-    @property
     def storage_bytes(self) -> int:
         return self.tensor.untyped_storage().nbytes()
 
