@@ -99,9 +99,13 @@ class SMMF(Optimizer):
         beta: float | None = 0.9,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        # Paper ambiguity (digest §1.9): the code's signature says -0.5, its docstring -0.8. We
+        # choose -0.5: the signature's value, and the one most of the paper's configs use.
         decay_rate: float = -0.5,
         growth_rate: float = 0.999,
         vector_reshape: bool = True,
+        # Paper ambiguity (digest §1.7): the code defaults to 'adamw', but Appendix L says the
+        # experiments use Adam's decay (Algorithm 6). We choose 'adam', how the results were made.
         weight_decay_mode: Literal["adam", "adamw"] = "adam",
         *,
         sign_bits: Literal[1, 8] = 1,
@@ -154,9 +158,10 @@ class SMMF(Optimizer):
         # Steps taken so far (t − 1 before this step); a Python int, so it adds no tensor bytes
         state["step"] = 0
         if not group["vector_reshape"] and sum(d > 1 for d in p.shape) == 1:
-            # vector_reshape=False: a vector keeps full moments, as the official `_adam` path.
-            # We keep them in fp32 (the official code uses the parameter dtype) so bf16 vectors
-            # get the same arithmetic as the factorized path.
+            # vector_reshape=False: a vector (exactly one axis longer than 1, the code's
+            # `len(grad.squeeze().shape) == 1`) keeps full moments, as the official `_adam` path.
+            # Paper ambiguity (digest §1.8): the code keeps them in the parameter dtype. We choose
+            # fp32 so that bf16 vectors get the same arithmetic as the factorized path.
             if group["beta"] is not None:
                 # First moment M_t, full size
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
@@ -172,7 +177,9 @@ class SMMF(Optimizer):
             # c_M: column sums of |M_t| (m̂,)
             state["col_m"] = torch.zeros(cols, dtype=dtype, device=p.device)
             # S_M: 1 where M_t ≥ 0, flat in row-major order; 8 per uint8 (bit k of byte j is
-            # element 8j + k) or one bool per element
+            # element 8j + k) or one bool per element.
+            # Paper ambiguity (digest §2.1, §6.1): the memory tables count 1 bit per sign, the
+            # released code stores a bool. sign_bits chooses; 1 (the paper's count) by default.
             if group["sign_bits"] == 1:
                 state["sign"] = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
             else:
@@ -217,8 +224,9 @@ class SMMF(Optimizer):
                     self._init_state(p, state, group)
                 state["step"] += 1
                 t = state["step"]
-                # Algorithm 8: β₁,t = β₁·λ^(t−1) (AdamNC), β₂,t = 1 − t^γ (Adafactor). With λ < 1
-                # the "growth rate" shrinks β₁,t over time; we implement the formula as written.
+                # Algorithm 8: β₁,t = β₁·λ^(t−1) (AdamNC), β₂,t = 1 − t^γ (Adafactor); no bias
+                # correction (Algorithm 1 has none). Paper error (digest §1.6): with λ < 1 the
+                # "growth rate" shrinks β₁,t; we implement the formula as written.
                 beta1 = 0.0 if beta is None else beta * group["growth_rate"] ** (t - 1)
                 beta2 = 1.0 - t ** group["decay_rate"]
                 if "shape" not in state:
@@ -248,7 +256,7 @@ class SMMF(Optimizer):
 
 
 def _decay(group: dict[str, Any]) -> tuple[bool, float]:
-    """(add c·W to G, Algorithm 6; the factor W is multiplied by, Algorithm 7)."""
+    """Weight decay as (add c·W to G: Algorithm 6, factor to scale W by: Algorithm 7)."""
     wd = group["weight_decay"]
     if wd == 0.0:
         return False, 1.0
@@ -287,7 +295,9 @@ def _rows_per_chunk(rows: int, cols: int) -> int:
 
 
 def _normalize(row: torch.Tensor, col: torch.Tensor) -> None:
-    """Algorithm 4: divide r by its sum when n̂ ≤ m̂, else c (the product r ⊗ c is the same)."""
+    """Algorithm 4: divide r by its sum when n̂ ≤ m̂, else c."""
+    # Paper ambiguity (digest §1.3): for n̂ = m̂ the code divides c, Algorithm 4 r. We follow the
+    # paper; the product r ⊗ c is the same.
     vec = row if row.numel() <= col.numel() else col
     total = vec.sum()
     # Zero-sum guard, as the official code: an all-zero matrix keeps all-zero factors.
@@ -300,6 +310,8 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
     Per block: V̂ and M̂ are decompressed into scratch, the gradient folded in, the new row sums
     written straight into the state (those old rows are no longer needed), the column sums
     accumulated, the signs rewritten and the weight updated (W_t is rounded to its dtype once).
+    Paper ambiguity (digest §2.4): Appendix G says U is computed in place, the code allocates
+    several full-size fp32 tensors. We bound every temporary by the block size.
     """
     rows, cols = state["shape"]
     if rows == 0:
@@ -346,7 +358,8 @@ def _factored_update(p: torch.Tensor, state: dict[str, Any], group: dict[str, An
         denom = v.sqrt_().add_(eps)
         m = scratch[1, :size].view(-1, cols)
         if not has_m:
-            # beta=None: U = G/(sqrt(V) + eps), no first moment and no sign
+            # beta=None: U = G/(sqrt(V) + eps), no first moment and no sign. Paper error (digest
+            # §1.8): the appendix M listing garbles this branch; we follow the repository's.
             _apply_update(w, g, denom, m, lr, decay)
             continue
 
