@@ -163,8 +163,6 @@ def compare(
 def _measure_runs(ctx: typer.Context, config: Path | None, *, unit: str, snapshot: Path | None = None,
                   baseline: str | None = None) -> list:
     """Measure what the command line (and the config file, if any) asks for, printing a table per run."""
-    from click.core import ParameterSource
-
     from memprof.config import KEYS, load_runs
     from memprof.errors import UsageError
     from memprof.report.table import compare_table
@@ -172,7 +170,8 @@ def _measure_runs(ctx: typer.Context, config: Path | None, *, unit: str, snapsho
 
     scale(unit)
     given = {k: v for k, v in ctx.params.items() if k in KEYS}
-    explicit = {k for k in given if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    # By name: typer may vendor its own click, whose ParameterSource is a different enum.
+    explicit = {k for k in given if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     runs = [{**given, **{k: v for k, v in run.items() if k not in explicit}} for run in load_runs(config)] if config else [given]
     records = []
     for run in runs:

@@ -50,6 +50,10 @@ def test_config_file_runs_each_entry(mlp_spec, tmp_path):
     result = invoke("compare", "--config", str(config), "--csv", str(out_csv))
     assert result.exit_code == 0, result.output
     assert {r["batch_size"] for r in csv.DictReader(out_csv.open())} == {"2", "8"}
+    # an option given on the command line wins over the file
+    result = invoke("compare", "--config", str(config), "--csv", str(out_csv), "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    assert {r["batch_size"] for r in csv.DictReader(out_csv.open())} == {"3"}
 
 
 @pytest.mark.parametrize(
