@@ -214,7 +214,7 @@ def profile(
     """
     from memprof.errors import UsageError
     from memprof.optim.registry import split_specs
-    from memprof.report.table import breakdown_table, parameter_table, print_tables
+    from memprof.report.table import print_tables, profile_tables
     from memprof.report.units import scale
 
     scale(unit)
@@ -225,8 +225,7 @@ def profile(
     record = records[0]
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
-    print_tables([breakdown_table(record, unit=unit), breakdown_table(record, unit=unit, at_peak=True),
-                  parameter_table(record, unit=unit, top=top)], out)
+    print_tables(profile_tables(record, unit=unit, top=top), out)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit, detail=True)
 
 
@@ -265,12 +264,9 @@ def report(
     if format is ReportFormat.table:
         if output is not None:
             raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
-        from memprof.report.table import breakdown_table, compare_table, parameter_table, print_tables
+        from memprof.report.table import compare_table, print_tables, profile_tables
 
-        tables = [compare_table(records, unit=unit)]
-        if len(records) == 1:
-            tables = [breakdown_table(records[0], unit=unit), breakdown_table(records[0], unit=unit, at_peak=True),
-                      parameter_table(records[0], unit=unit, top=top)]
+        tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [compare_table(records, unit=unit)]
         print_tables(tables, out)
     else:
         text = {

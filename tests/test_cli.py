@@ -132,3 +132,9 @@ def test_crashed_child_is_a_failed_row_and_others_finish(mlp_spec):
     records = measure(mlp_spec, "test_cli.CrashingSGD,sgd", device="cpu", steps=1, isolate=True)
     assert [r.status for r in records] == ["failed", "ok"]
     assert "child crashed" in records[0].failure
+
+
+def test_profile_shows_adapprox_rank_per_step(mlp_spec):
+    result = invoke("profile", "--model", mlp_spec, "--opt", "adapprox", "--device", "cpu", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "reported per step" in result.output and "rank/0.weight" in result.output

@@ -108,3 +108,25 @@ def print_tables(tables: Sequence[Table], console: Console | None = None) -> Non
     console = console or Console()
     for table in tables:
         console.print(table)
+
+
+def telemetry_table(record: RunRecord, *, top: int = 20) -> Table:
+    """What the optimizer reported after each step (Adapprox: the rank of each parameter)."""
+    steps = record.telemetry
+    keys = sorted({k for entry in steps for k in entry}, key=lambda k: -max(e.get(k, 0) for e in steps))[:top]
+    table = Table(title=f"{record.settings.spec}: reported per step (top {top})", title_justify="left", header_style="bold")
+    table.add_column("quantity")
+    for i in range(len(steps)):
+        table.add_column(f"step {i + 1}", justify="right")
+    for key in keys:
+        table.add_row(key, *(f"{entry[key]:g}" if key in entry else "" for entry in steps))
+    return table
+
+
+def profile_tables(record: RunRecord, *, unit: str = "MiB", top: int = 20) -> list[Table]:
+    """One record in depth: steady state, the peak's composition, state per parameter, telemetry."""
+    tables = [breakdown_table(record, unit=unit), breakdown_table(record, unit=unit, at_peak=True),
+              parameter_table(record, unit=unit, top=top)]
+    if any(record.telemetry):
+        tables.append(telemetry_table(record, top=top))
+    return tables
