@@ -39,6 +39,7 @@ def test_profile_lists_parameters(mlp_spec):
     result = invoke("profile", "--model", mlp_spec, "--opt", "adafactor", "--device", "cpu", "--steps", "1", "--top", "3")
     assert result.exit_code == 0, result.output
     assert "0.weight" in result.output and "global peak" in result.output
+    assert "allocated per phase" in result.output
     assert "keep unfactored" in result.output
 
 

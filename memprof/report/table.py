@@ -123,10 +123,24 @@ def telemetry_table(record: RunRecord, *, top: int = 20) -> Table:
     return table
 
 
+def phase_table(record: RunRecord, *, unit: str = "MiB") -> Table:
+    """Allocated bytes at the start, peak and end of each phase of each step."""
+    basis = "allocator" if record.settings.device.startswith("cuda") else "simulated"
+    table = Table(title=f"{record.settings.spec}: allocated per phase ({basis}, {unit})", title_justify="left",
+                  header_style="bold")
+    for name in ("step", "phase", "start", "peak", "end", "peak − start"):
+        table.add_column(name, justify="left" if name == "phase" else "right")
+    for p in record.phase_peaks:
+        if p["phase"] in ("forward", "backward", "step"):
+            table.add_row(str(p["step"]), p["phase"], fmt(p["start"], unit), fmt(p["peak"], unit),
+                          fmt(p["end"], unit), fmt(p["peak"] - p["start"], unit))
+    return table
+
+
 def profile_tables(record: RunRecord, *, unit: str = "MiB", top: int = 20) -> list[Table]:
-    """One record in depth: steady state, the peak's composition, state per parameter, telemetry."""
+    """One record in depth: steady state, the peak's composition, phases, state per parameter, telemetry."""
     tables = [breakdown_table(record, unit=unit), breakdown_table(record, unit=unit, at_peak=True),
-              parameter_table(record, unit=unit, top=top)]
+              phase_table(record, unit=unit), parameter_table(record, unit=unit, top=top)]
     if any(record.telemetry):
         tables.append(telemetry_table(record, top=top))
     return tables
