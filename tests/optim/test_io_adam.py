@@ -344,3 +344,149 @@ def test_copies_state_dict_and_autocast():
     assert opt.state[model.fc2.weight]["exp_avg"].dtype == torch.float32
     assert opt.state[model.fc2.weight]["input_sq"].dtype == torch.float32
     assert torch.isfinite(model.fc2.weight).all() and not torch.equal(before, model.fc2.weight)
+
+
+class FrozenIOAdam(IOAdam):
+    """IOAdam.step as it was before batching (one folded weight and one AdamW denominator at a
+    time), frozen here as the reference the batched step must reproduce up to rounding."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            plain = []
+            for p in group["params"]:
+                if p in self._transposed:
+                    if p in self._folded:
+                        self._frozen_folded_update(p, group)
+                elif p.grad is not None:
+                    plain.append(p)
+            self._frozen_adamw_update(plain, group)
+        self._folded.clear()
+
+    def _frozen_folded_update(self, p, group):
+        from memprof.optim.io_adam import _column_weight_sq_sum
+
+        state = self.state[p]
+        state["step"] += 1
+        step, lr, eps = state["step"], group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        hp = group["holder_p"]
+        hq = hp / (hp - 1)
+        input_sq, grad_out_sq = state["input_sq"], state["grad_out_sq"]
+        if hp != 2.0:
+            input_sq, grad_out_sq = input_sq.pow(2 / hp), grad_out_sq.pow(2 / hq)
+        v = torch.mm(input_sq, grad_out_sq.T) if self._transposed[p] else torch.mm(grad_out_sq, input_sq.T)
+        denom = v.div_(_column_weight_sq_sum(step, group["buffer_size"], beta2)).sqrt_().add_(eps)
+        p.mul_(1 - lr * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+    def _frozen_adamw_update(self, params, group):
+        if not params:
+            return
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        states = [self._init_state(p, group) for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        for p, state, exp_avg, exp_avg_sq in zip(params, states, exp_avgs, exp_avg_sqs):
+            state["step"] += 1
+            step = state["step"]
+            denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's layout without transformers: weight (in, out), y = x W + b (folded by name)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class Skippy(nn.Module):
+    """Embedding, 4-D conv, a transposed Conv1D, Linears of prime sizes, and a layer (`extra`) the
+    forward can leave out, so its weight is not folded and its bias gets no grad on that step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.attn = Conv1D(23, 20)
+        self.fc = nn.Linear(23, 13)
+        self.norm = nn.LayerNorm(13)
+        self.extra = nn.Linear(13, 13)
+        self.head = nn.Linear(13, 50, bias=False)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, use_extra: bool = True) -> torch.Tensor:
+        e = self.emb(tokens)
+        c = self.conv(image).mean((2, 3))[:, None, :].expand(-1, tokens.shape[1], -1)
+        h = self.norm(self.fc(torch.tanh(self.attn(torch.cat([e, c], -1)))))
+        if use_extra:
+            h = h + self.extra(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("dtype,kwargs", [
+    (torch.float32, dict(lr=1e-2)),
+    (torch.float32, dict(lr=1e-2, buffer_size=3, holder_p=1.5, weight_decay=0.1)),
+    (torch.float32, dict(lr=1e-2, holder_p=3.0, weight_decay=0.1)),
+    (torch.bfloat16, dict(lr=1e-2, buffer_size=2)),
+])
+def test_batched_step_matches_frozen_per_parameter_step(dtype, kwargs):
+    torch.manual_seed(0)
+    model = Skippy().to(dtype)
+    twin = copy.deepcopy(model)
+    opt, frozen = IOAdam(model, **kwargs), FrozenIOAdam(twin, **kwargs)
+    assert model.attn.weight in opt._transposed and opt._transposed[model.attn.weight]
+    for step in range(5):
+        (tokens, image), target = mixed_batch(step)
+        use_extra = step != 2  # `extra` then lags one step behind the others
+        for m, o in ((model, opt), (twin, frozen)):
+            o.zero_grad()
+            lm_loss(m(tokens, image.to(dtype), use_extra).float(), target).backward()
+            o.step()
+        # bf16: the fused AdamW kernel rounds once from fp32, the frozen step after every op (1 ulp).
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, **tol, msg=f"step {step + 1}: {name}")
+            for key, value in opt.state[p].items():
+                torch.testing.assert_close(value, frozen.state[q][key], **tol, msg=f"step {step + 1}: {name} {key}")
+    assert opt.state[model.extra.weight]["step"] == opt.state[model.extra.bias]["step"] == 4
+    assert opt.state[model.fc.weight]["step"] == 5
+
+
+def step_ops(depth: int, **kwargs) -> int:
+    """Kernel-launching aten ops (views left out) of one steady-state step on ``depth`` blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(depth)))
+    opt = IOAdam(model, **kwargs)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    views = {"aten::numpy_T", "aten::t", "aten::transpose", "aten::view", "aten::expand", "aten::as_strided"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in views
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+@pytest.mark.parametrize("kwargs,per_weight", [(dict(), 2), (dict(buffer_size=2, weight_decay=0.1), 4)])
+def test_step_launches_are_batched(kwargs, per_weight):
+    # Each extra block adds one folded weight (per_weight ops: [mm, sqrt_, add_,] addcmul/addcdiv_)
+    # and three AdamW tensors (bias, LayerNorm weight and bias), which add no op: one fused call.
+    assert step_ops(4, **kwargs) - step_ops(2, **kwargs) == 2 * per_weight
