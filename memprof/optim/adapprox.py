@@ -47,36 +47,37 @@ def _rank_increment(xi: float, eta: float, omega: float, phi: float, tau: float)
     return max(1, math.floor(min(raw, 2.0**31)))
 
 
-def _s_rsi(
-    a: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator, scale: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """S-RSI (Algorithm 1) with a small SVD: ``A ~ Q U^T``, Q (m x rank) orthonormal, U = A^T Q.
-
-    ``scale`` is ``||A||_F`` (clamped above 0), kept on the device so no host sync is needed.
-    Also returns the singular values of ``Q_s^T A / scale`` (all ``s = rank + oversample``
-    sketch directions), from which the error ``xi`` follows without an m x n residual.
-    """
-    m, n = a.shape
+def _sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
+    """Columns of the S-RSI test matrix."""
     # Paper constraint (Algorithm 1): (k + p) <= min(m, n). Paper ambiguity (digest §1.3 iii):
     # Algorithm 2's `p <- min(p, k_max - k_t)` is unclear and would drop oversampling exactly
     # at the rank cap. We choose to cap the sketch width only by min(m, n), afresh every call.
-    width = min(rank + oversample, m, n)
-    # Fresh Gaussian test matrix on every call, as the paper does (no warm start, digest §1.2).
-    y = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+    return min(rank + oversample, m, n)
+
+
+def _s_rsi(a: Tensor, y: Tensor, rank: int, power_iters: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """S-RSI (Algorithm 1) with a small SVD on a batch: ``A[b] ~ Q[b] U[b]^T``, Q orthonormal, U = A^T Q.
+
+    ``a`` is (B, m, n), ``y`` the (B, n, k + p) Gaussian test matrices, ``scale`` (B, 1, 1) is
+    ``||A[b]||_F`` (clamped above 0), kept on the device so no host sync is needed. Also returns the
+    singular values of ``Q_s^T A / scale`` (all ``s = k + p`` sketch directions), from which the
+    error ``xi`` follows without an m x n residual.
+    """
     # Paper ambiguity (digest §1.2a): Eq. 9 says (A A^T)^l A, the loop of Algorithm 1 applies
     # A l times, i.e. (A A^T)^(l-1) A. We follow Algorithm 1 because its cost O(l mn (k+p)) is the
     # one the paper measures. Dividing y by ||A||_F keeps A @ y at the scale of A in fp32
     # (unscaled it grows like sigma_1^2 and can underflow for tiny gradients).
     for _ in range(power_iters):
-        q = torch.linalg.qr(a @ y).Q  # m x width, orthonormal basis of the sketch
-        y = torch.mm(a.T, q).div_(scale)  # n x width, (Q^T A)^T / ||A||_F
+        q = torch.linalg.qr(torch.bmm(a, y)).Q  # m x width, orthonormal basis of the sketch
+        y = torch.bmm(a.mT, q).div_(scale)  # n x width, (Q^T A)^T / ||A||_F
     # Paper error (digest §1.2b): truncating Q by column index makes the p extra columns
     # useless (span(Q[:, :k]) depends only on the first k draws). We choose Halko's small SVD of
     # Q^T A (width x n; here of its transpose y) and keep its top-k left singular vectors,
     # which is what the error bound of Eq. 12 assumes and what makes oversampling count.
+    # One batched SVD: its convergence check is the only host sync of a steady-state step.
     _, sigma, vh = torch.linalg.svd(y, full_matrices=False)
-    z = vh[:rank].T  # width x rank rotation onto the top-k directions of Q^T A
-    return q @ z, (y @ z).mul_(scale), sigma
+    z = vh[:, :rank].mT  # width x rank rotation onto the top-k directions of Q^T A
+    return torch.bmm(q, z), torch.bmm(y, z).mul_(scale), sigma
 
 
 class Adapprox(torch.optim.Optimizer):
@@ -96,8 +97,10 @@ class Adapprox(torch.optim.Optimizer):
     Resident bytes: ``4 k (m + n) + [beta1 > 0] * elt * mn`` with k between 1 and
     ``floor(rank_max_ratio * min(m, n))``. Tensors with fewer than 2 dims (and 1 x n matrices)
     keep a dense ``exp_avg_sq`` instead: ``elt * n * (1 + [beta1 > 0])``. Each step also holds
-    one fp32 m x n buffer (V_t, then the update) and O((m + n)(k + p)) sketch buffers for one
-    parameter at a time.
+    fp32 buffers for V_t (then the update) and O((m + n)(k + p)) sketches: off rank-search steps,
+    same-shaped matrices of equal rank are stacked and refactored together (one launch per op,
+    one SVD sync per stack), in stacks no larger than the biggest matrix, so the step transient
+    stays that of one parameter.
 
     Randomness comes from one ``torch.Generator`` per device, seeded with ``seed``; every S-RSI
     call draws an n x (k + p) fp32 Gaussian matrix from it, parameters in group order.
@@ -248,61 +251,152 @@ class Adapprox(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # One parameter at a time on purpose: its m x n buffer is the whole step transient.
-            for param in self._init_group(group):
-                state = self.state[param]
-                state["step"] += 1
-                if "Q" in state:
-                    update = self._factored_direction(param, state, group)
-                else:
-                    update = _dense_direction(param.grad, state["exp_avg_sq"], group)
-                _apply_update(param, update, state, group)
+            self._step_group(group)
         return loss
 
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Update every parameter of ``group`` that has a gradient."""
+        params = self._init_group(group)
+        dense: dict[tuple, list[Tensor]] = {}
+        stacks: dict[tuple, list[Tensor]] = {}
+        for param in params:
+            state = self.state[param]
+            state["step"] += 1
+            if "Q" not in state:
+                dense.setdefault((param.shape, param.dtype, param.device), []).append(param)
+            # Paper error: "(t mod Delta s) = 1" never holds for Delta s = 1. We search when
+            # (t - 1) mod Delta s = 0, the same steps t = 1, 11, 21, ... for Delta s = 10.
+            elif (state["step"] - 1) % group["rank_interval"] != 0:
+                key = (state["Q"].shape[0], state["U"].shape[0], state["rank"], param.device)
+                stacks.setdefault(key, []).append(param)
+        # Stacks hold at most as many elements as the largest matrix, the step transient of one parameter.
+        cap = max((m * n for m, n, _, _ in stacks), default=0)
+        chunks = [
+            members[i:i + max(1, cap // (m * n))]
+            for (m, n, _, _), members in stacks.items()
+            for i in range(0, len(members), max(1, cap // (m * n)))
+        ]
+        sketches: dict[Tensor, Tensor] = {}
+        tests = []
+        for chunk in chunks:
+            m, n = self.state[chunk[0]]["Q"].shape[0], self.state[chunk[0]]["U"].shape[0]
+            width = _sketch_width(self.state[chunk[0]]["rank"], group["oversample"], m, n)
+            test = torch.empty(len(chunk), n, width, dtype=torch.float32, device=chunk[0].device)
+            sketches.update(zip(chunk, test.unbind(0)))
+            tests.append(test)
+        # Draws follow group order (stacked or searching), so batching leaves the random stream unchanged.
+        for param in params:
+            state = self.state[param]
+            if param in sketches:
+                # Fresh Gaussian test matrix on every call, as the paper does (no warm start, digest §1.2).
+                sketches[param].normal_(generator=self._generator(param.device))
+            elif "Q" in state:
+                self._apply_updates([param], self._factored_direction(param, state, group).unsqueeze(0), group)
+        for chunk, test in zip(chunks, tests):
+            self._apply_updates(chunk, self._stacked_directions(chunk, test, group), group)
+        for members in dense.values():
+            self._apply_updates(members, self._dense_directions(members, group), group)
+
+    def _stacked_directions(self, params: list[Tensor], test: Tensor, group: dict[str, Any]) -> Tensor:
+        """``G_t / (sqrt(V_t) + eps)`` for same-shaped matrices of one rank off search steps, as a
+        fresh fp32 (B, m, n) stack; refactors every V_t at the state's rank with the test matrices ``test``."""
+        beta2 = group["betas"][1]
+        states = [self.state[param] for param in params]
+        m, n, rank = states[0]["Q"].shape[0], states[0]["U"].shape[0], states[0]["rank"]
+        if len(params) == 1:
+            q, u = states[0]["Q"].unsqueeze(0), states[0]["U"].unsqueeze(0)
+        else:
+            q, u = torch.stack([s["Q"] for s in states]), torch.stack([s["U"] for s in states])
+        grads = [param.grad.reshape(m, n).float() for param in params]
+        v = torch.bmm(q, u.mT)
+        del q, u
+        # Paper error (digest §1.4a): Q U^T of a nonnegative matrix can have negative entries,
+        # and sqrt would give NaN. We clamp the reconstruction at 0 before adding
+        # (1 - beta2) G^2, so a negative estimate cannot cancel the fresh gradient's share.
+        v.clamp_min_(0.0).mul_(beta2)
+        per_matrix = list(v.unbind(0))
+        torch._foreach_addcmul_(per_matrix, grads, grads, value=1.0 - beta2)
+        scale = torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True).clamp_min_(torch.finfo(v.dtype).tiny)
+        q, u, _ = _s_rsi(v, test, rank, group["power_iters"], scale)
+        for state, q_i, u_i in zip(states, q.unbind(0), u.unbind(0)):
+            state["Q"], state["U"] = q_i, u_i
+        # Paper ambiguity (digest §1.4): the update divides by the dense V_t of this step (low-rank
+        # past + exact (1 - beta2) G_t^2), not by its refactored Q_t U_t^T. We follow the literal
+        # Algorithm 3; only the factors are carried to the next step.
+        v.sqrt_().add_(group["eps"]).reciprocal_()
+        torch._foreach_mul_(per_matrix, grads)
+        return v
+
     def _factored_direction(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        """``G_t / (sqrt(V_t) + eps)`` as a fresh fp32 m x n tensor; refactors V_t into Q, U."""
+        """``G_t / (sqrt(V_t) + eps)`` as a fresh fp32 m x n tensor on a rank-search step; refactors V_t into Q, U."""
         beta2 = group["betas"][1]
         m, n = state["Q"].shape[0], state["U"].shape[0]
         grad = param.grad.reshape(m, n).float()
         v = state["Q"] @ state["U"].T
-        # Paper error (digest §1.4a): Q U^T of a nonnegative matrix can have negative entries,
-        # and sqrt would give NaN. We clamp the reconstruction at 0 before adding
-        # (1 - beta2) G^2, so a negative estimate cannot cancel the fresh gradient's share.
+        # Clamped at 0 before adding (1 - beta2) G^2, as in _stacked_directions (digest §1.4a).
         v.clamp_min_(0.0).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         self._refactor(v, state, group, self._generator(param.device))
-        # Paper ambiguity (digest §1.4): the update divides by the dense V_t of this step (low-rank
-        # past + exact (1 - beta2) G_t^2), not by its refactored Q_t U_t^T. We follow the literal
-        # Algorithm 3; only the factors are carried to the next step.
+        # Divides by the dense V_t, as in _stacked_directions (digest §1.4).
         v.sqrt_().add_(group["eps"])
         return torch.div(grad, v, out=v)
 
     def _refactor(self, a: Tensor, state: dict[str, Any], group: dict[str, Any], generator: torch.Generator) -> None:
-        """AS-RSI (Algorithm 2): store ``A ~ Q U^T``, re-selecting the rank on search steps."""
-        oversample, power_iters = group["oversample"], group["power_iters"]
+        """AS-RSI (Algorithm 2) on a search step: store ``A ~ Q U^T`` at a re-selected rank."""
+        m, n = a.shape
         norm = torch.linalg.vector_norm(a)
         scale = norm.clamp_min(torch.finfo(a.dtype).tiny)
-        # Paper error: "(t mod Delta s) = 1" never holds for Delta s = 1. We search when
-        # (t - 1) mod Delta s = 0, the same steps t = 1, 11, 21, ... for Delta s = 10.
-        if (state["step"] - 1) % group["rank_interval"] != 0:
-            rank = state["rank"]
-            q, u, _ = _s_rsi(a, rank, oversample, power_iters, generator, scale)
-        else:
-            k_max = _rank_cap(a.shape[0], a.shape[1], group["rank_max_ratio"])
-            rank = min(group["rank_init"], k_max)
-            a_is_zero = norm.item() == 0.0  # one host sync per search step
-            while True:
-                q, u, sigma = _s_rsi(a, rank, oversample, power_iters, generator, scale)
-                # xi = ||A - Q U^T||_F / ||A||_F (Eq. 13). Q is orthonormal and U = A^T Q, so
-                # ||A - Q Q^T A||^2 = ||A||^2 - ||Q^T A||^2: no m x n residual (digest §1.3 iv).
-                xi = 0.0 if a_is_zero else math.sqrt(max(0.0, 1.0 - sigma[:rank].square().sum().item()))
-                # Paper errors (digest §1.3 i, ii): the pseudocode grows k even after xi <= xi_thresh
-                # and never stops once k = k_max with xi > xi_thresh. We stop at either.
-                if xi <= group["xi_thresh"] or rank == k_max:
-                    break
-                # Paper ambiguity (digest §1.3): the text grows the sketch by f(xi) columns, the
-                # pseudocode reruns S-RSI; we rerun S-RSI at the new rank (a fresh draw).
-                rank = min(rank + _rank_increment(xi, *group["rank_growth"]), k_max)
-        state["Q"], state["U"], state["rank"] = q, u, rank
+        k_max = _rank_cap(m, n, group["rank_max_ratio"])
+        rank = min(group["rank_init"], k_max)
+        a_is_zero = norm.item() == 0.0  # host syncs on search steps only: the rank is a host decision
+        while True:
+            width = _sketch_width(rank, group["oversample"], m, n)
+            # Fresh Gaussian test matrix on every call, as the paper does (no warm start, digest §1.2).
+            test = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+            q, u, sigma = _s_rsi(a.unsqueeze(0), test.unsqueeze(0), rank, group["power_iters"], scale)
+            # xi = ||A - Q U^T||_F / ||A||_F (Eq. 13). Q is orthonormal and U = A^T Q, so
+            # ||A - Q Q^T A||^2 = ||A||^2 - ||Q^T A||^2: no m x n residual (digest §1.3 iv).
+            xi = 0.0 if a_is_zero else math.sqrt(max(0.0, 1.0 - sigma[0, :rank].square().sum().item()))
+            # Paper errors (digest §1.3 i, ii): the pseudocode grows k even after xi <= xi_thresh
+            # and never stops once k = k_max with xi > xi_thresh. We stop at either.
+            if xi <= group["xi_thresh"] or rank == k_max:
+                break
+            # Paper ambiguity (digest §1.3): the text grows the sketch by f(xi) columns, the
+            # pseudocode reruns S-RSI; we rerun S-RSI at the new rank (a fresh draw).
+            rank = min(rank + _rank_increment(xi, *group["rank_growth"]), k_max)
+        state["Q"], state["U"], state["rank"] = q[0], u[0], rank
+
+    def _dense_directions(self, params: list[Tensor], group: dict[str, Any]) -> Tensor:
+        """``G_t / (sqrt(V_t) + eps)`` with a dense V for same-shaped vectors, as a fresh fp32 (B, ...) stack."""
+        beta2 = group["betas"][1]
+        grads = [param.grad for param in params]
+        exp_avg_sqs = [self.state[param]["exp_avg_sq"] for param in params]
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch.stack(exp_avg_sqs).sqrt_().float().add_(group["eps"])
+        return torch.div(torch.stack(grads), denom, out=denom)
+
+    def _apply_updates(self, params: list[Tensor], updates: Tensor, group: dict[str, Any]) -> None:
+        """Clip ``updates`` (M^_t of ``params[b]`` in ``updates[b]``, fp32, modified in place), fold them
+        into M_t and step the parameters."""
+        beta1, eps, lr = group["betas"][0], group["eps"], group["lr"]
+        flat = updates.view(len(params), -1)
+        # Eq. 15: M^_t / max(1, RMS(M^_t) / d), kept on the device (no host sync).
+        rms = torch.linalg.vector_norm(flat, dim=1, keepdim=True).div_(math.sqrt(max(flat.shape[1], 1)))
+        flat.div_(rms.div_(group["clip_threshold"]).clamp_min_(1.0))
+        steps = [update.view(param.shape) for update, param in zip(flat.unbind(0), params)]
+        if beta1 > 0.0:
+            exp_avgs = [self.state[param]["exp_avg"] for param in params]
+            torch._foreach_lerp_(exp_avgs, [u.to(e.dtype) for u, e in zip(steps, exp_avgs)], 1.0 - beta1)
+            if group["cosine_guidance"]:
+                steps = [
+                    _guided(update, exp_avg, eps, group["cosine_max_scale"]) if self.state[param]["step"] > 1 else exp_avg
+                    for update, exp_avg, param in zip(steps, exp_avgs, params)
+                ]
+            else:
+                steps = exp_avgs
+        if group["weight_decay"] != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        torch._foreach_add_(params, steps, alpha=-lr)
 
     def telemetry(self, names: Mapping[Tensor, str]) -> dict[str, float]:
         """The current rank k_t of every factored parameter, as ``{"rank/<name>": k}``."""
@@ -315,38 +409,16 @@ class Adapprox(torch.optim.Optimizer):
         return out
 
 
-def _dense_direction(grad: Tensor, exp_avg_sq: Tensor, group: dict[str, Any]) -> Tensor:
-    """``G_t / (sqrt(V_t) + eps)`` with a dense V (vectors), as a fresh fp32 tensor."""
-    beta2 = group["betas"][1]
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().float().add_(group["eps"])
-    return torch.div(grad, denom, out=denom)
-
-
-def _apply_update(param: Tensor, update: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Clip ``update`` (= M^_t, fp32, modified in place), fold it into M_t and step the parameter."""
-    beta1, eps, lr = group["betas"][0], group["eps"], group["lr"]
-    update = update.view(param.shape)
-    # Eq. 15: M^_t / max(1, RMS(M^_t) / d), kept on the device (no host sync).
-    rms = torch.linalg.vector_norm(update).div_(math.sqrt(max(update.numel(), 1)))
-    update.div_(rms.div_(group["clip_threshold"]).clamp_min_(1.0))
-    if beta1 > 0.0:
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(update.to(exp_avg.dtype), 1.0 - beta1)
-        # Paper gap (digest §1.5): at t = 1, M_0 = 0 makes cos = 1 and the factor 1/eps = 1e8.
-        # We skip the guidance at t = 1 and cap the factor at cosine_max_scale, because perfectly
-        # aligned updates (cos -> 1) would otherwise blow up at any step.
-        if group["cosine_guidance"] and state["step"] > 1:
-            moment = exp_avg.float()
-            dot = torch.dot(update.flatten(), moment.flatten())
-            norms = torch.linalg.vector_norm(update) * torch.linalg.vector_norm(moment)
-            cos = dot / norms.clamp_min_(torch.finfo(torch.float32).tiny)
-            factor = (1.0 - cos + eps).reciprocal_().clamp_max_(group["cosine_max_scale"])
-            # Paper ambiguity (digest §1.5): Eq. 18 overwrites M_t with the scaled value. We keep
-            # the unscaled EMA and scale only the applied update, so factors do not compound.
-            update = torch.mul(moment, factor, out=update)
-        else:
-            update = exp_avg
-    if group["weight_decay"] != 0.0:
-        param.mul_(1.0 - lr * group["weight_decay"])
-    param.add_(update, alpha=-lr)
+def _guided(update: Tensor, exp_avg: Tensor, eps: float, max_scale: float) -> Tensor:
+    """Section 3.5's ``M_t / (1 - cos(M^_t, M_t) + eps)``, written into ``update`` (fp32)."""
+    # Paper gap (digest §1.5): at t = 1, M_0 = 0 makes cos = 1 and the factor 1/eps = 1e8.
+    # We skip the guidance at t = 1 (the caller) and cap the factor at cosine_max_scale, because
+    # perfectly aligned updates (cos -> 1) would otherwise blow up at any step.
+    moment = exp_avg.float()
+    dot = torch.dot(update.flatten(), moment.flatten())
+    norms = torch.linalg.vector_norm(update) * torch.linalg.vector_norm(moment)
+    cos = dot / norms.clamp_min_(torch.finfo(torch.float32).tiny)
+    factor = (1.0 - cos + eps).reciprocal_().clamp_max_(max_scale)
+    # Paper ambiguity (digest §1.5): Eq. 18 overwrites M_t with the scaled value. We keep
+    # the unscaled EMA and scale only the applied update, so factors do not compound.
+    return torch.mul(moment, factor, out=update)
