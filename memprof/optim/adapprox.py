@@ -276,24 +276,24 @@ class Adapprox(torch.optim.Optimizer):
             for (m, n, _, _), members in stacks.items()
             for i in range(0, len(members), max(1, cap // (m * n)))
         ]
-        sketches: dict[Tensor, Tensor] = {}
-        tests = []
-        for chunk in chunks:
-            m, n = self.state[chunk[0]]["Q"].shape[0], self.state[chunk[0]]["U"].shape[0]
-            width = _sketch_width(self.state[chunk[0]]["rank"], group["oversample"], m, n)
-            test = torch.empty(len(chunk), n, width, dtype=torch.float32, device=chunk[0].device)
-            sketches.update(zip(chunk, test.unbind(0)))
-            tests.append(test)
-        # Draws follow group order (stacked or searching), so batching leaves the random stream unchanged.
+        slots = {param: (c, i) for c, chunk in enumerate(chunks) for i, param in enumerate(chunk)}
+        tests: dict[int, Tensor] = {}
+        # Draws follow group order, so stacking leaves the random stream unchanged; a stack is
+        # refactored as soon as its last test matrix is drawn, so few test matrices wait at once.
         for param in params:
             state = self.state[param]
-            if param in sketches:
+            if param in slots:
+                c, i = slots[param]
+                if i == 0:
+                    m, n = state["Q"].shape[0], state["U"].shape[0]
+                    width = _sketch_width(state["rank"], group["oversample"], m, n)
+                    tests[c] = torch.empty(len(chunks[c]), n, width, dtype=torch.float32, device=param.device)
                 # Fresh Gaussian test matrix on every call, as the paper does (no warm start, digest §1.2).
-                sketches[param].normal_(generator=self._generator(param.device))
+                tests[c][i].normal_(generator=self._generator(param.device))
+                if i == len(chunks[c]) - 1:
+                    self._apply_updates(chunks[c], self._stacked_directions(chunks[c], tests.pop(c), group), group)
             elif "Q" in state:
                 self._apply_updates([param], self._factored_direction(param, state, group).unsqueeze(0), group)
-        for chunk, test in zip(chunks, tests):
-            self._apply_updates(chunk, self._stacked_directions(chunk, test, group), group)
         for members in dense.values():
             self._apply_updates(members, self._dense_directions(members, group), group)
 
