@@ -152,18 +152,21 @@ class AdaMeM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform a single optimization step."""
+        """Perform a single optimization step.
+
+        No host-device sync outside the SVD refresh: projected matrices of one shape, dtype,
+        device and step run as one batch (per matrix only the four m×n GEMM/elementwise kernels),
+        and every vector-sized op runs as one batched or ``torch._foreach_*`` kernel.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         for group in self.param_groups:
-            vec_params: list[Tensor] = []
-            vec_grads: list[Tensor] = []
-            vec_sqs: list[Tensor] = []
-            vec_bc2: list[float] = []
-            beta2 = group["betas"][1]
+            projected: dict[tuple[Any, ...], list[Tensor]] = {}
+            factored: list[Tensor] = []
+            vectors: list[Tensor] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -172,110 +175,161 @@ class AdaMeM(torch.optim.Optimizer):
                 state = self._init_state(p, group)
                 state["step"] += 1
                 if "proj" in state:
-                    self._step_projected(p, state, group)
+                    self._refresh_projector(p, state, group)
+                    key = (p.shape[0], p.numel() // p.shape[0], p.dtype, p.device, state["step"])
+                    projected.setdefault(key, []).append(p)
                 elif "exp_avg_sq_row" in state:
-                    self._step_factored(p, state, group)
+                    factored.append(p)
                 else:
-                    vec_params.append(p)
-                    vec_grads.append(p.grad)
-                    vec_sqs.append(state["exp_avg_sq"])
-                    vec_bc2.append(1.0 - beta2 ** state["step"])
-            if vec_params:
-                self._step_vectors(vec_params, vec_grads, vec_sqs, vec_bc2, group)
+                    vectors.append(p)
+            # Batches never hold more elements than the group's largest matrix, so the step's
+            # transient stays that of one matrix (one m×n residual or denominator), as unbatched.
+            budget = max((p.numel() for p in factored + [q for ps in projected.values() for q in ps]), default=0)
+            for same_shape in projected.values():
+                for batch in self._batches(same_shape, budget):
+                    self._step_projected(batch, group)
+            for batch in self._batches(factored, budget):
+                self._step_factored(batch, group)
+            if vectors:
+                self._step_vectors(vectors, group)
         return loss
 
     @staticmethod
-    def _factored_denominator(
-        row: Tensor, col: Tensor, bias_correction2: float, eps: float, out: Tensor
-    ) -> Tensor:
-        """√(R Cᵀ / 1ᵀR / bc2) + ε into ``out``: Alg 3's rank-1 second moment, bias-corrected."""
-        total = row.sum().clamp_(min=torch.finfo(row.dtype).tiny)  # all-zero rows: 0/tiny, not 0/0
-        torch.outer(row, col, out=out)
-        return out.div_(total * bias_correction2).sqrt_().add_(eps)
+    def _batches(params: list[Tensor], budget: int) -> list[list[Tensor]]:
+        """Consecutive runs of ``params`` whose total numel is at most ``budget`` (at least one each)."""
+        batches: list[list[Tensor]] = []
+        size = budget + 1
+        for p in params:
+            if size + p.numel() > budget:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += p.numel()
+        return batches
 
-    def _step_projected(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, t = group["lr"], group["eps"], state["step"]
-        grad = self._wide(p.grad.contiguous())
-        proj, exp_avg = state["proj"], state["exp_avg"]
-        row, col, os_col = state["exp_avg_sq_row"], state["exp_avg_sq_col"], state["os_exp_avg_sq_col"]
+    @staticmethod
+    def _stack(tensors: list[Tensor]) -> Tensor:
+        """``torch.stack``, but a view (no copy) for a single tensor. Read it; never write it."""
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
+    @staticmethod
+    def _times_proj(proj: Tensor, x: Tensor, tall: bool) -> tuple[Tensor, Tensor]:
+        """GEMM operands of P·X in the parameter's own layout: (P, X), or (Xᵀ, Pᵀ) for a tall one.
+
+        Working in the parameter's layout keeps the m×n residual and the weight update contiguous
+        and coalesced; only the small factors are read transposed, which GEMMs do for free.
+        """
+        return (x.T, proj.T) if tall else (proj, x)
+
+    def _refresh_projector(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # Paper error (digest §1.3.4): Alg 2 refreshes P when t mod T = 0 with t starting at 1, so P
         # would be undefined for t < T. We refresh at t = 1, T+1, 2T+1, …, GaLore's schedule, because
         # it defines P at the first step and keeps every interval exactly T steps long.
-        if (t - 1) % group["update_proj_gap"] == 0:
+        if (state["step"] - 1) % group["update_proj_gap"] == 0:
             # Full thin SVD of the current gradient in fp32, as the paper and GaLore do; transient
             # m×m + m×n (+ an fp32 copy of G for bf16). Paper ambiguity (digest §1.3.6): M, R and C
             # are kept as they are when P changes (GaLore does not rotate or reset them either).
+            # The SVD syncs with the host on CUDA; it runs once every T steps.
+            grad = self._wide(p.grad.contiguous())
             u = torch.linalg.svd(grad.float(), full_matrices=False)[0]
-            proj.copy_(u[:, : proj.shape[1]])
+            state["proj"].copy_(u[:, : state["proj"].shape[1]])
 
+    def _step_projected(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Projected matrices of one shape, dtype, device and step, as one batch of k."""
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        states = [self.state[p] for p in params]
+        t = states[0]["step"]
+        rows, cols = params[0].shape[0], params[0].numel() // params[0].shape[0]
+        tall = rows > cols  # the paper's m×n matrix (m ≤ n) is the transpose of the parameter's
+        (m, r), n = states[0]["proj"].shape, max(rows, cols)
+        projs = [s["proj"] for s in states]
+        low = params[0].new_empty(len(params), r, n)  # R = Pᵀ G (k×r×n), later N1
+        residual = params[0].new_empty(len(params), rows, cols)  # S = G − P R, in the parameter's layout
         # Paper error (digest §1.3.5): the paper uses G = −∇ and adds the update; we use G = +∇ and
         # subtract it, which is the same step.
-        low = torch.mm(proj.T, grad)  # R = Pᵀ G (r×n)
-        residual = torch.addmm(grad, proj, low, alpha=-1.0)  # S = G − P R (m×n, the one full-size transient)
+        for proj, p, low_i, res_i in zip(projs, params, low, residual):
+            grad = p.grad.reshape(rows, cols)
+            torch.mm(proj.T, grad.T if tall else grad, out=low_i)
+            torch.addmm(grad, *self._times_proj(proj, low_i, tall), alpha=-1.0, out=res_i)
+
         # Paper error (digest §1.3.1): Alg 1 says M ∈ R^{n×r}; M has the shape of Pᵀ G, r×n.
-        exp_avg.lerp_(low, 1.0 - beta1)
+        exp_avgs = [s["exp_avg"] for s in states]
+        torch._foreach_lerp_(exp_avgs, list(low.unbind(0)), 1.0 - beta1)
+        exp_avg = self._stack(exp_avgs)
         # Alg 3 as written: the low-rank second moment is built from the momentum M, not from R.
         # Paper ambiguity (digest §1.3.8): Alg 3 uses sums; V̂ = R Cᵀ / 1ᵀR is scale-consistent.
-        row.lerp_(torch.linalg.vector_norm(exp_avg, dim=1).square_(), 1.0 - beta2)
-        col.lerp_(torch.linalg.vector_norm(exp_avg, dim=0).square_(), 1.0 - beta2)
         # Paper error (digest §1.3.3): Alg 4 as printed keeps a row statistic and divides by a
         # shape that does not fit; Claim 3.1 and the "r + n + n" memory count need a per-column
         # statistic on the unprojected side, so S is scaled on the right and stays ⟂ span P.
-        os_col.lerp_(torch.linalg.vector_norm(residual, dim=0).square_(), 1.0 - beta2)
+        sums = [
+            torch.linalg.vector_norm(exp_avg, dim=2),  # rows of M
+            torch.linalg.vector_norm(exp_avg, dim=1),  # columns of M
+            torch.linalg.vector_norm(residual, dim=2 if tall else 1),  # columns of S (m×n view)
+        ]
+        torch._foreach_mul_(sums, sums)
+        stats = [[s[key] for s in states] for key in ("exp_avg_sq_row", "exp_avg_sq_col", "os_exp_avg_sq_col")]
+        torch._foreach_lerp_(
+            [v for stat in stats for v in stat], [v for total in sums for v in total.unbind(0)], 1.0 - beta2
+        )
+        row, col, os_col = (self._stack(stat) for stat in stats)
 
         # Paper ambiguity (digest §1.3.7): bias correction and ε are "not described"; we use Adam's
         # 1/(1−β1ᵗ) on M, 1/(1−β2ᵗ) on each second moment and ε outside the square root, because ε =
         # 1e-8 is Adam's value and the factored V̂ carries the (1−β2ᵗ) bias exactly once.
         bias_correction1 = 1.0 - beta1**t
         bias_correction2 = 1.0 - beta2**t
-        n1 = self._factored_denominator(row, col, bias_correction2, eps, out=low)
-        n1.reciprocal_().mul_(exp_avg)  # N1 = M / (√V̂ + ε), before 1/(1−β1ᵗ)
+        # √(R Cᵀ / 1ᵀR / bc2) + ε, Alg 3's rank-1 second moment; all-zero rows give 0/tiny, not 0/0.
+        total = row.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(row.dtype).tiny).mul_(bias_correction2)
+        n1 = torch.mul((row / total).unsqueeze(2), col.unsqueeze(1), out=low).sqrt_().add_(eps)
+        n1 = torch.div(exp_avg, n1, out=n1)  # N1 = M / (√V̂ + ε), before 1/(1−β1ᵗ)
         # Alg 4: V̂ = column mean of the EMA of S² (the "/m" turns the sum into a mean).
-        os_denom = os_col.div(residual.shape[0] * bias_correction2).sqrt_().add_(eps)
-        residual.mul_(os_denom.reciprocal_().mul_(group["delta"]))  # δ N2
+        os_denom = os_col.div(m * bias_correction2).sqrt_().add_(eps)
+
         # Paper error (digest §1.3.2): line 11 adds the r×n N1 to the m×n W; the low-rank update is
         # P N1 (no GaLore-style scale α: the paper sweeps α only for GaLore, δ only for AdaMeM).
-        update = residual.addmm_(proj, n1, alpha=1.0 / bias_correction1)
         # Paper ambiguity (digest §1.5): weight decay 0.01 is used but its form is not stated; we
-        # decay decoupled (AdamW), before the update, as torch.optim.AdamW does.
-        if group["weight_decay"] != 0:
-            p.mul_(1.0 - lr * group["weight_decay"])
-        self._wide(p).add_(update, alpha=-lr)
+        # decay decoupled (AdamW), before the update, as torch.optim.AdamW does (GEMM's beta).
+        decay = 1.0 - lr * group["weight_decay"]
+        for proj, p, n1_i, res_i, os_i in zip(projs, params, n1, residual, os_denom):
+            weight = p.view(rows, cols)
+            weight.addmm_(*self._times_proj(proj, n1_i, tall), beta=decay, alpha=-lr / bias_correction1)
+            weight.addcdiv_(res_i, os_i.unsqueeze(1) if tall else os_i, value=-lr * group["delta"])  # δ N2
 
-    def _step_factored(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Full-rank matrix: Alg 3's factored Adafactor on G² itself, no momentum."""
+    def _step_factored(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Full-rank matrices: Alg 3's factored Adafactor on G² itself, no momentum."""
         beta2 = group["betas"][1]
         lr, eps = group["lr"], group["eps"]
-        grad = p.grad.reshape(p.shape[0], -1)
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad.reshape(p.shape[0], -1) for p in params]
+        rows = [s["exp_avg_sq_row"] for s in states]
+        cols = [s["exp_avg_sq_col"] for s in states]
         # Paper ambiguity (digest §1.6): unprojected layers get "Adafactor" (the paper's baseline,
         # without momentum, m + n state), with the same β2, ε and bias correction as the low-rank part.
-        row.lerp_(torch.linalg.vector_norm(grad, dim=1).square_(), 1.0 - beta2)
-        col.lerp_(torch.linalg.vector_norm(grad, dim=0).square_(), 1.0 - beta2)
-        denom = self._factored_denominator(
-            row, col, 1.0 - beta2 ** state["step"], eps, out=torch.empty_like(grad)
-        )
+        sums = [torch.linalg.vector_norm(g, dim=1) for g in grads] + [torch.linalg.vector_norm(g, dim=0) for g in grads]
+        torch._foreach_mul_(sums, sums)
+        torch._foreach_lerp_(rows + cols, sums, 1.0 - beta2)
+        # √(R Cᵀ / 1ᵀR / bc2) + ε; 1ᵀR is the L1 norm, R ≥ 0; all-zero rows give 0/tiny, not 0/0.
+        totals = torch._foreach_norm(rows, 1)
+        torch._foreach_clamp_min_(totals, torch.finfo(rows[0].dtype).tiny)
+        torch._foreach_mul_(totals, [1.0 - beta2 ** s["step"] for s in states])
+        denoms = [torch.outer(a, c) for a, c in zip(torch._foreach_div(rows, totals), cols)]
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
         if group["weight_decay"] != 0:
-            p.mul_(1.0 - lr * group["weight_decay"])
-        p.view(p.shape[0], -1).addcdiv_(grad, denom, value=-lr)
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        torch._foreach_addcdiv_([p.view(p.shape[0], -1) for p in params], grads, denoms, -lr)
 
-    @staticmethod
-    def _step_vectors(
-        params: list[Tensor],
-        grads: list[Tensor],
-        sqs: list[Tensor],
-        bias_corrections2: list[float],
-        group: dict[str, Any],
-    ) -> None:
+    def _step_vectors(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """Vectors and scalars: unfactored Adafactor (RMSProp with bias correction), no momentum."""
         beta2 = group["betas"][1]
         lr = group["lr"]
+        grads = [p.grad for p in params]
+        sqs = [self.state[p]["exp_avg_sq"] for p in params]
         # Paper ambiguity (digest §1.6): 1-D parameters are not discussed; they get the plain
         # Adafactor the paper uses for unprojected layers, unfactored because a vector has one side.
         torch._foreach_lerp_(sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
-        denoms = torch._foreach_div(sqs, bias_corrections2)
+        denoms = torch._foreach_div(sqs, [1.0 - beta2 ** self.state[p]["step"] for p in params])
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, group["eps"])
         if group["weight_decay"] != 0:

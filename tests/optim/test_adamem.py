@@ -250,3 +250,143 @@ def test_registry_builds_it() -> None:
     opt.step()
     assert opt.state[model[0].weight]["proj"].shape == (8, 2)
     assert opt.state[model[1].weight]["exp_avg"].shape == (2, 16)
+
+
+class UnbatchedAdaMeM(AdaMeM):
+    """Frozen copy of the per-parameter step (commit d0ab4ce), the reference for the batched one."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            vec = ([], [], [], [])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p, group)
+                state["step"] += 1
+                if "proj" in state:
+                    self._old_projected(p, state, group)
+                elif "exp_avg_sq_row" in state:
+                    self._old_factored(p, state, group)
+                else:
+                    for lst, item in zip(vec, (p, p.grad, state["exp_avg_sq"], 1.0 - beta2 ** state["step"])):
+                        lst.append(item)
+            if vec[0]:
+                params, grads, sqs, bc2 = vec
+                torch._foreach_lerp_(sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
+                denoms = torch._foreach_div(sqs, bc2)
+                torch._foreach_sqrt_(denoms)
+                torch._foreach_add_(denoms, group["eps"])
+                if group["weight_decay"] != 0:
+                    torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                torch._foreach_addcdiv_(params, grads, denoms, -group["lr"])
+
+    @staticmethod
+    def _old_denominator(row, col, bc2, eps, out):
+        total = row.sum().clamp_(min=torch.finfo(row.dtype).tiny)
+        torch.outer(row, col, out=out)
+        return out.div_(total * bc2).sqrt_().add_(eps)
+
+    def _old_projected(self, p, state, group):
+        beta1, beta2 = group["betas"]
+        lr, eps, t = group["lr"], group["eps"], state["step"]
+        grad = self._wide(p.grad.contiguous())
+        proj, exp_avg = state["proj"], state["exp_avg"]
+        row, col, os_col = state["exp_avg_sq_row"], state["exp_avg_sq_col"], state["os_exp_avg_sq_col"]
+        if (t - 1) % group["update_proj_gap"] == 0:
+            proj.copy_(torch.linalg.svd(grad.float(), full_matrices=False)[0][:, : proj.shape[1]])
+        low = torch.mm(proj.T, grad)
+        residual = torch.addmm(grad, proj, low, alpha=-1.0)
+        exp_avg.lerp_(low, 1.0 - beta1)
+        row.lerp_(torch.linalg.vector_norm(exp_avg, dim=1).square_(), 1.0 - beta2)
+        col.lerp_(torch.linalg.vector_norm(exp_avg, dim=0).square_(), 1.0 - beta2)
+        os_col.lerp_(torch.linalg.vector_norm(residual, dim=0).square_(), 1.0 - beta2)
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        n1 = self._old_denominator(row, col, bc2, eps, out=low)
+        n1.reciprocal_().mul_(exp_avg)
+        os_denom = os_col.div(residual.shape[0] * bc2).sqrt_().add_(eps)
+        residual.mul_(os_denom.reciprocal_().mul_(group["delta"]))
+        update = residual.addmm_(proj, n1, alpha=1.0 / bc1)
+        if group["weight_decay"] != 0:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        self._wide(p).add_(update, alpha=-lr)
+
+    def _old_factored(self, p, state, group):
+        beta2 = group["betas"][1]
+        grad = p.grad.reshape(p.shape[0], -1)
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.lerp_(torch.linalg.vector_norm(grad, dim=1).square_(), 1.0 - beta2)
+        col.lerp_(torch.linalg.vector_norm(grad, dim=0).square_(), 1.0 - beta2)
+        denom = self._old_denominator(row, col, 1.0 - beta2 ** state["step"], group["eps"], torch.empty_like(grad))
+        if group["weight_decay"] != 0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.view(p.shape[0], -1).addcdiv_(grad, denom, value=-group["lr"])
+
+
+# Repeated shapes (wide and tall) so matrices are batched; in each group the largest matrix sets
+# the batch budget: 40×90 lets the three 9×30 run as one batch, 9×10 splits the four 4×10 in two.
+BATCHED_SHAPES = [(9, 30), (30, 9), (9, 30), (30, 9), (9, 30), (6, 3, 2, 2), (6, 3, 2, 2), (40, 90), (12,), (30,)]
+FACTORED_SHAPES = [(5, 7), (7, 5), (8, 9)]  # in a rank=None group: factored Adafactor, (5,7)+(7,5) batched
+SPLIT_SHAPES = [(4, 10), (4, 10), (4, 10), (4, 10), (9, 10)]
+
+
+def test_batches_hold_at_most_the_budget() -> None:
+    params = [torch.zeros(s) for s in SPLIT_SHAPES]
+    assert [len(b) for b in AdaMeM._batches(params, 90)] == [2, 2, 1]
+    assert [len(b) for b in AdaMeM._batches(params, 10)] == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_step_matches_the_unbatched_per_parameter_step(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    shapes = BATCHED_SHAPES + FACTORED_SHAPES + SPLIT_SHAPES
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    made = [[torch.nn.Parameter(w.clone()) for w in start] for _ in range(2)]
+    opts = []
+    for cls, params in zip((AdaMeM, UnbatchedAdaMeM), made):
+        a, b = len(BATCHED_SHAPES), len(BATCHED_SHAPES) + len(FACTORED_SHAPES)
+        groups = [{"params": params[:a]}, {"params": params[a:b], "rank": None}, {"params": params[b:]}]
+        opts.append(cls(groups, lr=0.05, weight_decay=0.1, delta=0.7, rank=2, update_proj_gap=3))
+    for step in range(7):
+        grads = [torch.randn(s).to(dtype) for s in shapes]
+        for params in made:
+            for i, (p, g) in enumerate(zip(params, grads)):
+                # Parameter 1 skips steps 2 and 3, so its step count lags: a batch of its own.
+                p.grad = None if (i == 1 and step in (1, 2)) else g.clone()
+        for opt in opts:
+            opt.step()
+        # fp32: the whole run agrees to round-off. bf16: each step, from the same state, agrees to
+        # about two bf16 ulps (the steps round in different places); then the reference is re-synced.
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2**-6)
+        for fast, slow in zip(*made):
+            assert torch.allclose(fast.float(), slow.float(), atol=atol, rtol=rtol), (tuple(fast.shape), step)
+            for key, value in opts[1].state[slow].items():
+                got = opts[0].state[fast][key]
+                if key == "step":
+                    assert got == value
+                else:
+                    assert torch.allclose(got.float(), value.float(), atol=atol, rtol=rtol), (key, step)
+                    if dtype == torch.bfloat16:
+                        value.copy_(got)
+            if dtype == torch.bfloat16:
+                slow.detach().copy_(fast)
+
+
+def test_steady_state_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in BATCHED_SHAPES + FACTORED_SHAPES]
+    groups = [{"params": params[: len(BATCHED_SHAPES)]}, {"params": params[len(BATCHED_SHAPES) :], "rank": None}]
+    opt = AdaMeM(groups, rank=2, update_proj_gap=5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the SVD refresh at step 1 may sync; steps 2..5 must not
+
+    def sync(*args: object) -> None:
+        raise AssertionError("host-device sync in the step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    opt.step()
+    monkeypatch.undo()
+    assert all(opt.state[p]["step"] == 2 for p in params)
