@@ -44,8 +44,10 @@ class Alada(torch.optim.Optimizer):
     bias-corrects ``U`` with ``v0 = ||G_0||^2 / mn`` and steps ``X -= lr M~ / sqrt(U~ + eps)``.
     State: ``p_acc`` (m) and ``q_acc`` (n), the factors less their decayed start ``beta2^k sqrt(v0)``,
     in fp32 (fp64 for fp64 params); ``v0`` and ``step`` are host numbers. Resident bytes:
-    ``4 (m + n)`` per parameter (``8 (m + n)`` for fp64); each step also holds one m x n scratch
-    buffer in that dtype, for one parameter at a time.
+    ``4 (m + n)`` per parameter (``8 (m + n)`` for fp64). Each step batches parameters of equal
+    m x n into chunks that share one scratch buffer in that dtype, of at most
+    ``max(largest parameter, min(all parameters, scratch_numel))`` elements, and never syncs with
+    the device once every parameter is initialised.
 
     Step 1: a grad of ``None`` is ``M_0 = 0``: :meth:`zero_grad` leaves it ``None`` and backward
     creates ``(1 - beta1) G_0``, exactly ``M_1``. A parameter is initialised at the first step
@@ -66,6 +68,9 @@ class Alada(torch.optim.Optimizer):
 
     state_roles: dict[str, str] = {"p_acc": "factor", "q_acc": "factor", "v0": "other", "step": "other"}
     gradient_component: str = "grad+first_moment"
+    # Elements the step's scratch buffer may hold beyond the largest parameter (16 MiB in fp32):
+    # more parameters per chunk means fewer kernel launches.
+    scratch_numel: int = 1 << 22
 
     def __init__(
         self,
@@ -129,35 +134,35 @@ class Alada(torch.optim.Optimizer):
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""
         beta1 = group["betas"][0]
-        params = []
+        params, new = [], []
         for param in group["params"]:
             if param.grad is None or param.numel() == 0:
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError("Alada does not support sparse gradients")
+            (params if len(self.state[param]) > 0 else new).append(param)
+        for param, norm in zip(new, _grad_norms(new)):
+            m, n = _matrix_shape(param.shape)
+            # Algorithm 2 line 9 takes ||G_0||; the buffer holds M_1 = (1 - beta1) G_0 (M_0 = 0),
+            # so G_0 = M_1 / (1 - beta1) and v0 = ||M_1||^2 / ((1 - beta1)^2 mn) (digest §1.4).
+            v0 = (norm / (1.0 - beta1)) ** 2 / (m * n)
+            # Paper gap (not in the digest): a zero first gradient (e.g. LoRA A while B = 0)
+            # gives p_0 = q_0 = 0, which Algorithm 2 never leaves (lines 14/18 stay 0) and
+            # then steps by M / sqrt(eps). We defer initialisation to the first nonzero
+            # momentum; with M_t = 0 so far, that step is exactly a t = 0 step.
+            if v0 == 0.0:
+                continue
             state = self.state[param]
+            dtype = torch.promote_types(param.dtype, torch.float32)
             # Lazy state initialization (Algorithm 2, lines 8-12)
-            if len(state) == 0:
-                m, n = _matrix_shape(param.shape)
-                dtype = torch.promote_types(param.dtype, torch.float32)
-                # Algorithm 2 line 9 takes ||G_0||; the buffer holds M_1 = (1 - beta1) G_0 (M_0 = 0),
-                # so G_0 = M_1 / (1 - beta1) and v0 = ||M_1||^2 / ((1 - beta1)^2 mn) (digest §1.4).
-                norm = torch.linalg.vector_norm(param.grad, dtype=dtype).item()
-                v0 = (norm / (1.0 - beta1)) ** 2 / (m * n)
-                # Paper gap (not in the digest): a zero first gradient (e.g. LoRA A while B = 0)
-                # gives p_0 = q_0 = 0, which Algorithm 2 never leaves (lines 14/18 stay 0) and
-                # then steps by M / sqrt(eps). We defer initialisation to the first nonzero
-                # momentum; with M_t = 0 so far, that step is exactly a t = 0 step.
-                if v0 == 0.0:
-                    continue
-                # Steps taken by this parameter, t in Algorithm 2: parity picks p or q, t + 1 the bias corrections
-                state["step"] = 0
-                # v_0 = ||G_0||^2 / mn (host float): p_0 = q_0 = sqrt(v0), subtracted again in line 21
-                state["v0"] = v0
-                # p - beta2^a sqrt(v0), a = updates of p so far: the accumulated part of the row factor (m,)
-                state["p_acc"] = torch.zeros(m, dtype=dtype, device=param.device)
-                # q - beta2^b sqrt(v0), b = updates of q so far: the accumulated part of the column factor (n,)
-                state["q_acc"] = torch.zeros(n, dtype=dtype, device=param.device)
+            # Steps taken by this parameter, t in Algorithm 2: parity picks p or q, t + 1 the bias corrections
+            state["step"] = 0
+            # v_0 = ||G_0||^2 / mn (host float): p_0 = q_0 = sqrt(v0), subtracted again in line 21
+            state["v0"] = v0
+            # p - beta2^a sqrt(v0), a = updates of p so far: the accumulated part of the row factor (m,)
+            state["p_acc"] = torch.zeros(m, dtype=dtype, device=param.device)
+            # q - beta2^b sqrt(v0), b = updates of q so far: the accumulated part of the column factor (n,)
+            state["q_acc"] = torch.zeros(n, dtype=dtype, device=param.device)
             params.append(param)
         return params
 
@@ -169,23 +174,106 @@ class Alada(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            # One parameter at a time on purpose: the m x n scratch buffer of one parameter is
-            # the whole step transient (a foreach version would hold all of them at once).
+            # Parameters at the same step t share every scalar but sqrt(v0): batch them together.
+            buckets: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
             for param in self._init_group(group):
-                _alada_update(
-                    param, self.state[param], lr=group["lr"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=group["weight_decay"],
-                )
+                buckets.setdefault((param.device, param.dtype, self.state[param]["step"]), []).append(param)
+            for (_, _, t), params in buckets.items():
+                # The scratch buffer holds at most the largest parameter, or scratch_numel
+                # elements where all parameters together are larger (never more than all of them).
+                budget = max(max(p.numel() for p in params), min(sum(p.numel() for p in params), self.scratch_numel))
+                for runs in _chunks(params, [self.state[p] for p in params], budget):
+                    _alada_chunk(
+                        runs, [[self.state[p] for p in run] for run in runs], t=t, lr=group["lr"],
+                        beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                    )
+                for param in params:
+                    self.state[param]["step"] = t + 1
         return loss
 
 
-def _alada_update(
-    param: Tensor, state: dict[str, Any], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+def _grad_norms(params: list[Tensor]) -> list[float]:
+    """||grad|| of each parameter in fp32 (fp64 for fp64): one host sync per device and dtype."""
+    kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, param in enumerate(params):
+        kinds.setdefault((param.device, param.dtype), []).append(i)
+    norms = [0.0] * len(params)
+    for (_, dtype), indices in kinds.items():
+        grads = [params[i].grad for i in indices]
+        values = torch._foreach_norm(grads, 2, dtype=torch.promote_types(dtype, torch.float32))
+        for i, value in zip(indices, torch.stack(values).tolist()):
+            norms[i] = value
+    return norms
+
+
+def _chunks(params: list[Tensor], states: list[dict[str, Any]], budget: int) -> list[list[list[Tensor]]]:
+    """Cut ``params`` into chunks of at most ``budget`` elements (a larger parameter alone), each a
+    list of runs of parameters with the same m x n, so that a run is one batched (k, m, n) block."""
+    by_matrix: dict[tuple[int, int], list[Tensor]] = {}
+    for param, state in zip(params, states):
+        by_matrix.setdefault((state["p_acc"].numel(), state["q_acc"].numel()), []).append(param)
+    chunks, runs, size = [], [], 0
+    for same in by_matrix.values():
+        run = []
+        for param in same:
+            if size > 0 and size + param.numel() > budget:
+                if run:
+                    runs.append(run)
+                chunks.append(runs)
+                run, runs, size = [], [], 0
+            run.append(param)
+            size += param.numel()
+        runs.append(run)
+    chunks.append(runs)
+    return chunks
+
+
+def _stacked(vectors: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """Copy vectors into one buffer with one foreach copy; return its (k, length) block per run of
+    ``counts`` equal-length vectors, and its rows (one per vector, in order)."""
+    sizes = [count * vector.numel() for count, vector in zip(counts, _firsts(vectors, counts))]
+    flat = torch.empty(sum(sizes), dtype=vectors[0].dtype, device=vectors[0].device)
+    blocks = [block.view(count, -1) for block, count in zip(flat.split(sizes), counts)]
+    rows = [row for block in blocks for row in block.unbind(0)]
+    torch._foreach_copy_(rows, vectors)
+    return blocks, rows
+
+
+def _firsts(items: list[Any], counts: list[int]) -> list[Any]:
+    """The first item of each run of ``counts`` consecutive items."""
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    return [items[start] for start in starts]
+
+
+def _normalized_matvecs(blocks: list[Tensor], vectors: list[Tensor], eps: float) -> list[Tensor]:
+    """Rows of ``V x / (||x||^2 + eps)`` (Algorithm 2, lines 14 and 18), one batched product per run."""
+    rows = []
+    for block, x in zip(blocks, vectors):
+        product = torch.bmm(block, x.unsqueeze(-1)).squeeze(-1)
+        product.div_(torch.linalg.vecdot(x, x).add_(eps).unsqueeze(-1))
+        rows.extend(product.unbind(0))
+    return rows
+
+
+def _alada_chunk(
+    runs: list[list[Tensor]], states: list[list[dict[str, Any]]], *, t: int, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float,
 ) -> None:
-    """Algorithm 2, lines 5-22, for one parameter whose ``grad`` already holds ``M_{t+1}``."""
-    grad, p_acc, q_acc, t = param.grad, state["p_acc"], state["q_acc"], state["step"]
-    root_v0 = math.sqrt(state["v0"])
+    """Algorithm 2, lines 5-22, for parameters at step t whose ``grad`` already holds ``M_{t+1}``.
+
+    ``runs`` groups them by their m x n: each run is one batched (k, m, n) block of a single scratch
+    buffer, and every other op is a foreach op over all of them. The only per-parameter numbers,
+    ``sqrt(v0)``, travel as scalar lists, so the step never reads a tensor back to the host.
+    """
+    params = [param for run in runs for param in run]
+    flat_states = [state for run in states for state in run]
+    counts = [len(run) for run in runs]
+    p_accs = [state["p_acc"] for state in flat_states]
+    q_accs = [state["q_acc"] for state in flat_states]
+    root_v0 = [math.sqrt(state["v0"]) for state in flat_states]
     bias_correction1 = 1.0 - beta1 ** (t + 1)
     bias_correction2 = 1.0 - beta2 ** (t + 1)
     # Paper gap (digest §1.4): U~ = (p q^T - beta2^{t+1} v0) / (1 - beta2^{t+1}) is >= 0 only in exact
@@ -194,29 +282,54 @@ def _alada_update(
     # q = beta2^b sqrt(v0) + q_acc (a + b = t + 1 after the step) so that
     # p q^T - beta2^{t+1} v0 = p q_acc^T + beta2^b sqrt(v0) p_acc 1^T: a sum of nonnegative terms,
     # the same numbers as the paper's without the subtraction, and no clamp needed.
-    # One m x n scratch buffer: first M^2 (V without the 1 / bias_correction1^2, folded in below),
-    # then the denominator. Writing through a view in the parameter's shape reads any grad
-    # layout (channels_last included) without a copy; bf16 grads are squared in bf16.
-    buf = torch.empty(p_acc.numel(), q_acc.numel(), dtype=p_acc.dtype, device=p_acc.device)
-    torch.mul(grad, grad, out=buf.view(grad.shape))
+    # One scratch buffer for the chunk, a (k, m, n) block per run: first M^2 (V without the
+    # 1 / bias_correction1^2, folded in below), then the denominator. Copying through views in the
+    # parameters' shapes reads any grad layout (channels_last included); M^2 is formed in fp32.
+    scratch = torch.empty(sum(param.numel() for param in params), dtype=p_accs[0].dtype, device=p_accs[0].device)
+    sizes = [len(run) * run[0].numel() for run in runs]
+    blocks = [
+        block.view(len(run), p_acc.numel(), q_acc.numel())
+        for block, run, p_acc, q_acc in zip(scratch.split(sizes), runs, _firsts(p_accs, counts), _firsts(q_accs, counts))
+    ]
+    matrices = [matrix.view(param.shape) for block, run in zip(blocks, runs) for matrix, param in zip(block, run)]
+    torch._foreach_copy_(matrices, [param.grad for param in params])
+    scratch.square_()
+    alpha = (1.0 - beta2) / bias_correction1**2
     if t % 2 == 0:
         # t even: p <- beta2 p + (1 - beta2) V q / (||q||^2 + eps), q unchanged (lines 13-15)
-        q = q_acc + beta2 ** (t // 2) * root_v0
-        p_acc.mul_(beta2).add_(torch.mv(buf, q).div_(q.dot(q) + eps), alpha=(1.0 - beta2) / bias_correction1**2)
+        q_blocks, q_rows = _stacked(q_accs, counts)
+        torch._foreach_add_(q_rows, [beta2 ** (t // 2) * root for root in root_v0])
+        torch._foreach_mul_(p_accs, beta2)
+        torch._foreach_add_(p_accs, _normalized_matvecs(blocks, q_blocks, eps), alpha=alpha)
+        p_blocks, p_rows = _stacked(p_accs, counts)
+        torch._foreach_add_(p_rows, [beta2 ** (t // 2 + 1) * root for root in root_v0])
     else:
-        # t odd: q <- beta2 q + (1 - beta2) V^T p / (||p||^2 + eps), p unchanged (lines 16-18)
-        p = p_acc + beta2 ** ((t + 1) // 2) * root_v0
-        q_acc.mul_(beta2).add_(torch.mv(buf.t(), p).div_(p.dot(p) + eps), alpha=(1.0 - beta2) / bias_correction1**2)
-    p = p_acc + beta2 ** (t // 2 + 1) * root_v0
+        # t odd: q <- beta2 q + (1 - beta2) V^T p / (||p||^2 + eps), p unchanged (lines 16-18);
+        # (t + 1) // 2 = t // 2 + 1, so this p is also the one of line 20
+        p_blocks, p_rows = _stacked(p_accs, counts)
+        torch._foreach_add_(p_rows, [beta2 ** ((t + 1) // 2) * root for root in root_v0])
+        transposed = [block.transpose(1, 2) for block in blocks]
+        torch._foreach_mul_(q_accs, beta2)
+        torch._foreach_add_(q_accs, _normalized_matvecs(transposed, p_blocks, eps), alpha=alpha)
     # Lines 20-22 with bias_correction2 multiplied through:
-    # buf = bias_correction2 * (U~ + eps) = p q_acc^T + (beta2^b sqrt(v0) p_acc + eps bias_correction2) 1^T
-    column = p_acc.mul(beta2 ** ((t + 1) // 2) * root_v0).add_(eps * bias_correction2)
-    denom = torch.outer(p, q_acc, out=buf).add_(column.unsqueeze(1)).sqrt_()
-    if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
+    # scratch = bias_correction2 * (U~ + eps) = p q_acc^T + (beta2^b sqrt(v0) p_acc + eps bias_correction2) 1^T
+    column_blocks, column_rows = _stacked(p_accs, counts)
+    torch._foreach_mul_(column_rows, [beta2 ** ((t + 1) // 2) * root for root in root_v0])
+    torch._foreach_add_(column_rows, eps * bias_correction2)
+    q_acc_blocks, _ = _stacked(q_accs, counts)
+    for block, p, column, q_acc in zip(blocks, p_blocks, column_blocks, q_acc_blocks):
+        torch.addcmul(column.unsqueeze(-1), p.unsqueeze(-1), q_acc.unsqueeze(1), out=block)
+    scratch.sqrt_()
+    if weight_decay != 0.0 and params[0].device.type == "cpu" and params[0].element_size() < 4:
+        # torch._foreach_mul_ on CPU rounds the scalar to bf16/fp16 first (1 - 1e-3 becomes 1); mul_ does not
+        for param in params:
+            param.mul_(1.0 - lr * weight_decay)
+    elif weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     # Paper ambiguity (digest §1.4): line 22 prints the raw M_{t+1}, the text says the step
     # preconditions the bias-corrected M~_{t+1}. We use M~ (= M / bias_correction1, Adam-style)
     # because the text says so twice and Theorem 1's eta_t = eta (1 - beta1^{t+1}) only makes
     # sense with M~; the literal line would shrink step 1 by 1 - beta1.
-    param.addcdiv_(grad, denom.view(param.shape), value=-lr * math.sqrt(bias_correction2) / bias_correction1)
-    state["step"] = t + 1
+    torch._foreach_addcdiv_(
+        params, [param.grad for param in params], matrices, value=-lr * math.sqrt(bias_correction2) / bias_correction1
+    )

@@ -262,3 +262,111 @@ def test_registry_builds_it() -> None:
     assert isinstance(opt, Alada) and opt.param_groups[0]["lr"] == 1e-3
     assert opt.param_groups[0]["betas"] == (0.9, 0.9) and opt.param_groups[0]["eps"] == 1e-16
     assert parse_spec("alada").entry.state_roles() == Alada.state_roles
+
+
+class FrozenAlada(Alada):
+    """The per-parameter step that the batched one replaced, frozen as the reference it must match."""
+
+    square_in_fp32 = False  # the frozen step squared bf16 momenta in bf16
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None or param.numel() == 0:
+                    continue
+                state = self.state[param]
+                if len(state) == 0:
+                    m, n = paper_matrix_shape(param.shape) if param.dim() else (1, 1)
+                    dtype = torch.promote_types(param.dtype, torch.float32)
+                    v0 = (torch.linalg.vector_norm(param.grad, dtype=dtype).item() / (1.0 - beta1)) ** 2 / (m * n)
+                    if v0 == 0.0:
+                        continue
+                    state.update(step=0, v0=v0, p_acc=torch.zeros(m, dtype=dtype), q_acc=torch.zeros(n, dtype=dtype))
+                self._frozen_update(param, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                    weight_decay=group["weight_decay"], square_in_fp32=self.square_in_fp32)
+        return loss
+
+    @staticmethod
+    def _frozen_update(param, state, *, lr, beta1, beta2, eps, weight_decay, square_in_fp32):
+        grad, p_acc, q_acc, t = param.grad, state["p_acc"], state["q_acc"], state["step"]
+        root_v0 = math.sqrt(state["v0"])
+        bias_correction1 = 1.0 - beta1 ** (t + 1)
+        bias_correction2 = 1.0 - beta2 ** (t + 1)
+        buf = torch.empty(p_acc.numel(), q_acc.numel(), dtype=p_acc.dtype)
+        square = grad.to(buf.dtype) if square_in_fp32 else grad
+        torch.mul(square, square, out=buf.view(grad.shape))
+        if t % 2 == 0:
+            q = q_acc + beta2 ** (t // 2) * root_v0
+            p_acc.mul_(beta2).add_(torch.mv(buf, q).div_(q.dot(q) + eps), alpha=(1.0 - beta2) / bias_correction1**2)
+        else:
+            p = p_acc + beta2 ** ((t + 1) // 2) * root_v0
+            q_acc.mul_(beta2).add_(torch.mv(buf.t(), p).div_(p.dot(p) + eps), alpha=(1.0 - beta2) / bias_correction1**2)
+        p = p_acc + beta2 ** (t // 2 + 1) * root_v0
+        column = p_acc.mul(beta2 ** ((t + 1) // 2) * root_v0).add_(eps * bias_correction2)
+        denom = torch.outer(p, q_acc, out=buf).add_(column.unsqueeze(1)).sqrt_()
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        param.addcdiv_(grad, denom.view(param.shape), value=-lr * math.sqrt(bias_correction2) / bias_correction1)
+        state["step"] = t + 1
+
+
+# Repeated shapes batch into one run; (4, 3, 3, 3) once channels_last; (6, 5) deferred (zero first
+# gradient); (9, 4) joins at step 2 (grad None before); (3, 3) never gets a grad.
+BATCH_SHAPES = [(13,), (13,), (7,), (4, 3, 3, 3), (4, 3, 3, 3), (50, 16), (50, 16), (16, 50), (), (6, 5), (9, 4), (3, 3)]
+
+
+class FrozenAladaFp32Squares(FrozenAlada):
+    square_in_fp32 = True
+
+
+def run_batched_and_frozen(dtype: torch.dtype, scratch_numel: int, steps: int = 6, frozen: type = FrozenAlada):
+    gen = torch.Generator().manual_seed(3)
+    x0 = [torch.randn(s, dtype=torch.float64, generator=gen) for s in BATCH_SHAPES]
+    x0[9].zero_()
+    cs = [[torch.randn(s, dtype=torch.float64, generator=gen) for s in BATCH_SHAPES] for _ in range(steps)]
+    cs[0][9].zero_()
+    trajectories = []
+    for cls in (Alada, frozen):
+        xs = [torch.nn.Parameter(x.to(dtype)) for x in x0]
+        xs[3] = torch.nn.Parameter(xs[3].detach().to(memory_format=torch.channels_last))
+        opt = cls([{"params": xs[:6]}, {"params": xs[6:], "lr": 0.03, "betas": (0.9, 0.95), "weight_decay": 0.1}],
+                  lr=0.05)
+        if cls is Alada:
+            opt.scratch_numel = scratch_numel
+        for k in range(steps):
+            active = [i for i in range(len(xs) - 1) if i != 10 or k >= 2]
+            opt.zero_grad()
+            scale_loss(opt, objective([xs[i] for i in active], [cs[k][i].to(dtype) for i in active])).backward()
+            opt.step()
+        trajectories.append((xs, opt))
+    return trajectories
+
+
+@pytest.mark.parametrize("scratch_numel", [0, 1 << 22])  # 0: chunks of the largest parameter
+def test_batched_step_matches_per_parameter_step(scratch_numel: int) -> None:
+    (ours, opt), (theirs, ref) = run_batched_and_frozen(torch.float32, scratch_numel)
+    assert ours[3].is_contiguous(memory_format=torch.channels_last)
+    assert ours[11] not in opt.state and len(opt.state[ours[9]]) == 4
+    assert opt.state[ours[9]]["step"] == 5 and opt.state[ours[10]]["step"] == 4 and opt.state[ours[0]]["step"] == 6
+    for got, want, shape in zip(ours, theirs, BATCH_SHAPES):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (shape, (got - want).abs().max())
+        for key in ("p_acc", "q_acc"):
+            if got in opt.state:
+                assert torch.allclose(opt.state[got][key], ref.state[want][key], rtol=1e-5, atol=1e-9), (shape, key)
+                assert opt.state[got]["v0"] == pytest.approx(ref.state[want]["v0"], rel=1e-6)
+
+
+def test_batched_step_bf16_differs_only_by_squaring_in_fp32() -> None:
+    # The batched step squares bf16 momenta in fp32; the per-parameter one rounded M^2 to bf16 first.
+    (ours, _), (theirs, _) = run_batched_and_frozen(torch.bfloat16, 0, steps=3, frozen=FrozenAladaFp32Squares)
+    (_, _), (old, _) = run_batched_and_frozen(torch.bfloat16, 0, steps=3)
+    for got, want, before, shape in zip(ours, theirs, old, BATCH_SHAPES):
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want.float(), rtol=2**-8, atol=1e-6), (shape, (got - want).abs().max())
+        assert torch.allclose(got.float(), before.float(), rtol=2**-6, atol=1e-3), (shape, (got - before).abs().max())
