@@ -51,12 +51,12 @@ class Alada(torch.optim.Optimizer):
 
     Step 1: a grad of ``None`` is ``M_0 = 0``: :meth:`zero_grad` leaves it ``None`` and backward
     creates ``(1 - beta1) G_0``, exactly ``M_1``. A parameter is initialised at the first step
-    where its momentum is nonzero (one host sync for it). Parameters whose grad is ``None`` are
+    where its momentum is nonzero (one host sync per device and dtype for all such parameters). Parameters whose grad is ``None`` are
     skipped and keep no state. Pitfalls: ``model.zero_grad()`` or ``set_to_none`` elsewhere in the
     loop resets the momentum; gradient clipping and AMP ``GradScaler.unscale_`` act on the
     momentum, not on ``G_t`` (clipping shrinks the stored momentum for all later steps);
     gradient accumulation works unchanged (call :meth:`zero_grad` once per step); with bf16
-    params the momentum is held in bf16.
+    params the momentum is held in bf16 (and squared in fp32).
 
     Args:
         params: iterable of parameters or param groups.
@@ -229,23 +229,15 @@ def _chunks(params: list[Tensor], states: list[dict[str, Any]], budget: int) -> 
     return chunks
 
 
-def _stacked(vectors: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-    """Copy vectors into one buffer with one foreach copy; return its (k, length) block per run of
-    ``counts`` equal-length vectors, and its rows (one per vector, in order)."""
-    sizes = [count * vector.numel() for count, vector in zip(counts, _firsts(vectors, counts))]
-    flat = torch.empty(sum(sizes), dtype=vectors[0].dtype, device=vectors[0].device)
-    blocks = [block.view(count, -1) for block, count in zip(flat.split(sizes), counts)]
+def _stacked(runs: list[list[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Copy runs of equal-length vectors into one buffer with one foreach copy; return its
+    (k, length) block per run and its rows (one per vector, in order)."""
+    sizes = [len(run) * run[0].numel() for run in runs]
+    flat = torch.empty(sum(sizes), dtype=runs[0][0].dtype, device=runs[0][0].device)
+    blocks = [block.view(len(run), -1) for block, run in zip(flat.split(sizes), runs)]
     rows = [row for block in blocks for row in block.unbind(0)]
-    torch._foreach_copy_(rows, vectors)
+    torch._foreach_copy_(rows, [vector for run in runs for vector in run])
     return blocks, rows
-
-
-def _firsts(items: list[Any], counts: list[int]) -> list[Any]:
-    """The first item of each run of ``counts`` consecutive items."""
-    starts = [0]
-    for count in counts[:-1]:
-        starts.append(starts[-1] + count)
-    return [items[start] for start in starts]
 
 
 def _normalized_matvecs(blocks: list[Tensor], vectors: list[Tensor], eps: float) -> list[Tensor]:
@@ -269,11 +261,11 @@ def _alada_chunk(
     ``sqrt(v0)``, travel as scalar lists, so the step never reads a tensor back to the host.
     """
     params = [param for run in runs for param in run]
-    flat_states = [state for run in states for state in run]
-    counts = [len(run) for run in runs]
-    p_accs = [state["p_acc"] for state in flat_states]
-    q_accs = [state["q_acc"] for state in flat_states]
-    root_v0 = [math.sqrt(state["v0"]) for state in flat_states]
+    p_acc_runs = [[state["p_acc"] for state in run] for run in states]
+    q_acc_runs = [[state["q_acc"] for state in run] for run in states]
+    p_accs = [p_acc for run in p_acc_runs for p_acc in run]
+    q_accs = [q_acc for run in q_acc_runs for q_acc in run]
+    root_v0 = [math.sqrt(state["v0"]) for run in states for state in run]
     bias_correction1 = 1.0 - beta1 ** (t + 1)
     bias_correction2 = 1.0 - beta2 ** (t + 1)
     # Paper gap (digest §1.4): U~ = (p q^T - beta2^{t+1} v0) / (1 - beta2^{t+1}) is >= 0 only in exact
@@ -288,8 +280,8 @@ def _alada_chunk(
     scratch = torch.empty(sum(param.numel() for param in params), dtype=p_accs[0].dtype, device=p_accs[0].device)
     sizes = [len(run) * run[0].numel() for run in runs]
     blocks = [
-        block.view(len(run), p_acc.numel(), q_acc.numel())
-        for block, run, p_acc, q_acc in zip(scratch.split(sizes), runs, _firsts(p_accs, counts), _firsts(q_accs, counts))
+        block.view(len(run), p_run[0].numel(), q_run[0].numel())
+        for block, run, p_run, q_run in zip(scratch.split(sizes), runs, p_acc_runs, q_acc_runs)
     ]
     matrices = [matrix.view(param.shape) for block, run in zip(blocks, runs) for matrix, param in zip(block, run)]
     torch._foreach_copy_(matrices, [param.grad for param in params])
@@ -297,26 +289,26 @@ def _alada_chunk(
     alpha = (1.0 - beta2) / bias_correction1**2
     if t % 2 == 0:
         # t even: p <- beta2 p + (1 - beta2) V q / (||q||^2 + eps), q unchanged (lines 13-15)
-        q_blocks, q_rows = _stacked(q_accs, counts)
+        q_blocks, q_rows = _stacked(q_acc_runs)
         torch._foreach_add_(q_rows, [beta2 ** (t // 2) * root for root in root_v0])
         torch._foreach_mul_(p_accs, beta2)
         torch._foreach_add_(p_accs, _normalized_matvecs(blocks, q_blocks, eps), alpha=alpha)
-        p_blocks, p_rows = _stacked(p_accs, counts)
+        p_blocks, p_rows = _stacked(p_acc_runs)
         torch._foreach_add_(p_rows, [beta2 ** (t // 2 + 1) * root for root in root_v0])
     else:
         # t odd: q <- beta2 q + (1 - beta2) V^T p / (||p||^2 + eps), p unchanged (lines 16-18);
         # (t + 1) // 2 = t // 2 + 1, so this p is also the one of line 20
-        p_blocks, p_rows = _stacked(p_accs, counts)
+        p_blocks, p_rows = _stacked(p_acc_runs)
         torch._foreach_add_(p_rows, [beta2 ** ((t + 1) // 2) * root for root in root_v0])
         transposed = [block.transpose(1, 2) for block in blocks]
         torch._foreach_mul_(q_accs, beta2)
         torch._foreach_add_(q_accs, _normalized_matvecs(transposed, p_blocks, eps), alpha=alpha)
     # Lines 20-22 with bias_correction2 multiplied through:
     # scratch = bias_correction2 * (U~ + eps) = p q_acc^T + (beta2^b sqrt(v0) p_acc + eps bias_correction2) 1^T
-    column_blocks, column_rows = _stacked(p_accs, counts)
+    column_blocks, column_rows = _stacked(p_acc_runs)
     torch._foreach_mul_(column_rows, [beta2 ** ((t + 1) // 2) * root for root in root_v0])
     torch._foreach_add_(column_rows, eps * bias_correction2)
-    q_acc_blocks, _ = _stacked(q_accs, counts)
+    q_acc_blocks, _ = _stacked(q_acc_runs)
     for block, p, column, q_acc in zip(blocks, p_blocks, column_blocks, q_acc_blocks):
         torch.addcmul(column.unsqueeze(-1), p.unsqueeze(-1), q_acc.unsqueeze(1), out=block)
     scratch.sqrt_()
