@@ -51,8 +51,8 @@ class Alada(torch.optim.Optimizer):
 
     Step 1: a grad of ``None`` is ``M_0 = 0``: :meth:`zero_grad` leaves it ``None`` and backward
     creates ``(1 - beta1) G_0``, exactly ``M_1``. A parameter is initialised at the first step
-    where its momentum is nonzero (one host sync per device and dtype for all such parameters). Parameters whose grad is ``None`` are
-    skipped and keep no state. Pitfalls: ``model.zero_grad()`` or ``set_to_none`` elsewhere in the
+    where its momentum is nonzero (one host sync per device and dtype for all such parameters).
+    Parameters whose grad is ``None`` are skipped and keep no state. Pitfalls: ``model.zero_grad()`` or ``set_to_none`` elsewhere in the
     loop resets the momentum; gradient clipping and AMP ``GradScaler.unscale_`` act on the
     momentum, not on ``G_t`` (clipping shrinks the stored momentum for all later steps);
     gradient accumulation works unchanged (call :meth:`zero_grad` once per step); with bf16
