@@ -38,6 +38,8 @@ class AdaMeM(torch.optim.Optimizer):
 
     State is kept in the parameter's dtype (fp32 or bf16, like ``torch.optim.Adam``); the SVD runs
     in fp32. Per projected m×n matrix it is b·((m+n)·r + r + 2n) bytes, b = bytes per element.
+    A step batches the matrices of one shape; a batch never holds more elements than the param
+    group's largest matrix, so the step's transient stays about one such residual plus r×n buffers.
 
     Args:
         params: parameters or param groups to optimize.
@@ -184,7 +186,8 @@ class AdaMeM(torch.optim.Optimizer):
                     vectors.append(p)
             # Batches never hold more elements than the group's largest matrix, so the step's
             # transient stays that of one matrix (one m×n residual or denominator), as unbatched.
-            budget = max((p.numel() for p in factored + [q for ps in projected.values() for q in ps]), default=0)
+            matrices = factored + [p for same_shape in projected.values() for p in same_shape]
+            budget = max((p.numel() for p in matrices), default=0)
             for same_shape in projected.values():
                 for batch in self._batches(same_shape, budget):
                     self._step_projected(batch, group)
@@ -198,13 +201,14 @@ class AdaMeM(torch.optim.Optimizer):
     def _batches(params: list[Tensor], budget: int) -> list[list[Tensor]]:
         """Consecutive runs of ``params`` whose total numel is at most ``budget`` (at least one each)."""
         batches: list[list[Tensor]] = []
-        size = budget + 1
+        size = 0
         for p in params:
-            if size + p.numel() > budget:
-                batches.append([])
-                size = 0
-            batches[-1].append(p)
-            size += p.numel()
+            if batches and size + p.numel() <= budget:
+                batches[-1].append(p)
+                size += p.numel()
+            else:
+                batches.append([p])
+                size = p.numel()
         return batches
 
     @staticmethod
@@ -242,7 +246,8 @@ class AdaMeM(torch.optim.Optimizer):
         t = states[0]["step"]
         rows, cols = params[0].shape[0], params[0].numel() // params[0].shape[0]
         tall = rows > cols  # the paper's m×n matrix (m ≤ n) is the transpose of the parameter's
-        (m, r), n = states[0]["proj"].shape, max(rows, cols)
+        m, r = states[0]["proj"].shape
+        n = max(rows, cols)
         projs = [s["proj"] for s in states]
         low = params[0].new_empty(len(params), r, n)  # R = Pᵀ G (k×r×n), later N1
         residual = params[0].new_empty(len(params), rows, cols)  # S = G − P R, in the parameter's layout
