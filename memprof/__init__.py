@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+__version__ = "0.1.0"
 __all__ = ["compare", "profile", "RunRecord"]
 
 if TYPE_CHECKING:

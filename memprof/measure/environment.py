@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from memprof import __version__
+
 
 def _version(package: str) -> str | None:
     try:
@@ -21,7 +23,7 @@ def _version(package: str) -> str | None:
 def collect(device: torch.device) -> dict[str, Any]:
     """What a reader needs to reproduce a number: software, hardware, allocator settings."""
     env: dict[str, Any] = {
-        "memprof": _version("memprof"),
+        "memprof": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
