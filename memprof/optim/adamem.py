@@ -2,7 +2,7 @@
 
 Vyas, Morwani, Kakade, "AdaMeM: Memory Efficient Momentum for Adafactor", WANT@ICML 2024
 (https://openreview.net/forum?id=fZqMVTz7K5). Notes on every choice the paper leaves open:
-``docs/optimizers/adamem.md`` and ``/work/shared/papers/adamem-digest.md`` (cited as "digest §x").
+``docs/optimizers.md`` (the paper digest's sections are cited as "digest §x").
 """
 
 from __future__ import annotations
