@@ -85,6 +85,7 @@ class CudaTracker:
         self.stacks = stacks
         self.allocations: list[Allocation] = []
         self.dropped = False
+        self.exact_blocks = True
 
     def now(self) -> float:
         return float(time.time_ns() // 1000)
@@ -117,6 +118,9 @@ class CudaTracker:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         trace = snapshot["device_traces"][index]
         self.dropped = len(trace) >= self.max_entries
+        # Expandable segments map ranges instead of allocating segments; the block sizes below
+        # follow the classic allocator's rules, so the replay is then approximate.
+        self.exact_blocks = not any(e["action"] in ("segment_map", "segment_unmap") for e in trace)
         return blocks_from_trace(trace)
 
     def memory_allocated(self) -> int:
