@@ -148,12 +148,12 @@ def measure(settings: Settings) -> RunRecord:
         if settings.snapshot and isinstance(tracker, CudaTracker):
             tracker.keep_snapshot(settings.snapshot)
     record.environment = environment.collect(device)
-    if not getattr(tracker, "exact_blocks", True):
-        record.peaks["block_sizes"] = "approximate: expandable segments (replayed with the classic allocator's rules)"
     if getattr(tracker, "dropped", False):
         record.status = "failed"
         record.failure = f"allocator history overflowed ({tracker.max_entries} entries); measure fewer --steps"
     _attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, peaks)
+    if not getattr(tracker, "exact_blocks", True):
+        record.peaks["block_sizes"] = "approximate: expandable segments (replayed with the classic allocator's rules)"
     return record
 
 
