@@ -77,6 +77,7 @@ def _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_cl
     from memprof import api
     from memprof.errors import UsageError
 
+    api.check_inputs(model, opt, device=device, dtype=dtype, amp=amp, steps=steps)  # fail before the spinner
     if snapshot is not None and not api.resolve_device(device).startswith("cuda"):
         raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
                          "use --device cuda on a GPU machine, or drop --snapshot")
