@@ -7,6 +7,7 @@ Vyas, Morwani, Kakade, "AdaMeM: Memory Efficient Momentum for Adafactor", WANT@I
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable
 
 import torch
@@ -33,8 +34,11 @@ class AdaMeM(torch.optim.Optimizer):
     ``rank`` smaller than the matrix's short side, and whose short side is at least
     ``full_rank_min_dim``. Every other parameter (1-D, small, or in a group with ``rank=None``)
     stays full-rank and runs plain Adafactor without momentum, factored for matrices, as the
-    paper trains its unprojected first and last layers. To reproduce the paper's main setting,
-    put the embedding and output head in a param group with ``rank=None``.
+    paper trains its unprojected first and last layers. Given ``(name, param)`` pairs (as from
+    ``model.named_parameters()``), parameters whose qualified name matches ``full_rank`` stay
+    full-rank too: they are moved to a copy of their group with ``rank=None``, and each group keeps
+    its names in ``param_names`` (torch's key). The paper's main setting is
+    ``full_rank=("wte", "lm_head")`` on GPT-2 and ``("embed_tokens", "lm_head")`` on LLaMA.
 
     State is kept in the parameter's dtype (fp32 or bf16, like ``torch.optim.Adam``); the SVD runs
     in fp32. Per projected m×n matrix it is b·((m+n)·r + r + 2n) bytes, b = bytes per element.
@@ -51,6 +55,10 @@ class AdaMeM(torch.optim.Optimizer):
         update_proj_gap: steps T between SVD refreshes of the projector (default: 200).
         delta: relative step size δ of the residual update (default: 1.0; the paper sweeps 0.5, 1).
         full_rank_min_dim: matrices whose short side is below this stay full-rank (default: 0).
+        full_rank: name patterns of parameters kept full-rank; needs named parameters (default: ()).
+            A pattern is a dotted run of name parts, each an ``fnmatch`` pattern: ``"wte"`` matches
+            ``transformer.wte.weight``, ``"h.0"`` matches ``h.0.attn.c_attn.weight`` but not
+            ``h.10.…``, and ``"h.*.mlp"`` matches every block's MLP. A single string is one pattern.
     """
 
     state_roles: dict[str, str] = {
@@ -65,7 +73,7 @@ class AdaMeM(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -74,6 +82,7 @@ class AdaMeM(torch.optim.Optimizer):
         update_proj_gap: int = 200,
         delta: float = 1.0,
         full_rank_min_dim: int = 0,
+        full_rank: tuple[str, ...] | str = (),
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr}")
@@ -93,6 +102,7 @@ class AdaMeM(torch.optim.Optimizer):
             raise ValueError(f"Invalid delta: {delta}")
         if isinstance(full_rank_min_dim, bool) or not isinstance(full_rank_min_dim, int) or full_rank_min_dim < 0:
             raise ValueError(f"Invalid full_rank_min_dim: {full_rank_min_dim}")
+        full_rank = self._patterns(full_rank)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -102,8 +112,59 @@ class AdaMeM(torch.optim.Optimizer):
             update_proj_gap=update_proj_gap,
             delta=delta,
             full_rank_min_dim=full_rank_min_dim,
+            full_rank=full_rank,
         )
         super().__init__(params, defaults)
+        # A pattern that selects nothing is almost always a typo; fail rather than silently project.
+        names = [name for group in self.param_groups for name in group.get("param_names", ())]
+        if full_rank and not any(self._matches(name, full_rank) for name in names):
+            raise ValueError(f"Invalid full_rank: {full_rank} matches no parameter name")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; ``(name, param)`` pairs matching ``full_rank`` go to a ``rank=None`` copy.
+
+        Names are split off here rather than left to ``torch.optim.Optimizer`` (which accepts pairs
+        only from torch 2.6) and kept in ``param_names``, the key torch itself uses.
+        """
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        pairs = [p for p in params if isinstance(p, tuple)]
+        patterns = self._patterns(param_group.get("full_rank", self.defaults["full_rank"]))
+        if not pairs:
+            if patterns:
+                raise ValueError(f"Invalid full_rank: {patterns} needs (name, param) pairs, e.g. model.named_parameters()")
+            super().add_param_group({**param_group, "params": params})
+            return
+        if len(pairs) != len(params):
+            raise ValueError("Invalid params: give all parameters with names or none")
+        full = [self._matches(name, patterns) for name, _ in pairs]
+        for keep_full, overrides in ((False, {}), (True, {"rank": None})):
+            chosen = [pair for pair, is_full in zip(pairs, full) if is_full == keep_full]
+            if chosen:
+                names, tensors = zip(*chosen)
+                group = {**param_group, **overrides, "full_rank": patterns}
+                super().add_param_group({**group, "params": list(tensors), "param_names": list(names)})
+
+    @staticmethod
+    def _patterns(full_rank: Any) -> tuple[str, ...]:
+        """``full_rank`` as a tuple of patterns (a lone string is one); ValueError when malformed."""
+        patterns = (full_rank,) if isinstance(full_rank, str) else full_rank
+        if not isinstance(patterns, (tuple, list)) or not all(
+            isinstance(pattern, str) and all(pattern.split(".")) for pattern in patterns
+        ):
+            raise ValueError(f"Invalid full_rank: {full_rank!r}")
+        return tuple(patterns)
+
+    @staticmethod
+    def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+        """Whether some pattern's dot-separated parts fnmatch a contiguous run of the name's parts."""
+        parts = name.split(".")
+        for pattern in patterns:
+            want = pattern.split(".")
+            for start in range(len(parts) - len(want) + 1):
+                if all(fnmatchcase(part, w) for part, w in zip(parts[start:], want)):
+                    return True
+        return False
 
     @staticmethod
     def _is_projected(p: Tensor, group: dict[str, Any]) -> bool:

@@ -25,6 +25,7 @@ SEEDS: tuple[OptimizerEntry, ...] = (
         target="memprof.optim.adamem:AdaMeM",
         summary="AdaMeM: factored preconditioner + low-rank momentum in the gradient's top-r subspace",
         source="memprof (paper)",
+        params="named_parameters",  # names select the full_rank layers
     ),
     OptimizerEntry(
         name="adapprox",

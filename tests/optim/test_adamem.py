@@ -390,3 +390,123 @@ def test_steady_state_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.
     opt.step()
     monkeypatch.undo()
     assert all(opt.state[p]["step"] == 2 for p in params)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, two blocks and a head, named like GPT-2 (``wte``, ``h.<i>``, ``lm_head``)."""
+
+    def __init__(self, blocks: int = 11) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(40, 8)
+        self.h = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(blocks))
+        self.lm_head = torch.nn.Linear(8, 40, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids)
+        for block in self.h:
+            x = torch.tanh(block(x))
+        return self.lm_head(x)
+
+
+def _step_once(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    model(torch.arange(12).view(3, 4)).square().mean().backward()
+    opt.step()
+
+
+FULL = {"exp_avg_sq_row", "exp_avg_sq_col"}
+PROJECTED = {"proj", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "os_exp_avg_sq_col"}
+
+
+@pytest.mark.parametrize(
+    ("full_rank", "full_names"),
+    [
+        (("wte", "lm_head"), {"wte.weight", "lm_head.weight"}),
+        ("wte", {"wte.weight"}),  # a lone string is one pattern
+        (["h.1"], {"h.1.weight", "h.1.bias"}),  # whole name parts: "h.1" is not a prefix of "h.10"
+        (("h.1*.weight",), {"h.1.weight", "h.10.weight"}),  # fnmatch within a part
+        (("lm_head", "no_such_layer"), {"lm_head.weight"}),  # GPT-2 ties lm_head to wte: may match nothing
+    ],
+)
+def test_full_rank_names_select_the_parameters_that_stay_full_rank(full_rank, full_names: set[str]) -> None:
+    torch.manual_seed(4)
+    model = TinyLM()
+    opt = AdaMeM(model.named_parameters(), rank=2, full_rank=full_rank)
+    _step_once(model, opt)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert set(opt.state[p]) == {"step", "exp_avg_sq"}, name
+        else:
+            assert set(opt.state[p]) == {"step"} | (FULL if name in full_names else PROJECTED), name
+    # Matched names go to a rank=None copy of the group; every group keeps torch's param_names.
+    assert [g["rank"] for g in opt.param_groups] == [2, None]
+    assert set(opt.param_groups[1]["param_names"]) == full_names
+    by_name = dict(model.named_parameters())
+    for group in opt.param_groups:
+        assert all(by_name[n] is p for n, p in zip(group["param_names"], group["params"], strict=True))
+
+
+def test_full_rank_matches_the_same_optimizer_with_a_rank_none_group() -> None:
+    torch.manual_seed(5)
+    models = [TinyLM(blocks=2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    named = AdaMeM(models[0].named_parameters(), lr=0.05, rank=2, full_rank=("wte", "lm_head"))
+    full = [models[1].wte.weight, models[1].lm_head.weight]
+    rest = [p for p in models[1].parameters() if all(p is not q for q in full)]
+    grouped = AdaMeM([{"params": rest}, {"params": full, "rank": None}], lr=0.05, rank=2)
+    for _ in range(3):
+        for model, opt in zip(models, (named, grouped)):
+            opt.zero_grad()
+            _step_once(model, opt)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(models[0].wte.weight, TinyLM(blocks=2).wte.weight)
+
+
+def test_named_parameters_without_full_rank_change_nothing_and_state_dict_round_trips() -> None:
+    torch.manual_seed(6)
+    models = [TinyLM(blocks=2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [AdaMeM(models[0].named_parameters(), rank=2), AdaMeM(models[1].parameters(), rank=2)]
+    for model, opt in zip(models, opts):
+        _step_once(model, opt)
+    assert len(opts[0].param_groups) == 1 and opts[0].param_groups[0]["param_names"][0] == "wte.weight"
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    again = AdaMeM(TinyLM(blocks=2).named_parameters(), rank=2)
+    again.load_state_dict(opts[0].state_dict())
+    assert again.param_groups[0]["param_names"] == opts[0].param_groups[0]["param_names"]
+
+
+def test_registry_passes_names_so_the_command_line_can_choose_full_rank_layers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = build_optimizer(parse_spec('adamem:rank=2:full_rank=("0.weight",)'), model)
+    model(torch.randn(32, 8)).square().mean().backward()
+    opt.step()
+    assert set(opt.state[model[0].weight]) == {"step"} | FULL
+    assert set(opt.state[model[1].weight]) == {"step"} | PROJECTED
+    opt = build_optimizer(parse_spec("adamem:rank=2:full_rank=1.weight"), model)  # a bare string
+    assert opt.param_groups[1]["param_names"] == ["1.weight"]
+
+
+@pytest.mark.parametrize(
+    ("full_rank", "params"),
+    [
+        (3, "named"),
+        ((b"wte",), "named"),
+        (("wte.",), "named"),  # empty name part
+        (("no_such_layer",), "named"),  # selects nothing: a typo
+        (("wte",), "plain"),  # names are needed to match
+    ],
+)
+def test_bad_full_rank_raises_value_error_naming_it(full_rank, params: str) -> None:
+    model = TinyLM(blocks=1)
+    given = model.named_parameters() if params == "named" else model.parameters()
+    with pytest.raises(ValueError, match="Invalid full_rank:"):
+        AdaMeM(given, full_rank=full_rank)
+
+
+def test_registry_reports_bad_full_rank_as_usage_error() -> None:
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match="full_rank"):
+        build_optimizer(parse_spec("adamem:full_rank=7"), torch.nn.Linear(4, 4))
