@@ -62,16 +62,6 @@ def _validate_optimizers(specs: str | Sequence[str]) -> list[str]:
     return texts
 
 
-def check_inputs(
-    model: str, optimizers: str | Sequence[str], *, device: str, dtype: str, amp: str | None, steps: int
-) -> tuple[list[str], str]:
-    """Validate everything a measurement needs; return the optimizer specs and the resolved device."""
-    if steps < 1:
-        raise UsageError("--steps must be at least 1")
-    _check_settings(model, dtype, amp)
-    return _validate_optimizers(optimizers), resolve_device(device)
-
-
 def measure(
     model: str,
     optimizers: str | Sequence[str],
@@ -96,7 +86,11 @@ def measure(
     On CUDA each optimizer runs in its own child process (``isolate`` defaults to True there).
     An optimizer that runs out of memory yields a record with ``status == "oom"``.
     """
-    texts, device = check_inputs(model, optimizers, device=device, dtype=dtype, amp=amp, steps=steps)
+    if steps < 1:
+        raise UsageError("--steps must be at least 1")
+    _check_settings(model, dtype, amp)
+    texts = _validate_optimizers(optimizers)
+    device = resolve_device(device)
     isolate = device.startswith("cuda") if isolate is None else isolate
     from memprof.optim.registry import parse_spec
 

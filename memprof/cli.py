@@ -77,26 +77,32 @@ def _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_cl
     from memprof import api
     from memprof.errors import UsageError
 
-    api.check_inputs(model, opt, device=device, dtype=dtype, amp=amp, steps=steps)  # fail before the spinner
     if snapshot is not None and not api.resolve_device(device).startswith("cuda"):
         raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
                          "use --device cuda on a GPU machine, or drop --snapshot")
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as progress:
-        task = progress.add_task("preparing…", total=None)
+    # Started at the first measurement, so that bad input fails as one clean line before it.
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                        transient=True)
+    task = progress.add_task("preparing…", total=None)
 
-        def on_start(settings):
-            progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
+    def on_start(settings):
+        progress.start()
+        progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
-        def on_result(record):
-            status = "ok" if record.status == "ok" else record.failure
-            progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
+    def on_result(record):
+        status = "ok" if record.status == "ok" else record.failure
+        progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
 
+    try:
         return api.measure(
             model, opt, device=device, dtype=dtype, amp=amp, batch_size=batch_size, seq_len=seq_len,
             image_size=image_size, num_classes=num_classes, steps=steps, seed=seed,
             snapshot=str(snapshot) if snapshot else None, on_start=on_start, on_result=on_result,
         )
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def _check_plot(plot: Path | None) -> None:
