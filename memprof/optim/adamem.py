@@ -132,7 +132,7 @@ class AdaMeM(torch.optim.Optimizer):
         patterns = self._patterns(param_group.get("full_rank", self.defaults["full_rank"]))
         if not pairs:
             if patterns:
-                raise ValueError(f"Invalid full_rank: {patterns} needs (name, param) pairs, e.g. model.named_parameters()")
+                raise ValueError(f"Invalid full_rank: {patterns} needs (name, param) pairs (model.named_parameters())")
             super().add_param_group({**param_group, "params": params})
             return
         if len(pairs) != len(params):
