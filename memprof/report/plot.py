@@ -120,6 +120,7 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
         fig = _figure(max(8.0, 3.0 + 1.4 * len(records)), 4.6)
         axes = fig.subplots(1, 2, sharey=True)
         seen: dict[str, tuple[str, str]] = {}
+        tallest = 0.0
         cpu = all(not r.settings.device.startswith("cuda") for r in records)
         titles = ("After the last step (persistent)", "At the peak" + (" (simulated, CPU)" if cpu else ""))
         for ax, at_peak, title in zip(axes, (False, True), titles):
@@ -136,16 +137,18 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
                            edgecolor="white" if not hatch else "#333333", linewidth=0.5, label=label)
                     seen.setdefault(label, (color, hatch))
                     bottom += nbytes / div
-                where = f"\n{record.peaks.get('phase')}, step {record.peaks.get('step')}" if at_peak else ""
+                tallest = max(tallest, bottom)
+                phase = record.peaks.get("phase")
+                where = f"\n{PHASE_SHORT.get(phase, phase)} {record.peaks.get('step')}" if at_peak else ""
                 ax.annotate(f"{_value(bottom * div, unit)}{where}", (x, bottom), xytext=(0, 3),
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
             ax.set_title(title)
             ax.set_xticks(range(len(records)), [r.settings.spec for r in records],
                           rotation=30 if len(records) > 3 else 0, ha="right" if len(records) > 3 else "center")
             ax.set_xlim(-0.6, len(records) - 0.4)
-            ax.margins(y=0.15)
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
+        axes[0].set_ylim(0, tallest * 1.2 or 1)  # shared: room for the two-line peak labels
         axes[0].set_ylabel(f"Memory ({unit})")
         _legend(fig, seen)
         fig.suptitle(_title(records), fontsize=10)
