@@ -14,9 +14,6 @@ from memprof.record import RunRecord, Settings
 if TYPE_CHECKING:
     import pandas as pd
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-AMP_CHOICES = ("bf16", "fp16")
-
 
 def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when a GPU is present, else 'cpu'; 'cuda' without one is a usage error."""
@@ -34,19 +31,15 @@ def resolve_device(device: str) -> str:
 
 
 def _check_settings(model: str, dtype: str, amp: str | None) -> None:
-    from pathlib import Path
+    from memprof.measure.runner import AMP
+    from memprof.models import check_model_name
+    from memprof.models.base import DTYPES
 
-    from memprof.errors import closest
-    from memprof.models import model_names
-
-    names = [name for name, _, _ in model_names()]
-    is_path = model.endswith(".json") or Path(model).is_dir() or ".py:" in model
-    if model not in names and not is_path:
-        raise UsageError(f"unknown model {model!r}; closest: {closest(model, names)} (see `memprof models`)")
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPE_CHOICES)}")
-    if amp is not None and amp not in AMP_CHOICES:
-        raise UsageError(f"unknown --amp {amp!r}; choose {', '.join(AMP_CHOICES)}")
+    check_model_name(model)
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    if amp is not None and amp not in AMP:
+        raise UsageError(f"unknown --amp {amp!r}; choose {', '.join(AMP)}")
 
 
 def _validate_optimizers(specs: str | Sequence[str]) -> list[str]:

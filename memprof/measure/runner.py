@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,7 +23,6 @@ from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
 from memprof.record import ParameterState, Row, RunRecord, Settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TIMELINE_POINTS = 4000
 

@@ -23,7 +23,7 @@ from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_n
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BuiltModel", "ModelOptions", "build_model", "model_names"]
+__all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "model_names"]
 
 
 def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu") -> BuiltModel:
@@ -60,11 +60,19 @@ def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel
         return hf.build_from_config_file(Path(name).expanduser(), options, device)
     from memprof.models import user
 
-    if not user.is_user_spec(name):
-        known = [entry[0] for entry in model_names()]
-        raise UsageError(f"Unknown model {name!r}; did you mean {closest(name, known)}? (or give a local "
-                         "config.json, or path/to/file.py:function)")
+    check_model_name(name)
     return user.build(name, options, device)
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``UsageError`` unless ``build_model`` can resolve ``name``; builds nothing."""
+    from memprof.models.user import is_user_spec
+
+    if name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS or _is_hf_config(name) or is_user_spec(name):
+        return
+    known = [entry[0] for entry in model_names()]
+    raise UsageError(f"unknown model {name!r}; closest: {closest(name, known)} (see `memprof models`; or give a "
+                     "local config.json, or path/to/file.py:function)")
 
 
 def _is_hf_config(name: str) -> bool:
