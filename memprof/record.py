@@ -13,22 +13,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
-CATEGORIES: tuple[str, ...] = (
-    "weights",
-    "buffers",
-    "gradients",
-    "optimizer_state",
-    "inputs",
-    "activations",
-    "temporaries",
-    "step_transient",
-    "allocator",
-    "context",
-    "unattributed",
-)
-"""Every measured byte lands in exactly one of these (DESIGN.md's taxonomy)."""
-
-PHASES: tuple[str, ...] = ("forward", "backward", "step")
+from memprof.taxonomy import CATEGORIES, PHASES  # noqa: F401  (re-exported for readers of records)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-# Identity categories, in precedence order: an allocation tagged twice takes the first.
-PRECEDENCE: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs", "activations")
+from memprof.taxonomy import IDENTITY_PRECEDENCE, category_of_untagged
 
 
 @dataclass
@@ -64,7 +63,7 @@ def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark
     for alloc in allocations:
         by_ptr[alloc.ptr].append(alloc)
     starts = {ptr: [a.start for a in allocs] for ptr, allocs in by_ptr.items()}
-    rank = {name: i for i, name in enumerate(PRECEDENCE)}
+    rank = {name: i for i, name in enumerate(IDENTITY_PRECEDENCE)}
     for tag in tags:
         allocs = by_ptr.get(tag.ptr)
         if not allocs:
@@ -83,17 +82,7 @@ def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark
             continue
         i = bisect.bisect_right(mark_times, alloc.start) - 1
         phase = marks[i].phase if i >= 0 else "setup"
-        if phase in ("forward", "backward"):
-            alloc.category, alloc.component = "temporaries", phase
-        elif phase == "step":
-            alloc.category, alloc.component = "step_transient", "step"
-        elif phase == "warmup":
-            # What the library warm-up leaves allocated is cuBLAS/cuDNN workspace: context
-            # that happens to live inside the caching allocator.
-            alloc.category, alloc.component = "context", "library workspace"
-        else:
-            # Made while the model was built and owned by no tensor of the run.
-            alloc.category, alloc.component = "unattributed", phase
+        alloc.category, alloc.component = category_of_untagged(phase)
 
 
 def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_points: int = 0) -> Replay:

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from memprof.optim.registry import role_of
+from memprof.taxonomy import role_of
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Optimizer registry: names, how to build each optimizer, and the role of each state key.
+"""Optimizer registry: every registered name, parsing ``--opt`` specs, building an optimizer.
 
 A spec is ``NAME`` or ``NAME:key=value[:key=value…]``; ``--opt`` takes a comma-separated
 list of specs (commas inside brackets belong to a value: ``adam:betas=(0.9,0.95)``). NAME is a
@@ -14,75 +14,21 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
 
 from memprof.errors import UsageError, closest
+from memprof.optim.entry import OptimizerEntry
+from memprof.optim.library import LIBRARY
+from memprof.optim.papers import PAPERS
 
 if TYPE_CHECKING:
     import torch
 
-Role = Literal["moment", "factor", "sign", "projection", "quant", "other"]
-ROLES: tuple[str, ...] = ("moment", "factor", "sign", "projection", "quant", "other")
-ParamsMode = Literal["parameters", "named_parameters", "model"]
-
-
-@dataclass(frozen=True)
-class OptimizerEntry:
-    """One registered optimizer.
-
-    ``target`` is ``"module:attribute"``: a ``torch.optim.Optimizer`` subclass or a factory
-    with the same call shape. ``params`` says what it is called with: ``model.parameters()``,
-    ``model.named_parameters()`` or the model itself. ``roles`` maps each state key (the key in
-    ``optimizer.state[p]``, or the first attribute on a nested object) to its role; when left
-    empty the class's own ``state_roles`` attribute is used. ``defaults`` are memprof's
-    overrides of the class defaults (``sgd`` uses momentum 0.9).
-    """
-
-    name: str
-    target: str
-    summary: str
-    source: str
-    roles: Mapping[str, Role] = field(default_factory=dict)
-    params: ParamsMode = "parameters"
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    requires: str | None = None  # "cuda" when the optimizer only runs on CUDA
-
-    def load(self) -> Callable[..., "torch.optim.Optimizer"]:
-        module, _, attr = self.target.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise UsageError(
-                f"optimizer {self.name!r} needs {exc.name or module}, which is not installed "
-                f"(pip install {(exc.name or module).split('.')[0].replace('_', '-')})"
-            ) from None
-
-    def state_roles(self) -> Mapping[str, Role]:
-        return self.roles or getattr(self.load(), "state_roles", {})
-
-    def signature_defaults(self) -> dict[str, Any]:
-        """Hyperparameters and their defaults as memprof builds the optimizer."""
-        out: dict[str, Any] = {}
-        for name, prm in inspect.signature(self.load()).parameters.items():
-            if prm.kind in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL) or name in ("params", "model", "named_parameters"):
-                continue
-            if prm.default is not inspect.Parameter.empty:
-                out[name] = prm.default
-        out.update(self.defaults)
-        return out
-
-
-def _entries() -> dict[str, OptimizerEntry]:
-    from memprof.optim.baselines import BASELINES
-    from memprof.optim.seeds import SEEDS
-
-    return {e.name: e for e in (*SEEDS, *BASELINES)}
-
 
 def registry() -> dict[str, OptimizerEntry]:
-    """All registered optimizers by name."""
-    return _entries()
+    """All registered optimizers by name: the paper implementations first, then the library ones."""
+    return {e.name: e for e in (*PAPERS, *LIBRARY)}
 
 
 @dataclass(frozen=True)
@@ -204,27 +150,3 @@ def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module") -> "torch.opt
         return factory(first, **kwargs)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"optimizer {spec.name}: {exc}") from None
-
-
-def infer_role(state_tensor: "torch.Tensor", param: "torch.Tensor | None") -> Role:
-    """Heuristic role for state of an optimizer that declares none (marked as inferred)."""
-    import torch
-
-    n = state_tensor.numel()
-    if n <= 1:
-        return "other"
-    if param is not None:
-        if state_tensor.dtype in (torch.bool, torch.uint8) and abs(n - (param.numel() + 7) // 8) <= state_tensor.shape[0]:
-            return "sign"
-        if state_tensor.dtype in (torch.uint8, torch.int8):
-            return "quant"
-        if n == param.numel():
-            return "moment"
-    return "factor"
-
-
-def role_of(roles: Mapping[str, Role], key: str, state_tensor: "torch.Tensor", param: "torch.Tensor | None") -> tuple[Role, bool]:
-    """The declared role of a state key, or an inferred one (second item True when inferred)."""
-    if key in roles:
-        return roles[key], False
-    return infer_role(state_tensor, param), True

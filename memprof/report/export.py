@@ -11,9 +11,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from memprof.record import RunRecord
+from memprof.taxonomy import order_roles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,7 +28,6 @@ CSV_COLUMNS = (*ID_COLUMNS, "status", "measure", "category", "component", "bytes
 """``measure`` is ``steady`` (after the last step; the breakdown) or ``peak`` (at the global peak).
 ``record_rows`` is how many rows the record has in the file, so a reader can tell a truncated file."""
 
-STATE_ORDER = ("moment", "factor", "sign", "projection", "quant", "other")
 PROVENANCE_KEYS = ("model", "optimizers", "device", "dtype", "amp", "batch_size", "seq_len", "image_size",
                    "num_classes", "steps", "seed", "gpu", "driver", "torch", "cuda", "memprof", "python", "platform")
 
@@ -129,15 +129,9 @@ def _quote(text: str) -> str:
 
 
 # -- the per-optimizer summary that Markdown and LaTeX render -----------------------------
-def order_components(names: Iterable[str]) -> list[str]:
-    """Distinct optimizer-state components in role order (unknown ones last, sorted)."""
-    present = set(names)
-    return [c for c in STATE_ORDER if c in present] + sorted(present - set(STATE_ORDER))
-
-
 def state_components(records: Sequence[RunRecord]) -> list[str]:
     """Optimizer-state components present in any record, in role order."""
-    return order_components(c for r in records for c in r.components("optimizer_state"))
+    return order_roles(c for r in records for c in r.components("optimizer_state"))
 
 
 def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from memprof.errors import UsageError
-from memprof.record import CATEGORIES, RunRecord
+from memprof.record import RunRecord
 from memprof.report.export import ID_COLUMNS, SETTINGS_COLUMNS, record_rows
 from memprof.report.units import UNITS, fmt, parse_size
+from memprof.taxonomy import CATEGORIES, PERSISTENT
 
 PEAK = "peak"
 """Pseudo-category of the gate: the global peak of allocated bytes (component ``allocated``)."""
-GATED_CPU = ("weights", "buffers", "gradients", "optimizer_state", "inputs")
+GATED_CPU = PERSISTENT
 GATED_CUDA = (*GATED_CPU, "activations", "step_transient", PEAK)
 EXACT_TOLERANCE, ALLOCATOR_TOLERANCE = "0%", "2%"  # persistent tensor rows; the rest
 REQUIRED_COLUMNS = (*ID_COLUMNS, "status", "measure", "category", "component", "bytes", "basis")

@@ -8,7 +8,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from memprof.record import RunRecord
-from memprof.report.export import provenance, reproduce_commands, state_components, summary_rows
+from memprof.report.export import (
+    provenance,
+    reproduce_commands,
+    state_components,
+    summary_rows,
+)
 from memprof.report.units import fmt, scale
 
 _ESCAPES = {

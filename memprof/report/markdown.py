@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Sequence
 
 from memprof.record import RunRecord
-from memprof.report.export import order_components, provenance, reproduce_commands, state_components, summary_rows
+from memprof.report.export import (
+    provenance,
+    reproduce_commands,
+    state_components,
+    summary_rows,
+)
 from memprof.report.units import fmt, scale
+from memprof.taxonomy import order_roles
 
 
 def escape(text: str) -> str:
@@ -67,7 +73,7 @@ def breakdown_table(record: RunRecord, *, unit: str = "MiB", digits: int = 2) ->
 
 def parameter_table(record: RunRecord, *, unit: str = "MiB", top: int = 20, digits: int = 3) -> list[str]:
     """The parameters with the most optimizer state, split by role."""
-    roles = order_components(k for p in record.parameters for k in p.by_role)
+    roles = order_roles(k for p in record.parameters for k in p.by_role)
     rows = [[p.name, "×".join(map(str, p.shape)), fmt(p.param_bytes, unit, digits), fmt(p.state_bytes, unit, digits),
              *(fmt(p.by_role.get(r, 0), unit, digits) for r in roles)] for p in record.parameters[:top]]
     header = ["Parameter", "Shape", f"Param ({unit})", f"State ({unit})", *(f"{r} ({unit})" for r in roles)]

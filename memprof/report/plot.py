@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from memprof.errors import UsageError
-from memprof.record import CATEGORIES, RunRecord
-from memprof.report.export import order_components, write_atomic
+from memprof.record import RunRecord
+from memprof.report.export import write_atomic
 from memprof.report.units import fmt, scale
+from memprof.taxonomy import CATEGORIES, order_roles
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -106,7 +107,7 @@ def _segments(record: RunRecord, *, at_peak: bool) -> list[tuple[str, str | None
     for r in rows:
         key = (r.category, r.component if r.category == "optimizer_state" else None)
         by_key[key] = by_key.get(key, 0) + r.bytes
-    components = order_components(c for cat, c in by_key if cat == "optimizer_state")
+    components = order_roles(c for cat, c in by_key if cat == "optimizer_state")
     order = [(c, None) for c in CATEGORIES if c != "optimizer_state"]
     state_at = order.index(("inputs", None))
     order[state_at:state_at] = [("optimizer_state", c) for c in components]
@@ -264,7 +265,7 @@ def plot_parameters(records: Sequence[RunRecord], *, unit: str = "MiB", top: int
         seen: dict[str, tuple[str, str]] = {}
         for ax, record in zip(axes, shown):
             params = record.parameters[:top][::-1]  # largest at the top
-            roles = order_components(k for p in params for k in p.by_role)
+            roles = order_roles(k for p in params for k in p.by_role)
             left = [0.0] * len(params)
             for role in roles:
                 widths = [p.by_role.get(role, 0) / div for p in params]

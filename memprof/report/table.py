@@ -9,13 +9,12 @@ from rich.table import Table
 
 from memprof.record import RunRecord
 from memprof.report.units import fmt
-
-ROLE_ABBREV = {"moment": "mom", "factor": "fac", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth"}
+from memprof.taxonomy import ROLE_ABBREVIATIONS
 
 
 def _state_split(record: RunRecord, unit: str) -> str:
     parts = record.components("optimizer_state")
-    return " ".join(f"{ROLE_ABBREV.get(k, k)} {fmt(v, unit, 2)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    return " ".join(f"{ROLE_ABBREVIATIONS.get(k, k)} {fmt(v, unit, 2)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
 
 
 def _delta(value: int | None, base: int | None, unit: str) -> str:

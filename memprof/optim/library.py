@@ -1,4 +1,4 @@
-"""Baseline optimizers taken from well-kept libraries, with the roles of their state keys.
+"""Optimizers taken from well-kept libraries (the baselines papers compare against), with the roles of their state keys.
 
 Roles are keyed by the key in ``optimizer.state[p]`` (or by ``key.attribute`` for the inner
 tensors of a tensor-subclass state, such as torchao's quantized moments). docs/baselines.md
@@ -7,7 +7,8 @@ lists every entry's layout, dtype rules and memprof's default overrides.
 
 from __future__ import annotations
 
-from memprof.optim.registry import OptimizerEntry, Role
+from memprof.optim.entry import OptimizerEntry
+from memprof.taxonomy import Role
 
 _ADAM_ROLES: dict[str, Role] = {"exp_avg": "moment", "exp_avg_sq": "moment", "max_exp_avg_sq": "moment", "step": "other"}
 
@@ -48,7 +49,7 @@ _AO_ROLES: dict[str, Role] = {
     **{f"{key}.{inner}": "quant" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") for inner in ("codes", "scale", "qmap")},
 }
 
-BASELINES: tuple[OptimizerEntry, ...] = (
+LIBRARY: tuple[OptimizerEntry, ...] = (
     OptimizerEntry(
         name="adam",
         target="memprof.optim.adapters:adam",

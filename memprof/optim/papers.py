@@ -5,9 +5,9 @@ Each lives in its own module and declares the roles of its state keys in ``state
 
 from __future__ import annotations
 
-from memprof.optim.registry import OptimizerEntry
+from memprof.optim.entry import OptimizerEntry
 
-SEEDS: tuple[OptimizerEntry, ...] = (
+PAPERS: tuple[OptimizerEntry, ...] = (
     OptimizerEntry(
         name="smmf",
         target="memprof.optim.smmf:SMMF",

@@ -1,0 +1,94 @@
+"""The byte taxonomy, declared once: categories, their precedence, state roles and role inference.
+
+Every measured byte lands in exactly one category. Where a byte gets its category is decided in
+``memprof.measure.attribution`` from the declarations here; views import the orders from here.
+Kept free of heavy imports (torch only for type checking).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+CATEGORIES: tuple[str, ...] = (
+    "weights",
+    "buffers",
+    "gradients",
+    "optimizer_state",
+    "inputs",
+    "activations",
+    "temporaries",
+    "step_transient",
+    "allocator",
+    "context",
+    "unattributed",
+)
+"""Every measured byte lands in exactly one of these (DESIGN.md's taxonomy), in display order."""
+
+IDENTITY_PRECEDENCE: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs", "activations")
+"""Categories known by identity (a tensor the run can name), in precedence order: an allocation
+tagged twice (a parameter saved for backward) takes the first."""
+
+PERSISTENT: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs")
+"""Counted exactly from tensors (unique storage bytes): identical on every device, gated at 0 %."""
+
+PHASES: tuple[str, ...] = ("forward", "backward", "step")
+"""The phases of one training step."""
+
+
+def category_of_untagged(phase: str) -> tuple[str, str]:
+    """(category, component) of an allocation no identity claims, from the phase that made it."""
+    if phase in ("forward", "backward"):
+        return "temporaries", phase
+    if phase == "step":
+        return "step_transient", "step"
+    if phase == "warmup":
+        # What the library warm-up leaves allocated is cuBLAS/cuDNN workspace: context that
+        # happens to live inside the caching allocator.
+        return "context", "library workspace"
+    # Made while the model was built and owned by no tensor of the run.
+    return "unattributed", phase
+
+
+Role = Literal["moment", "factor", "sign", "projection", "quant", "other"]
+ROLES: tuple[str, ...] = ("moment", "factor", "sign", "projection", "quant", "other")
+"""Components of ``optimizer_state``: full-size moments; row/column factors, per-axis accumulators,
+low-rank bases and per-block statistics; sign bitmaps; GaLore/AdaMeM projection matrices;
+quantized codes, scales and code books; step counters and scalars. Display order."""
+
+ROLE_ABBREVIATIONS: dict[str, str] = {
+    "moment": "mom", "factor": "fac", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth",
+}
+
+
+def infer_role(state_tensor: "torch.Tensor", param: "torch.Tensor | None") -> Role:
+    """Heuristic role for state of an optimizer that declares none (marked as inferred)."""
+    import torch
+
+    n = state_tensor.numel()
+    if n <= 1:
+        return "other"
+    if param is not None:
+        if state_tensor.dtype in (torch.bool, torch.uint8) and abs(n - (param.numel() + 7) // 8) <= state_tensor.shape[0]:
+            return "sign"
+        if state_tensor.dtype in (torch.uint8, torch.int8):
+            return "quant"
+        if n == param.numel():
+            return "moment"
+    return "factor"
+
+
+def role_of(roles: Mapping[str, Role], key: str, state_tensor: "torch.Tensor",
+            param: "torch.Tensor | None") -> tuple[Role, bool]:
+    """The declared role of a state key, or an inferred one (second item True when inferred)."""
+    if key in roles:
+        return roles[key], False
+    return infer_role(state_tensor, param), True
+
+
+def order_roles(names) -> list[str]:
+    """Distinct optimizer-state components in role order (unknown ones last, sorted)."""
+    present = set(names)
+    return [c for c in ROLES if c in present] + sorted(present - set(ROLES))
