@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from memprof.api import measure
-from memprof.report.export import to_json, write_atomic
+from memprof.files import write_atomic
+from memprof.runfile import to_json
 
 MiB = 2**20
 SEEDS = ["smmf", "smmf:sign_bits=8", "smmf:implementation=torch", "alada", "adamem", "adapprox", "io_adam"]

@@ -2,17 +2,35 @@
 
     >>> import memprof
     >>> df = memprof.compare("gpt2", "smmf,adam", device="cpu", steps=2)
+
+Settings are the fields of ``memprof.settings.Settings``, passed as keyword arguments. The API
+also owns what the command line only parses: merging a config file with command-line options
+(``requests``) and checking a run against a baseline, measuring again where needed (``check``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from memprof.errors import UsageError
-from memprof.record import RunRecord, Settings
+from memprof.errors import UsageError, closest
+from memprof.record import RunRecord
+from memprof.settings import (
+    Settings,
+    config_keys,
+    declared_fields,
+    group_by_request,
+    request_fields,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from memprof.report.gate import GateResult
 
 
 def resolve_device(device: str) -> str:
@@ -21,25 +39,9 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-        return device
-    if device != "cpu":
-        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     return device
-
-
-def _check_settings(model: str, dtype: str, amp: str | None) -> None:
-    from memprof.measure.runner import AMP
-    from memprof.models import check_model_name
-    from memprof.models.base import DTYPES
-
-    check_model_name(model)
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
-    if amp is not None and amp not in AMP:
-        raise UsageError(f"unknown --amp {amp!r}; choose {', '.join(AMP)}")
 
 
 def _validate_optimizers(specs: str | Sequence[str]) -> list[str]:
@@ -55,69 +57,68 @@ def _validate_optimizers(specs: str | Sequence[str]) -> list[str]:
     return texts
 
 
+def _settings(model: str, values: dict[str, Any]) -> Settings:
+    """The run's settings (optimizer fields left empty), validated; unknown names are usage errors."""
+    valid = [f.name for f in declared_fields() if f.name not in ("model", "optimizer", "spec")]
+    for name in values:
+        if name not in valid:
+            raise UsageError(f"unknown setting {name!r}; closest: {closest(name, valid)}")
+    settings = Settings(model=model, spec="", **values)
+    from memprof.models import check_model_name
+
+    check_model_name(model)
+    return settings
+
+
+def command_line() -> str:
+    """The command this process was started with, as the user typed it (``memprof …`` for the CLI)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return " ".join([program if program != "__main__.py" else "python -m memprof", *map(shlex.quote, sys.argv[1:])])
+
+
 def measure(
     model: str,
     optimizers: str | Sequence[str],
     *,
-    device: str = "auto",
-    dtype: str = "float32",
-    amp: str | None = None,
-    batch_size: int = 2,
-    seq_len: int = 128,
-    image_size: int = 224,
-    num_classes: int | None = None,
-    steps: int = 3,
-    seed: int = 0,
     isolate: bool | None = None,
-    timeline: bool = True,
-    snapshot: str | None = None,
     on_start: Callable[[Settings], None] | None = None,
     on_result: Callable[[RunRecord], None] | None = None,
+    **settings: Any,
 ) -> list[RunRecord]:
     """Measure each optimizer on ``model``; one run record per optimizer, in order.
 
-    On CUDA each optimizer runs in its own child process (``isolate`` defaults to True there).
-    An optimizer that runs out of memory yields a record with ``status == "oom"``.
+    ``settings`` are ``Settings`` fields (``device="cpu"``, ``batch_size=4``…). On CUDA each
+    optimizer runs in its own child process (``isolate`` defaults to True there). An optimizer
+    that runs out of memory or crashes yields a record with ``status`` "oom" or "failed".
     """
-    if steps < 1:
-        raise UsageError("--steps must be at least 1")
-    _check_settings(model, dtype, amp)
+    base = _settings(model, settings)
     texts = _validate_optimizers(optimizers)
-    device = resolve_device(device)
+    device = resolve_device(base.device)
     isolate = device.startswith("cuda") if isolate is None else isolate
     from memprof.optim.registry import parse_spec
 
+    if base.snapshot is not None and not device.startswith("cuda"):
+        raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
+                         "use --device cuda on a GPU machine, or drop --snapshot")
+    command = command_line()
     records = []
     for text in texts:
         spec = parse_spec(text)
         if spec.entry.requires == "cuda" and not device.startswith("cuda"):
             raise UsageError(f"optimizer {spec.name} runs only on CUDA; use --device cuda")
-        settings = Settings(
-            model=model,
-            optimizer=spec.name,
-            spec=text,
-            device=device,
-            dtype=dtype,
-            amp=amp,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            image_size=image_size,
-            num_classes=num_classes,
-            steps=steps,
-            seed=seed,
-            timeline=timeline,
-            snapshot=_snapshot_path(snapshot, text, len(texts)),
-        )
+        run = base.replace(optimizer=spec.name, spec=text, device=device,
+                           snapshot=_snapshot_path(base.snapshot, text, len(texts)))
         if on_start:
-            on_start(settings)
+            on_start(run)
         if isolate:
             from memprof.measure.isolation import measure_in_child
 
-            record = measure_in_child(settings)
+            record = measure_in_child(run)
         else:
             from memprof.measure.runner import measure as measure_here
 
-            record = measure_here(settings)
+            record = measure_here(run)
+        record.environment["command"] = command
         records.append(record)
         if on_result:
             on_result(record)
@@ -127,20 +128,116 @@ def measure(
 def _snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:
     if snapshot is None or count == 1:
         return snapshot
-    from pathlib import Path
-
     path = Path(snapshot)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec)
     return str(path.with_name(f"{path.stem}-{safe}{path.suffix or '.pickle'}"))
 
 
-def compare(model: str, optimizers: str | Sequence[str], **kwargs) -> "pd.DataFrame":
+def compare(model: str, optimizers: str | Sequence[str], **kwargs: Any) -> "pd.DataFrame":
     """Measure and return the tidy long table (one row per record, category, component)."""
     from memprof.report.export import records_to_frame
 
     return records_to_frame(measure(model, optimizers, **kwargs))
 
 
-def profile(model: str, optimizer: str, **kwargs) -> RunRecord:
+def profile(model: str, optimizer: str, **kwargs: Any) -> RunRecord:
     """Measure one optimizer in depth; the record carries the per-parameter state table."""
+    from memprof.optim.registry import split_specs
+
+    if len(split_specs(optimizer)) != 1:
+        raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     return measure(model, [optimizer], **kwargs)[0]
+
+
+# -- what to measure: the command line merged with a config file --------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """One ``measure`` call: a model, its optimizer specs and the other settings."""
+
+    model: str
+    optimizers: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+
+
+def requests(given: dict[str, Any], *, config: str | Path | None = None,
+             explicit: set[str] = frozenset()) -> list[Request]:
+    """What to measure: ``given`` settings (by field name, ``spec`` holding the comma-separated
+    specs), or one request per run of a config file, where the settings in ``explicit`` (typed on
+    the command line) win over the file."""
+    from memprof.config import load_runs
+
+    if config is None:
+        runs = [dict(given)]
+    else:
+        keys = config_keys()
+        runs = []
+        for run in load_runs(config):
+            from_file = {keys[k]: v for k, v in run.items() if k in keys}
+            merged = {**given, **{k: v for k, v in from_file.items() if k not in explicit}}
+            runs.append({**merged, "description": run.get("description")})
+    out = []
+    for run in runs:
+        description = run.pop("description", None)
+        model, specs = run.pop("model"), run.pop("spec")
+        out.append(Request(model=model, optimizers=specs, settings=run, description=description))
+    return out
+
+
+# -- the gate ----------------------------------------------------------------------------------------------
+@dataclass
+class CheckOutcome:
+    """The gate's verdict, and the records measured for it (empty when a current run was given)."""
+
+    result: "GateResult"
+    measured: list[RunRecord]
+
+
+def check(
+    baseline: str | Path,
+    current: str | Path | None = None,
+    *,
+    tolerances: Sequence[str] = (),
+    categories: Sequence[str] | None = None,
+    trust: Sequence[str] = (),
+    on_start: Callable[[Settings], None] | None = None,
+    on_result: Callable[[RunRecord], None] | None = None,
+) -> CheckOutcome:
+    """Check a current run file against a baseline file, or measure the baseline's runs again here.
+
+    A baseline is data: measuring again loads only built-in models and registered optimizers, and
+    the model files and dotted-path optimizers the user names in ``trust``.
+    """
+    from memprof import runfile
+    from memprof.report import gate
+
+    base = runfile.read(baseline, "baseline")
+    gate.parse_tolerances(tolerances)  # bad input fails before measuring
+    for name in categories or ():
+        gate.check_category(name)
+    measured: list[RunRecord] = []
+    if current is not None:
+        runs = runfile.read(current, "current run")
+    else:
+        for settings, specs in group_by_request(r.settings for r in base):
+            _refuse_code_from_data(settings, specs, baseline, set(trust))
+            measured.extend(measure(settings.model, specs, on_start=on_start, on_result=on_result,
+                                    **request_fields(settings)))
+        runs = measured
+    return CheckOutcome(gate.check(base, runs, tolerances=tolerances, categories=categories), measured)
+
+
+def _refuse_code_from_data(settings: Settings, specs: Sequence[str], path: str | Path, trust: set[str]) -> None:
+    """A model file or dotted path named only by a data file is never loaded."""
+    from memprof.models import is_builtin
+    from memprof.optim.registry import registry
+
+    known = registry()
+    names = [("model", settings.model, is_builtin(settings.model))]
+    names += [("optimizer", spec.split(":")[0].strip(), spec.split(":")[0].strip() in known) for spec in specs]
+    for what, name, builtin in names:
+        if not builtin and name not in trust:
+            raise UsageError(f"{path} names {what} {name!r}, which is not a built-in {what}; a baseline is data and "
+                             f"never makes memprof run code it names: pass --trust {shlex.quote(name)} to measure it "
+                             "again, or measure it yourself and pass --current")
+

@@ -1,18 +1,31 @@
-"""The memprof command line: parse, call the API, render. Heavy imports happen inside commands."""
+"""The memprof command line: parse, call the API, render. Heavy imports happen inside commands.
+
+Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate regression,
+2 bad input, 3 a measurement failed (its row is still written).
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from rich.console import Console
 
-from memprof.errors import MemprofError
+from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (GateRegression, 1),
+    (UsageError, 2),
+    (MeasurementFailed, 3),
+)
+"""The first matching type decides the exit code (0 when nothing was raised)."""
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,17 +39,6 @@ app = typer.Typer(
 out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `memprof models`), a local HF config.json, or file.py:function.")]
-OptOpt = Annotated[str, typer.Option("--opt", "-o", help="Comma-separated optimizer specs: NAME or NAME:key=value[:key=value…]; NAME may be a dotted class path.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")]
-DtypeOpt = Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")]
-AmpOpt = Annotated[Optional[str], typer.Option(help="Mixed precision with fp32 weights: bf16 or fp16 autocast.")]
-BatchOpt = Annotated[int, typer.Option(min=1, help="Batch size.")]
-SeqOpt = Annotated[int, typer.Option(min=1, help="Sequence length (text models).")]
-ImageOpt = Annotated[int, typer.Option(min=8, help="Image side in pixels (vision models).")]
-ClassesOpt = Annotated[Optional[int], typer.Option(min=1, help="Number of classes (vision models; default: the model's).")]
-StepsOpt = Annotated[int, typer.Option(min=1, help="Instrumented training steps; the first is warm-up for timings.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed for weights and batch.")]
 UnitOpt = Annotated[str, typer.Option(help="Units: B, KiB, MiB, GiB, KB, MB or GB.")]
 CsvOpt = Annotated[Optional[Path], typer.Option(help="Write the tidy long table (one row per category/component) to this CSV.")]
 JsonOpt = Annotated[Optional[Path], typer.Option(help="Write the run records with environment metadata to this JSON.")]
@@ -44,7 +46,7 @@ MarkdownOpt = Annotated[Optional[Path], typer.Option(help="Write a Markdown tabl
 LatexOpt = Annotated[Optional[Path], typer.Option(help="Write a booktabs LaTeX table, ready to paste (settings and environment in % comments).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(help="Write figures (.png, .pdf or .svg): PATH is the breakdown; <stem>-timeline and <stem>-parameters go beside it.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="A TOML run configuration (see reports/*.toml); command-line options win.")]
-SnapshotOpt = Annotated[Optional[Path], typer.Option(help="CUDA only: write a torch memory snapshot (drag it onto pytorch.org/memory_viz); bounded history, Python-only stacks.")]
+TopOpt = Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")]
 
 
 class ReportFormat(str, Enum):
@@ -55,58 +57,100 @@ class ReportFormat(str, Enum):
     latex = "latex"
 
 
-def _handle_errors(command: Callable) -> Callable:
-    """Turn memprof's own errors into one line on stderr and their exit code; no traceback."""
+# -- the run settings' options, derived from memprof.settings ----------------------------------------------
+def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """Give a command the declared settings' options of ``groups`` (``memprof.settings``); it receives
+    their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``
+    or ``help`` for this command (``spec={"default": "adam", "help": "One optimizer spec."}``)."""
+    from memprof.settings import declaration, declared_fields
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except MemprofError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            if os.environ.get("MEMPROF_DEBUG"):
-                raise
-            raise typer.Exit(exc.exit_code) from None
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+               if p.name != "settings"]
+        added = []
+        for group in groups:
+            for item in declared_fields(group):
+                meta, change = declaration(item.name), overrides.get(item.name, {})
+                base = {"int": int, "str": str, "bool": bool}[str(item.type).replace(" | None", "")]
+                kind = Optional[base] if "None" in str(item.type) else base
+                option = typer.Option(*filter(None, (meta.flag, meta.short)), help=change.get("help", meta.help),
+                                      min=meta.minimum, metavar=meta.metavar)
+                added.append(inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY,
+                                               default=change.get("default", item.default),
+                                               annotation=Annotated[kind, option]))
+        names = [p.name for p in added]
 
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return command(*args, settings={name: kwargs.pop(name) for name in names}, **kwargs)
+
+        params = [*own, *added]
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
 
 
-def _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_classes, steps, seed, snapshot):
+def _explicit(ctx: typer.Context, names: Sequence[str]) -> set[str]:
+    """The options typed on the command line (they win over a config file)."""
+    # By name: typer vendors its own click, whose ParameterSource is a different enum.
+    return {n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+
+
+# -- measuring, with progress on stderr ----------------------------------------------------------------
+def _measure(request) -> list:
+    """Run one API request with a spinner; the spinner starts at the first measurement, so that
+    bad input fails as one clean line before it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from memprof import api
-    from memprof.errors import UsageError
 
-    if snapshot is not None and not api.resolve_device(device).startswith("cuda"):
-        raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
-                         "use --device cuda on a GPU machine, or drop --snapshot")
-
-    # Started at the first measurement, so that bad input fails as one clean line before it.
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                         transient=True)
     task = progress.add_task("preparing…", total=None)
 
-    def on_start(settings):
+    def on_start(settings) -> None:
         progress.start()
         progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
-    def on_result(record):
+    def on_result(record) -> None:
         status = "ok" if record.status == "ok" else record.failure
         progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
 
     try:
-        return api.measure(
-            model, opt, device=device, dtype=dtype, amp=amp, batch_size=batch_size, seq_len=seq_len,
-            image_size=image_size, num_classes=num_classes, steps=steps, seed=seed,
-            snapshot=str(snapshot) if snapshot else None, on_start=on_start, on_result=on_result,
-        )
+        return api.measure(request.model, request.optimizers, on_start=on_start, on_result=on_result,
+                           **request.settings)
     finally:
         if progress.live.is_started:
             progress.stop()
 
 
-def _check_plot(plot: Path | None) -> None:
-    """Fail on a bad figure extension before measuring, not after."""
+def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path | None, *, unit: str,
+                      reference: str | None = None) -> list:
+    """Measure what the command line (and the config file, if any) asks for, printing a table per request."""
+    from memprof import api
+    from memprof.report.table import compare_table
+
+    records = []
+    for request in api.requests(settings, config=config, explicit=_explicit(ctx, list(settings))):
+        if request.description:
+            err.print(f"[bold]{request.description}[/bold]", highlight=False)
+        batch = _measure(request)
+        if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in batch):
+            raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
+        out.print(compare_table(batch, unit=unit, baseline=reference))
+        records.extend(batch)
+    return records
+
+
+def _check_outputs(unit: str, plot: Path | None = None) -> None:
+    """Fail on a bad unit or figure extension before measuring, not after."""
+    from memprof.report.units import scale
+
+    scale(unit)
     if plot is not None:
         from memprof.report.plot import figure_paths
 
@@ -115,9 +159,10 @@ def _check_plot(plot: Path | None) -> None:
 
 def _write_exports(records, *, csv: Path | None = None, json: Path | None = None, markdown: Path | None = None,
                    latex: Path | None = None, plot: Path | None = None, unit: str = "MiB", detail: bool = False) -> None:
-    from memprof.report.export import to_csv, to_json, write_atomic
+    from memprof.files import write_atomic
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
+    from memprof.runfile import to_csv, to_json
 
     renders = ((csv, lambda: to_csv(records)), (json, lambda: to_json(records)),
                (markdown, lambda: to_markdown(records, unit=unit, detail=detail)),
@@ -133,111 +178,72 @@ def _write_exports(records, *, csv: Path | None = None, json: Path | None = None
             err.print(f"wrote {path}", highlight=False)
 
 
+def _raise_if_failed(records) -> None:
+    failed = [r for r in records if r.status != "ok"]
+    if failed:
+        raise MeasurementFailed(f"{len(failed)} of {len(records)} measurement(s) failed: "
+                                + "; ".join(f"{r.settings.spec}: {r.failure or r.status}" for r in failed))
+
+
+# -- commands ----------------------------------------------------------------------------------------------
 @app.command()
-@_handle_errors
+@run_options("run", "capture")
 def compare(
     ctx: typer.Context,
-    model: ModelOpt = "gpt2",
-    opt: OptOpt = "smmf,adam",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    amp: AmpOpt = None,
-    batch_size: BatchOpt = 2,
-    seq_len: SeqOpt = 128,
-    image_size: ImageOpt = 224,
-    num_classes: ClassesOpt = None,
-    steps: StepsOpt = 3,
-    seed: SeedOpt = 0,
-    baseline: Annotated[Optional[str], typer.Option(help="Spec or name the Δ columns compare against (default: the first).")] = None,
+    settings: dict,
+    reference: Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")] = None,
     unit: UnitOpt = "MiB",
     csv: CsvOpt = None,
     json: JsonOpt = None,
     markdown: MarkdownOpt = None,
     latex: LatexOpt = None,
     plot: PlotOpt = None,
-    snapshot: SnapshotOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure several optimizers on one model, side by side.
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
-    _check_plot(plot)
-    records = _measure_runs(ctx, config, unit=unit, snapshot=snapshot, baseline=baseline)
+    _check_outputs(unit, plot)
+    records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
-
-
-def _measure_runs(ctx: typer.Context, config: Path | None, *, unit: str, snapshot: Path | None = None,
-                  baseline: str | None = None) -> list:
-    """Measure what the command line (and the config file, if any) asks for, printing a table per run."""
-    from memprof.config import KEYS, load_runs
-    from memprof.errors import UsageError
-    from memprof.report.table import compare_table
-    from memprof.report.units import scale
-
-    scale(unit)
-    given = {k: v for k, v in ctx.params.items() if k in KEYS}
-    # By name: typer may vendor its own click, whose ParameterSource is a different enum.
-    explicit = {k for k in given if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
-    runs = [{**given, **{k: v for k, v in run.items() if k not in explicit}} for run in load_runs(config)] if config else [given]
-    records = []
-    for run in runs:
-        if run.get("description"):
-            err.print(f"[bold]{run['description']}[/bold]", highlight=False)
-        batch = _run(**{k: run[k] for k in KEYS}, snapshot=snapshot)
-        if baseline is not None and not any(baseline in (r.settings.spec, r.settings.optimizer) for r in batch):
-            raise UsageError(f"--baseline {baseline!r} is not one of the measured optimizers")
-        out.print(compare_table(batch, unit=unit, baseline=baseline))
-        records.extend(batch)
-    return records
+    _raise_if_failed(records)
 
 
 @app.command()
-@_handle_errors
+@run_options("run", "capture", spec={"default": "adam", "help": "One optimizer spec."})
 def profile(
-    model: ModelOpt = "gpt2",
-    opt: Annotated[str, typer.Option("--opt", "-o", help="One optimizer spec.")] = "adam",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    amp: AmpOpt = None,
-    batch_size: BatchOpt = 2,
-    seq_len: SeqOpt = 128,
-    image_size: ImageOpt = 224,
-    num_classes: ClassesOpt = None,
-    steps: StepsOpt = 3,
-    seed: SeedOpt = 0,
-    top: Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")] = 20,
+    settings: dict,
+    top: TopOpt = 20,
     unit: UnitOpt = "MiB",
     csv: CsvOpt = None,
     json: JsonOpt = None,
     markdown: MarkdownOpt = None,
     latex: LatexOpt = None,
     plot: PlotOpt = None,
-    snapshot: SnapshotOpt = None,
 ) -> None:
     """One optimizer in depth: every category, the composition at the peak, state per parameter.
 
     Example: memprof profile --model resnet50 --opt smmf --top 10
     """
-    from memprof.errors import UsageError
+    from memprof import api
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
-    from memprof.report.units import scale
 
-    scale(unit)
-    _check_plot(plot)
-    if len(split_specs(opt)) != 1:
+    _check_outputs(unit, plot)
+    if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
-    records = _run(model, opt, device, dtype, amp, batch_size, seq_len, image_size, num_classes, steps, seed, snapshot)
+    (request,) = api.requests(settings)
+    records = _measure(request)
     record = records[0]
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
     print_tables(profile_tables(record, unit=unit, top=top), out)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit, detail=True)
+    _raise_if_failed(records)
 
 
 @app.command()
-@_handle_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run files written by --json (one or more).", show_default=False)],
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="table (terminal), csv, json, markdown or latex.")] = ReportFormat.table,
@@ -245,40 +251,30 @@ def report(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     plot: PlotOpt = None,
     detail: Annotated[bool, typer.Option(help="Markdown/LaTeX: add each record's breakdown (and top parameters).")] = False,
-    top: Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")] = 20,
+    top: TopOpt = 20,
 ) -> None:
     """Re-render saved runs without measuring anything.
 
     Example: memprof report gpt2.json --format latex --unit GiB -o gpt2.tex --plot gpt2.pdf
     """
-    from memprof.errors import UsageError
-    from memprof.record import RunRecord
-    from memprof.report.export import to_csv, to_json, write_atomic
+    from memprof import runfile
+    from memprof.files import write_atomic
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
-    from memprof.report.units import scale
 
-    scale(unit)
-    _check_plot(plot)
-    records = []
-    for path in runs:
-        try:
-            records.extend(RunRecord.load(path))
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            raise UsageError(f"{path} is not a memprof run file (write one with --json): {type(exc).__name__}: {exc}") from None
+    _check_outputs(unit, plot)
+    if format is ReportFormat.table and output is not None:
+        raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
+    records = [record for path in runs for record in runfile.read(path)]
     if format is ReportFormat.table:
-        if output is not None:
-            raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
         from memprof.report.table import compare_table, print_tables, profile_tables
 
         tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [compare_table(records, unit=unit)]
         print_tables(tables, out)
     else:
         text = {
-            ReportFormat.csv: lambda: to_csv(records),
-            ReportFormat.json: lambda: to_json(records),
+            ReportFormat.csv: lambda: runfile.to_csv(records),
+            ReportFormat.json: lambda: runfile.to_json(records),
             ReportFormat.markdown: lambda: to_markdown(records, unit=unit, detail=detail, top=top),
             ReportFormat.latex: lambda: to_latex(records, unit=unit, detail=detail),
         }[format]()
@@ -291,21 +287,11 @@ def report(
 
 
 @app.command()
-@_handle_errors
+@run_options("run", spec={"default": "adam,adafactor", "help": "Comma-separated optimizer specs, as for compare."})
 def baseline(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="The baseline file: .csv (tidy rows) or .json (full records).", show_default=False)],
-    model: ModelOpt = "gpt2",
-    opt: Annotated[str, typer.Option("--opt", help="Comma-separated optimizer specs, as for compare.")] = "adam,adafactor",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    amp: AmpOpt = None,
-    batch_size: BatchOpt = 2,
-    seq_len: SeqOpt = 128,
-    image_size: ImageOpt = 224,
-    num_classes: ClassesOpt = None,
-    steps: StepsOpt = 3,
-    seed: SeedOpt = 0,
+    settings: dict,
     unit: UnitOpt = "MiB",
     config: ConfigOpt = None,
 ) -> None:
@@ -313,48 +299,42 @@ def baseline(
 
     Example: memprof baseline --model gpt2 --opt smmf,adam --device cpu -o memory-baseline.csv
     """
-    from memprof.report.export import to_csv, to_json, write_atomic
+    from memprof import runfile
 
-    records = _measure_runs(ctx, config, unit=unit)
-    write_atomic(output, to_json(records) if output.suffix.lower() == ".json" else to_csv(records))
+    _check_outputs(unit)
+    records = _measure_requests(ctx, settings, config, unit=unit)
+    runfile.write(output, records)
     err.print(f"wrote {output}; gate later runs with: memprof check --baseline {output}", highlight=False)
+    _raise_if_failed(records)
 
 
 @app.command()
-@_handle_errors
 def check(
     baseline: Annotated[Path, typer.Option(help="The baseline `memprof baseline` (or --csv/--json) wrote.", show_default=False)],
-    current: Annotated[Optional[Path], typer.Option(help="A run file (.csv or .json) to check; default: re-measure the baseline's settings here.")] = None,
+    current: Annotated[Optional[Path], typer.Option(help="A run file (.csv or .json) to check; default: measure the baseline's settings again here (built-in models and registered optimizers only).")] = None,
     tolerance: Annotated[Optional[list[str]], typer.Option(metavar="TOL", help="Allowed growth, repeatable: 2% or 1MiB for every gated category, CATEGORY=2% for one. Default: 0% for the exact persistent rows, 2% for the rest.")] = None,
     category: Annotated[Optional[list[str]], typer.Option(metavar="CATEGORY", help="Gate these categories (repeatable) instead of the device's default set (see docs/ci-gate.md); `peak` is the peak allocated.")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Also write the re-measured run's tidy CSV here.")] = None,
+    trust: Annotated[Optional[list[str]], typer.Option(metavar="NAME", help="A model file or dotted-path optimizer the baseline names that memprof may load to measure again (repeatable); built-in models and registered optimizers need none.")] = None,
 ) -> None:
     """Fail (exit 1) when memory grew past the tolerance since the baseline; improvements are reported, never fail.
 
     Appends a Markdown summary to $GITHUB_STEP_SUMMARY when it is set.
     Example: memprof check --baseline memory-baseline.csv --tolerance 2% --tolerance optimizer_state=0%
     """
-    from memprof.report import gate
+    from memprof import api
 
-    base = gate.load_runs(baseline, "baseline")
-    gate.parse_tolerances(tolerance or [])  # bad input fails before measuring
-    if current is not None:
-        runs = gate.load_runs(current, "current run")
-    else:
-        records = []
-        for group in gate.rerun_settings(base):
-            kwargs = {k: v for k, v in group.items() if k != "optimizers"}
-            records.extend(_run(opt=group["optimizers"], snapshot=None, **kwargs))
-        _write_exports(records, csv=csv)
-        runs = gate.runs_from_records(records)
-    result = gate.check(base, runs, tolerances=tolerance or (), categories=category)
+    outcome = api.check(baseline, current, tolerances=tolerance or (), categories=category, trust=trust or ())
+    if outcome.measured:
+        _write_exports(outcome.measured, csv=csv)
+    result = outcome.result
     out.print(result.text(), end="", markup=False, highlight=False)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a", encoding="utf-8") as handle:
             handle.write(result.markdown())
     if not result.passed:
-        raise typer.Exit(1)
+        raise GateRegression("")
 
 
 @app.command()
@@ -372,7 +352,6 @@ def models() -> None:
 
 
 @app.command()
-@_handle_errors
 def optimizers() -> None:
     """List the registered optimizers with their state roles and defaults."""
     from rich.table import Table
@@ -391,9 +370,37 @@ def optimizers() -> None:
     out.print("Any torch.optim.Optimizer subclass also works by dotted path (--opt torch.optim.RAdam); its roles are inferred.")
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+# -- entry point -------------------------------------------------------------------------------------------
+OPT_SHORT_FLAG_COMMANDS = ("compare", "profile")
+"""``-o`` was ``--opt``'s short flag in these commands before it meant ``--output`` elsewhere; kept working."""
+
+
+def _old_spellings(argv: list[str]) -> list[str]:
+    if argv and argv[0] in OPT_SHORT_FLAG_COMMANDS:
+        return [argv[0], *("--opt" if arg == "-o" else arg for arg in argv[1:])]
+    return argv
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code ``EXIT_CODES`` gives an exception (None: not one of memprof's)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the command and decide its exit code."""
+    args = _old_spellings(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="memprof")
+    except SystemExit as exc:  # click's own: --help (0), a malformed option (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except MemprofError as exc:
+        code = exit_code(exc)
+        if code is None or os.environ.get("MEMPROF_DEBUG"):
+            raise
+        if str(exc):
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,29 +21,30 @@ from pathlib import Path
 from typing import Any
 
 from memprof.errors import UsageError
+from memprof.settings import config_keys
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = ("model", "opt", "device", "dtype", "amp", "batch_size", "seq_len", "image_size", "num_classes", "steps", "seed")
-
 
 def load_runs(path: str | Path) -> list[dict[str, Any]]:
-    """The measurements a config file asks for, each as a dict of compare options."""
+    """The measurements a config file asks for, each as a dict keyed by config keys
+    (``memprof.settings.config_keys``)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
+    keys = tuple(config_keys())
     runs = data.pop("runs", [{}])
     description = data.pop("description", None)
     out = []
     for run in runs:
         merged = {**data, **run}
-        unknown = sorted(set(merged) - set(KEYS) - {"description"})
+        unknown = sorted(set(merged) - set(keys) - {"description"})
         if unknown:
-            raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(KEYS)}")
+            raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(keys)}")
         merged.setdefault("description", run.get("description", description))
         out.append(merged)
     return out

@@ -1,4 +1,4 @@
-"""memprof's exceptions. The CLI maps them to exit codes in one place (``memprof.cli.main``)."""
+"""memprof's exceptions. The CLI maps them to exit codes in one place (``memprof.cli.EXIT_CODES``)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ from __future__ import annotations
 class MemprofError(Exception):
     """Base class for every error memprof raises on purpose."""
 
-    exit_code = 1
-
 
 class UsageError(MemprofError):
     """Bad input from the user: unknown model or optimizer, bad hyperparameter, missing device."""
 
-    exit_code = 2
+
+class GateRegression(MemprofError):
+    """``memprof check`` found memory that grew past its tolerance."""
 
 
-class CaptureFailedError(MemprofError):
-    """A measurement child crashed without producing a run record."""
-
-    exit_code = 3
+class MeasurementFailed(MemprofError):
+    """At least one optimizer crashed or ran out of memory; its row says so, the others were written."""
 
 
 def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:

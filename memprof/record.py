@@ -1,39 +1,18 @@
 """The run record: one plain data object per (model, optimizer, settings).
 
-Measurers produce it, views consume it; it round-trips through JSON (``to_json`` / ``load``).
-All byte counts are integers in bytes; views choose units.
+Measurers produce it, views consume it; ``memprof.runfile`` alone reads and writes it (JSON and
+tidy CSV). All byte counts are integers in bytes; views choose units.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 1
+from memprof.settings import Settings
 
-from memprof.taxonomy import CATEGORIES, PHASES  # noqa: F401  (re-exported for readers of records)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What was measured and how; enough to re-run it."""
-
-    model: str
-    optimizer: str  # registry name or dotted path
-    spec: str  # the --opt item as written
-    device: str  # "cpu" | "cuda"
-    dtype: str = "float32"
-    amp: str | None = None  # "bf16" | "fp16" | None
-    batch_size: int = 2
-    seq_len: int = 128
-    image_size: int = 224
-    num_classes: int | None = None
-    steps: int = 3
-    seed: int = 0
-    timeline: bool = True  # keep a downsampled per-category timeline in the record
-    snapshot: str | None = None  # path for a torch memory snapshot (CUDA only)
+SCHEMA_VERSION = 2
+"""2: typed peaks (``Peaks``), phase peaks and timeline; version-1 files still load."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +42,55 @@ class ParameterState:
 
 
 @dataclass
+class Peaks:
+    """The global peak of allocated bytes and, on CUDA, what the allocator and NVML said."""
+
+    allocated: int | None = None  # replayed (CUDA) or simulated (CPU) global peak
+    phase: str = ""  # where the global peak fell
+    step: int = 0
+    simulated: bool = True  # CPU: simulated from live tensors; CUDA: the allocator's history
+    exact_blocks: bool = True  # False under expandable segments (block sizes replayed approximately)
+    max_allocated: int | None = None  # torch.cuda.max_memory_allocated
+    max_reserved: int | None = None
+    reserved_end: int | None = None
+    allocated_end: int | None = None
+    nvml: int | None = None  # device memory NVML charges to the process
+    nvml_basis: str = "n/a"  # "nvml process" | "nvml device delta" | "n/a"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Peaks":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "simulated" not in data:  # files before the typed record: CPU peaks said so in prose
+            values["simulated"] = "basis" in data
+        if "block_sizes" in data:
+            values["exact_blocks"] = False
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PhasePeak:
+    """Allocated bytes at the start, peak and end of one phase of one step."""
+
+    step: int
+    phase: str
+    start: int
+    peak: int
+    end: int
+    allocator_at_start: int | None = None  # torch.cuda.memory_allocated at the phase mark (CUDA)
+
+
+@dataclass
+class Timeline:
+    """Downsampled live bytes over time (each bucket keeps its maximum), with the phase marks."""
+
+    time: list[float] = field(default_factory=list)  # since the first event, in the tracker's clock
+    total: list[int] = field(default_factory=list)
+    categories: dict[str, list[int]] = field(default_factory=dict)
+    marks: list[dict[str, Any]] = field(default_factory=list)  # {time, phase, step}
+
+
+@dataclass
 class RunRecord:
     settings: Settings
     environment: dict[str, Any]
@@ -75,12 +103,12 @@ class RunRecord:
     gradient_component: str = "grad"
     breakdown: list[Row] = field(default_factory=list)  # steady state after the last step
     peak: list[Row] = field(default_factory=list)  # composition at the global peak
-    peaks: dict[str, Any] = field(default_factory=dict)  # allocated / reserved / nvml / where
-    phase_peaks: list[dict[str, Any]] = field(default_factory=list)  # {step, phase, peak, start, end}
+    peaks: Peaks = field(default_factory=Peaks)
+    phase_peaks: list[PhasePeak] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # medians after warm-up
     parameters: list[ParameterState] = field(default_factory=list)
     telemetry: list[dict[str, float]] = field(default_factory=list)  # one dict per step
-    timeline: dict[str, Any] = field(default_factory=dict)
+    timeline: Timeline = field(default_factory=Timeline)
     schema: int = SCHEMA_VERSION
 
     # -- derived views of the rows -------------------------------------------------------
@@ -96,27 +124,22 @@ class RunRecord:
                 out[r.component] = out.get(r.component, 0) + r.bytes
         return out
 
-    # -- serialisation --------------------------------------------------------------------
+    # -- plain data ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, default=str)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        """A record from its plain-data form; raises KeyError, TypeError or ValueError on bad data."""
         data = dict(data)
-        data["settings"] = Settings(**data["settings"])
+        settings = {k: v for k, v in data["settings"].items() if k in {f.name for f in fields(Settings)}}
+        data["settings"] = Settings(**settings)
         data["breakdown"] = [Row(**r) for r in data.get("breakdown", [])]
         data["peak"] = [Row(**r) for r in data.get("peak", [])]
+        data["peaks"] = Peaks.from_dict(data.get("peaks") or {})
+        data["phase_peaks"] = [PhasePeak(**p) for p in data.get("phase_peaks", [])]
+        data["timeline"] = Timeline(**(data.get("timeline") or {}))
         data["parameters"] = [
             ParameterState(**{**p, "shape": tuple(p["shape"])}) for p in data.get("parameters", [])
         ]
         return cls(**data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> list["RunRecord"]:
-        """Load the records of a run file (a JSON object with ``records``, or one record)."""
-        data = json.loads(Path(path).read_text())
-        items = data["records"] if isinstance(data, dict) and "records" in data else [data]
-        return [cls.from_dict(item) for item in items]

@@ -6,16 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
+from cli_for_tests import invoke
 
-from memprof.cli import app
-from memprof.report.export import CSV_COLUMNS
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, list(args))
+from memprof.runfile import CSV_COLUMNS
 
 
 def test_compare_writes_table_csv_and_json(mlp_spec, tmp_path):
@@ -103,7 +96,7 @@ def test_help_and_models_start_without_heavy_imports():
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from memprof.report import export
+    from memprof import files
 
     target = tmp_path / "keep.csv"
     target.write_text("precious")
@@ -111,9 +104,9 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     def crash(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        export.write_atomic(target, "new contents")
+        files.write_atomic(target, "new contents")
     assert target.read_text() == "precious"
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
 

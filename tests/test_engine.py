@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from zoo_for_tests import MLP_SHAPES
 
+from memprof import runfile
 from memprof.api import measure
 from memprof.errors import UsageError
-from memprof.record import CATEGORIES, RunRecord
-from zoo_for_tests import MLP_SHAPES
+from memprof.taxonomy import CATEGORIES
 
 BYTES = {"float32": 4, "bfloat16": 2}
 N_MLP = sum(math.prod(s) for s in MLP_SHAPES)
@@ -59,6 +60,7 @@ def test_state_components_follow_roles(mlp_spec):
 def test_tied_weights_counted_once(gpt2_spec):
     (record,) = measure(gpt2_spec, "sgd", device="cpu", steps=1)
     from zoo_for_tests import tiny_gpt2
+
     from memprof.models import ModelOptions
 
     model, _ = tiny_gpt2(ModelOptions())
@@ -73,9 +75,9 @@ def test_activations_recorded_and_peak_adds_up(gpt2_spec):
     (record,) = measure(gpt2_spec, "adam", device="cpu", steps=3)
     assert record.total("activations") > 0
     assert record.total("temporaries") > 0
-    assert sum(r.bytes for r in record.peak) == record.peaks["allocated"]
+    assert sum(r.bytes for r in record.peak) == record.peaks.allocated
     assert {r.category for r in record.peak} <= set(CATEGORIES)
-    phases = [(p["step"], p["phase"]) for p in record.phase_peaks]
+    phases = [(p.step, p.phase) for p in record.phase_peaks]
     assert phases[-3:] == [(3, "forward"), (3, "backward"), (3, "step")]
     assert set(record.timings_ms) == {"forward", "backward", "step"}
 
@@ -89,16 +91,17 @@ def test_step_transient_seen_for_single_tensor_adam(mlp_spec):
 
 def test_step_is_steady_after_state_init(gpt2_spec):
     (record,) = measure(gpt2_spec, "adam", device="cpu", steps=3)
-    step2, step3 = ([p for p in record.phase_peaks if p["step"] == s and p["phase"] == "step"][0] for s in (2, 3))
-    assert step2["start"] == step3["start"] and step2["peak"] == step3["peak"]
+    step2, step3 = ([p for p in record.phase_peaks if p.step == s and p.phase == "step"][0] for s in (2, 3))
+    assert step2.start == step3.start and step2.peak == step3.peak
 
 
 def test_record_round_trips_through_json(mlp_spec, tmp_path):
     (record,) = measure(mlp_spec, "adafactor", device="cpu", steps=1)
     path = tmp_path / "run.json"
-    path.write_text(record.to_json())
-    (loaded,) = RunRecord.load(path)
+    runfile.write(path, [record])
+    (loaded,) = runfile.read(path)
     assert loaded.breakdown == record.breakdown and loaded.parameters == record.parameters
+    assert loaded.peaks == record.peaks and loaded.phase_peaks == record.phase_peaks
 
 
 class ExplodingAdam(torch.optim.Adam):
@@ -112,7 +115,7 @@ def test_oom_is_a_result_not_a_crash(mlp_spec):
     records = measure(mlp_spec, "sgd,test_engine.ExplodingAdam,adam", device="cpu", steps=2)
     assert [r.status for r in records] == ["ok", "oom", "ok"]
     assert records[1].failure == "OOM in step (step 1)"
-    assert records[1].peaks["allocated"] > 0
+    assert records[1].peaks.allocated > 0
 
 
 def test_unknown_dotted_path_is_usage_error(mlp_spec):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
+from cli_for_tests import invoke
 
-from memprof.cli import app
+from memprof import runfile
 from memprof.errors import UsageError
-from memprof.record import Row, RunRecord, Settings
+from memprof.record import Peaks, Row, RunRecord
 from memprof.report import gate
-from memprof.report.export import to_csv, to_json
+from memprof.runfile import to_csv, to_json
+from memprof.settings import Settings
 
-runner = CliRunner()
 MOMENT = 160_000
 
 
@@ -28,7 +28,7 @@ def record(spec: str = "adam", *, moment: int = MOMENT, device: str = "cpu", pea
                      Row("step_transient", "step", 60_000 + peak_extra, "allocator")]
     rec.peak = [Row("weights", "param", 80_000, "allocator"), Row("optimizer_state", "moment", moment, "allocator"),
                 Row("step_transient", "step", 140_000 + peak_extra, "allocator")]
-    rec.peaks = {"allocated": sum(r.bytes for r in rec.peak), "phase": "step", "step": 1}
+    rec.peaks = Peaks(allocated=sum(r.bytes for r in rec.peak), phase="step", step=1)
     return rec
 
 
@@ -38,7 +38,7 @@ def write(path, *records: RunRecord):
 
 
 def check(*args: str):
-    return runner.invoke(app, ["check", *args])
+    return invoke("check", *args)
 
 
 def test_a_run_checked_against_itself_passes(tmp_path):
@@ -167,16 +167,18 @@ def test_github_step_summary_gets_a_markdown_section(tmp_path, monkeypatch):
 
 def test_baseline_then_check_remeasures_deterministically_on_cpu(mlp_spec, tmp_path):
     base = tmp_path / "memory-baseline.csv"
-    made = runner.invoke(app, ["baseline", "--model", mlp_spec, "--opt", "adam,sgd", "--device", "cpu",
+    made = invoke(*["baseline", "--model", mlp_spec, "--opt", "adam,sgd", "--device", "cpu",
                                "--steps", "1", "-o", str(base)])
     assert made.exit_code == 0, made.output
     again = tmp_path / "again.csv"
-    result = check("--baseline", str(base), "--csv", str(again))
+    refused = check("--baseline", str(base))
+    assert refused.exit_code == 2 and "not a built-in model" in refused.output and "--trust" in refused.output
+    result = check("--baseline", str(base), "--csv", str(again), "--trust", mlp_spec)
     assert result.exit_code == 0, result.output
     assert "0 regression(s), 0 improvement(s)" in result.stdout
-    first, second = ([run for run in gate.load_runs(path) if run.spec == "adam"] for path in (base, again))
-    exact = {slot: v for slot, v in first[0].values.items() if slot[0] in gate.GATED_CPU}
-    assert len(first) == len(second) == 1 and {slot: second[0].values[slot] for slot in exact} == exact
+    first, second = ([r for r in runfile.read(path) if r.settings.spec == "adam"] for path in (base, again))
+    exact = [row for row in first[0].breakdown if row.category in gate.GATED_CPU]
+    assert len(first) == len(second) == 1 and [r for r in second[0].breakdown if r in exact] == exact
 
 
 # -- budgets ------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def test_budgets_hold_at_the_limit_and_fail_one_byte_below():
     assert failure.long_repr == "adam on tiny_mlp.py:build: optimizer_state limited to 156.27 KiB but used 156.27 KiB (+0.0%)"
     assert "moment: 156.25 KiB" in failure.section
     (peak,) = gate.check_budgets([rec], {"max_peak": "300KB"})
-    assert peak.category == "peak" and peak.used == rec.peaks["allocated"]
+    assert peak.category == "peak" and peak.used == rec.peaks.allocated
 
 
 def test_budget_names_are_checked():

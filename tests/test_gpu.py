@@ -18,12 +18,12 @@ def test_peak_composition_adds_up_to_max_memory_allocated(model, kwargs):
     for record in measure(model, "adam,smmf", device="cuda", steps=3, **kwargs):
         assert record.status == "ok", record.failure
         total = sum(r.bytes for r in record.peak)
-        assert total == record.peaks["allocated"] == record.peaks["max_allocated"]
+        assert total == record.peaks.allocated == record.peaks.max_allocated
         unattributed = record.total("unattributed", at_peak=True)
         assert unattributed < 0.01 * total, (unattributed, total)
         # the replayed stream equals the allocator's own counter at every phase mark
         for phase in record.phase_peaks:
-            assert phase["start"] == phase["allocator_at_start"], phase
+            assert phase.start == phase.allocator_at_start, phase
 
 
 def test_tensor_bytes_match_allocator_blocks_up_to_rounding():
@@ -48,5 +48,5 @@ def test_state_bytes_identical_on_cpu_and_cuda():
 
 def test_each_optimizer_runs_in_its_own_process():
     first, second = measure("gpt2", "adam,adam", device="cuda", steps=2, batch_size=2, seq_len=128)
-    assert first.peaks["max_allocated"] == second.peaks["max_allocated"]
-    assert first.peaks["reserved_end"] == second.peaks["reserved_end"]
+    assert first.peaks.max_allocated == second.peaks.max_allocated
+    assert first.peaks.reserved_end == second.peaks.reserved_end

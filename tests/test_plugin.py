@@ -21,14 +21,15 @@ pytest_plugins = ["pytester"]
 
 RECORD = '''
 import pytest
-from memprof.record import Row, RunRecord, Settings
+from memprof.record import Peaks, Row, RunRecord
+from memprof.settings import Settings
 
 
 def record(state=20 * 2**20):
     rec = RunRecord(settings=Settings(model="toy", optimizer="adam", spec="adam", device="cpu"), environment={})
     rec.breakdown = [Row("weights", "param", 2**20), Row("optimizer_state", "moment", state)]
     rec.peak = [Row("weights", "param", 2**20, "allocator"), Row("optimizer_state", "moment", state, "allocator")]
-    rec.peaks = {"allocated": 2**20 + state}
+    rec.peaks = Peaks(allocated=2**20 + state)
     return rec
 '''
 

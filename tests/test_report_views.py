@@ -11,12 +11,14 @@ import shutil
 import subprocess
 
 import pytest
-from typer.testing import CliRunner
+from cli_for_tests import invoke
 
-from memprof.cli import app
-from memprof.record import ParameterState, Row, RunRecord, Settings
+from memprof import runfile
+from memprof.record import ParameterState, Peaks, Row, RunRecord, Timeline
 from memprof.report import latex, markdown, plot
-from memprof.report.export import CSV_COLUMNS, provenance, to_csv, to_json
+from memprof.report.export import provenance
+from memprof.runfile import CSV_COLUMNS, to_csv, to_json
+from memprof.settings import Settings
 
 ENV = {"memprof": "0.1.0", "torch": "2.14.1", "cuda": "13.0", "python": "3.11.7", "platform": "Linux",
        "gpu": "NVIDIA H100 80GB HBM3", "driver": "580.65"}
@@ -37,7 +39,7 @@ def make_record(spec: str, state: dict[str, int], *, model: str = "tiny_net&co",
                         Row("temporaries", "forward", MIB, "allocator"), Row("step_transient", "step", 2 * MIB, "allocator")]
     record.peak = [Row(r.category, r.component, r.bytes, "allocator") for r in persistent if r.bytes]
     record.peak.append(Row("step_transient", "step", 2 * MIB, "allocator"))
-    record.peaks = {"allocated": sum(r.bytes for r in record.peak), "phase": "step", "step": 1}
+    record.peaks = Peaks(allocated=sum(r.bytes for r in record.peak), phase="step", step=1)
     total_state = sum(state.values())
     record.parameters = [
         ParameterState("transformer.h.0.mlp.c_fc.weight", (512, 2048), "float32", 4 * MIB, total_state * 3 // 4,
@@ -48,19 +50,19 @@ def make_record(spec: str, state: dict[str, int], *, model: str = "tiny_net&co",
     marks = [(0, "setup", 0), (10, "forward", 1), (20, "backward", 1), (30, "step", 1), (40, "forward", 2),
              (50, "backward", 2), (60, "step", 2), (70, "end", 2)]
     times = list(range(0, 71, 5))
-    record.timeline = {
-        "time": [t * 1000 for t in times],
-        "total": [],
-        "categories": {
+    record.timeline = Timeline(
+        time=[t * 1000 for t in times],
+        total=[],
+        categories={
             "weights": [8 * MIB] * len(times),
             "gradients": [0 if t < 25 else 8 * MIB for t in times],
             "optimizer_state": [0 if t < 35 else total_state for t in times],
             "activations": [3 * MIB if t % 30 in (15, 20) else 0 for t in times],
             "step_transient": [2 * MIB if t in (35, 65) else 0 for t in times],
         },
-        "marks": [{"time": t * 1000, "phase": p, "step": s} for t, p, s in marks],
-    }
-    record.timeline["total"] = [sum(v[i] for v in record.timeline["categories"].values()) for i in range(len(times))]
+        marks=[{"time": t * 1000, "phase": p, "step": s} for t, p, s in marks],
+    )
+    record.timeline.total = [sum(v[i] for v in record.timeline.categories.values()) for i in range(len(times))]
     return record
 
 
@@ -95,7 +97,7 @@ def test_csv_keeps_tidy_columns_and_adds_settings_and_environment(records):
 def test_json_round_trips_and_carries_the_reproduce_command(records, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(to_json(records))
-    loaded = RunRecord.load(path)
+    loaded = runfile.read(path)
     assert [r.to_dict() for r in loaded] == [r.to_dict() for r in records]
     (command,) = json.loads(path.read_text())["reproduce"]
     assert command.startswith("memprof compare --model 'tiny_net&co' --opt adam,smmf_8bit:beta1=0.9,adam_100% "
@@ -251,20 +253,19 @@ def test_a_bad_figure_extension_is_a_usage_error(records, tmp_path):
 
 
 # -- the command line -------------------------------------------------------------------------
-runner = CliRunner()
 
 
 def test_report_rerenders_saved_runs(records, tmp_path):
     run = tmp_path / "run.json"
     run.write_text(to_json(records))
     out = tmp_path / "table.tex"
-    result = runner.invoke(app, ["report", str(run), "--format", "latex", "--unit", "GiB", "-o", str(out),
+    result = invoke(*["report", str(run), "--format", "latex", "--unit", "GiB", "-o", str(out),
                                  "--plot", str(tmp_path / "fig.svg")])
     assert result.exit_code == 0, result.output
-    assert out.read_text() == latex.to_latex(RunRecord.load(run), unit="GiB")
+    assert out.read_text() == latex.to_latex(runfile.read(run), unit="GiB")
     assert (tmp_path / "fig.svg").exists() and (tmp_path / "fig-timeline.svg").exists()
-    result = runner.invoke(app, ["report", str(run), "-f", "markdown"])
-    assert result.exit_code == 0 and result.stdout == markdown.to_markdown(RunRecord.load(run))
+    result = invoke(*["report", str(run), "-f", "markdown"])
+    assert result.exit_code == 0 and result.stdout == markdown.to_markdown(runfile.read(run))
 
 
 @pytest.mark.parametrize("content, message", [(None, "cannot read"), ("model,spec\n", "not a memprof run file")])
@@ -272,26 +273,27 @@ def test_report_rejects_what_is_not_a_run_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     if content is not None:
         path.write_text(content)
-    result = runner.invoke(app, ["report", str(path)])
+    result = invoke(*["report", str(path)])
     assert result.exit_code == 2 and message in result.stderr
 
 
 def test_compare_writes_every_export(records, tmp_path, monkeypatch):
     import memprof.cli
 
-    monkeypatch.setattr(memprof.cli, "_run", lambda *args, **kwargs: records)
+    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: records)
     paths = {name: tmp_path / f"r.{ext}" for name, ext in (("csv", "csv"), ("json", "json"), ("markdown", "md"),
                                                           ("latex", "tex"), ("plot", "svg"))}
     args = [item for name, path in paths.items() for item in (f"--{name}", str(path))]
-    result = runner.invoke(app, ["compare", "--model", "gpt2", "--opt", "adam", *args])
-    assert result.exit_code == 0, result.output
+    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", *args])
+    assert result.exit_code == 3, result.output  # one record is an OOM: every output is written, then exit 3
+    assert "1 of 3 measurement(s) failed: adam_100%: OOM in backward (step 2)" in result.stderr
     assert paths["latex"].read_text() == latex.to_latex(records)
     assert paths["markdown"].read_text() == markdown.to_markdown(records)
     assert (tmp_path / "r-parameters.svg").exists()
 
 
 def test_snapshot_on_cpu_is_a_one_line_usage_error(tmp_path):
-    result = runner.invoke(app, ["compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu",
+    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu",
                                  "--snapshot", str(tmp_path / "s.pickle")])
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "--snapshot needs CUDA" in result.stderr
@@ -300,6 +302,6 @@ def test_snapshot_on_cpu_is_a_one_line_usage_error(tmp_path):
 def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
     import memprof.cli
 
-    monkeypatch.setattr(memprof.cli, "_run", lambda *args, **kwargs: pytest.fail("measured anyway"))
-    result = runner.invoke(app, ["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
+    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
     assert result.exit_code == 2 and "use .png, .pdf or .svg" in result.stderr

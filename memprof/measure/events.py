@@ -10,11 +10,8 @@ peak and the composition at the global peak.
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
-
-from memprof.taxonomy import IDENTITY_PRECEDENCE, category_of_untagged
 
 
 @dataclass
@@ -55,34 +52,6 @@ class Replay:
     # {step, phase, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live}}
     phase_peaks: list[dict] = field(default_factory=list)
     timeline: dict = field(default_factory=dict)
-
-
-def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark]) -> None:
-    """Give every allocation one category: its best identity tag, else the phase that made it."""
-    by_ptr: dict[int, list[Allocation]] = defaultdict(list)
-    for alloc in allocations:
-        by_ptr[alloc.ptr].append(alloc)
-    starts = {ptr: [a.start for a in allocs] for ptr, allocs in by_ptr.items()}
-    rank = {name: i for i, name in enumerate(IDENTITY_PRECEDENCE)}
-    for tag in tags:
-        allocs = by_ptr.get(tag.ptr)
-        if not allocs:
-            continue
-        i = bisect.bisect_right(starts[tag.ptr], tag.time) - 1
-        if i < 0:
-            continue
-        alloc = allocs[i]
-        if alloc.end is not None and alloc.end < tag.time:
-            continue  # that block was already freed: the tag belongs to nothing tracked
-        if alloc.category is None or rank[tag.category] < rank[alloc.category]:
-            alloc.category, alloc.component, alloc.tensor_bytes = tag.category, tag.component, tag.tensor_bytes
-    mark_times = [m.time for m in marks]
-    for alloc in allocations:
-        if alloc.category is not None:
-            continue
-        i = bisect.bisect_right(mark_times, alloc.start) - 1
-        phase = marks[i].phase if i >= 0 else "setup"
-        alloc.category, alloc.component = category_of_untagged(phase)
 
 
 def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_points: int = 0) -> Replay:

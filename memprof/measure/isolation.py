@@ -11,7 +11,9 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from memprof.record import RunRecord, Settings
+from memprof import runfile
+from memprof.record import RunRecord
+from memprof.settings import Settings
 
 
 def measure_in_child(settings: Settings) -> RunRecord:
@@ -28,7 +30,7 @@ def measure_in_child(settings: Settings) -> RunRecord:
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         if proc.returncode == 0 and record_path.exists():
-            return RunRecord.load(record_path)[0]
+            return runfile.read(record_path, "child record")[0]
         if proc.returncode == 2 and proc.stderr.strip():
             from memprof.errors import UsageError
 
@@ -47,7 +49,7 @@ def _main(settings_path: str, record_path: str) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
-    Path(record_path).write_text(record.to_json())
+    runfile.write(record_path, [record])
     return 0
 
 

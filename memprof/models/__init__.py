@@ -23,7 +23,7 @@ from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_n
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "model_names"]
+__all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "is_builtin", "model_names"]
 
 
 def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu") -> BuiltModel:
@@ -62,6 +62,11 @@ def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel
 
     check_model_name(name)
     return user.build(name, options, device)
+
+
+def is_builtin(name: str) -> bool:
+    """A zoo model (no file of the user's is read to build it)."""
+    return name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS
 
 
 def check_model_name(name: str) -> None:

@@ -1,6 +1,7 @@
 """The memory gate: a run against a baseline (``memprof check``) or against budgets (the pytest plugin).
 
-Both read the same tidy rows the CSV export writes, so a baseline is just ``--csv`` output.
+Both take run records (``memprof.runfile`` reads them from a ``--csv`` or ``--json`` file, so a
+baseline is just either export).
 Each gated (category, component) of each (model, optimizer) is compared: more than the
 tolerance above the baseline is a regression (exit 1), anything below it an improvement
 (reported, never a failure). The persistent rows counted from tensors (weights, buffers,
@@ -15,17 +16,13 @@ Gated by default: on CPU the exact rows ``weights``, ``buffers``, ``gradients``,
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from memprof.errors import UsageError
 from memprof.record import RunRecord
-from memprof.report.export import ID_COLUMNS, SETTINGS_COLUMNS, record_rows
 from memprof.report.units import UNITS, fmt, parse_size
+from memprof.runfile import ID_COLUMNS, SETTINGS_COLUMNS
 from memprof.taxonomy import CATEGORIES, PERSISTENT
 
 PEAK = "peak"
@@ -33,123 +30,33 @@ PEAK = "peak"
 GATED_CPU = PERSISTENT
 GATED_CUDA = (*GATED_CPU, "activations", "step_transient", PEAK)
 EXACT_TOLERANCE, ALLOCATOR_TOLERANCE = "0%", "2%"  # persistent tensor rows; the rest
-REQUIRED_COLUMNS = (*ID_COLUMNS, "status", "measure", "category", "component", "bytes", "basis")
-SETTING_KEYS = (*ID_COLUMNS[2:], *SETTINGS_COLUMNS)  # what must match between baseline and current
+SETTING_KEYS = tuple(k for k in (*ID_COLUMNS, *SETTINGS_COLUMNS) if k not in ("model", "optimizer", "spec"))
+"""What must match between a baseline run and the current run of the same model and optimizer."""
+
+Slot = tuple[str, str]  # (category, component)
 
 
-# -- reading runs -------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """The gated numbers of one (model, optimizer) run, read from a CSV or JSON file."""
-
-    model: str
-    spec: str
-    settings: dict[str, str]  # every setting column, as text
-    status: str
-    values: dict[tuple[str, str], int] = field(default_factory=dict)  # (category, component) → bytes
-    basis: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    @property
-    def device(self) -> str:
-        return self.settings.get("device", "cpu")
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        """Model, optimizer and settings: one config file may measure a model at several batch sizes."""
-        return (self.model, self.spec, *(self.settings.get(k, "") for k in SETTING_KEYS))
+def _settings_text(record: RunRecord) -> dict[str, str]:
+    return {k: "" if getattr(record.settings, k) is None else str(getattr(record.settings, k)) for k in SETTING_KEYS}
 
 
-def _bad(what: str, path: Path, detail: str) -> UsageError:
-    return UsageError(f"{what} {path} is truncated or unreadable: {detail}; record it again with `memprof baseline`")
+def _key(record: RunRecord) -> tuple[str, ...]:
+    """Model, optimizer and settings: one config file may measure a model at several batch sizes."""
+    return (record.settings.model, record.settings.spec, *_settings_text(record).values())
 
 
-def load_runs(path: str | Path, what: str = "baseline") -> list[Run]:
-    """The runs in a memprof CSV (``--csv``, ``memprof baseline``) or JSON (``--json``) file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-    if not text.strip():
-        raise _bad(what, path, "the file is empty")
-    if path.suffix.lower() == ".json":
-        try:
-            records = [RunRecord.from_dict(item) for item in _json_items(json.loads(text))]
-        except (ValueError, TypeError, KeyError) as exc:
-            raise _bad(what, path, f"not a memprof run file ({type(exc).__name__}: {exc})") from None
-        return runs_from_records(records)
-    return _runs_from_csv(text, path, what)
-
-
-def _json_items(data: Any) -> list[dict]:
-    return data["records"] if isinstance(data, dict) and "records" in data else [data]
-
-
-def runs_from_records(records: Sequence[RunRecord]) -> list[Run]:
-    rows = [{k: "" if v is None else str(v) for k, v in row.items()} for r in records for row in record_rows(r)]
-    return _collect(rows, Path("<records>"), "run")
-
-
-def _runs_from_csv(text: str, path: Path, what: str) -> list[Run]:
-    if not text.endswith("\n"):
-        raise _bad(what, path, "the last line is cut off (no final newline)")
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader)
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise _bad(what, path, f"not a memprof CSV (missing column(s) {', '.join(missing)})")
-    rows = []
-    for line, cells in enumerate(reader, start=2):
-        if len(cells) != len(header):
-            raise _bad(what, path, f"line {line} has {len(cells)} fields, the header {len(header)}")
-        rows.append(dict(zip(header, cells)))
-    if not rows:
-        raise _bad(what, path, "the file has a header and no rows")
-    return _collect(rows, path, what)
-
-
-def _collect(rows: Iterable[dict[str, str]], path: Path, what: str) -> list[Run]:
-    runs: dict[tuple[str, ...], Run] = {}
-    counts: dict[tuple[str, ...], tuple[int, str]] = {}
-    for row in rows:
-        settings = {k: row.get(k, "") for k in SETTING_KEYS}
-        candidate = Run(model=row["model"], spec=row["spec"], settings=settings, status=row["status"])
-        run = runs.setdefault(candidate.key, candidate)
-        n, declared = counts.get(run.key, (0, row.get("record_rows", "")))
-        counts[run.key] = (n + 1, declared)
-        if not row["category"]:
-            continue  # the placeholder row of a failed run
-        try:
-            nbytes = int(row["bytes"])
-        except ValueError:
-            raise _bad(what, path, f"{row['spec']} on {row['model']}: bytes {row['bytes']!r} is not an integer") from None
-        if row["measure"] == "steady":
-            slot = (row["category"], row["component"])
-            run.values[slot] = run.values.get(slot, 0) + nbytes
-            run.basis[slot] = row["basis"]
-        elif row["measure"] == "peak":
-            run.values[(PEAK, "allocated")] = run.values.get((PEAK, "allocated"), 0) + nbytes
-            run.basis[(PEAK, "allocated")] = "allocator"
-    for key, (n, declared) in counts.items():
-        if declared and declared.isdigit() and int(declared) != n:
-            raise _bad(what, path, f"{runs[key].spec} on {runs[key].model} has {n} of its {declared} rows")
-    return list(runs.values())
-
-
-def rerun_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """``memprof.api.measure`` keyword arguments that re-measure the runs, one dict per settings group."""
-    groups: dict[tuple, dict[str, Any]] = {}
-    for run in runs:
-        s = run.settings
-        kwargs = {
-            "model": run.model, "device": s["device"], "dtype": s["dtype"], "amp": s["amp"] or None,
-            "batch_size": int(s["batch_size"]), "seq_len": int(s["seq_len"]), "image_size": int(s["image_size"]),
-            "num_classes": int(float(s["num_classes"])) if s.get("num_classes") else None,
-            "steps": int(s["steps"]), "seed": int(s["seed"]) if s.get("seed") else 0,
-        }
-        group = groups.setdefault(tuple(kwargs.items()), {**kwargs, "optimizers": []})
-        group["optimizers"].append(run.spec)
-    return list(groups.values())
+def _gated_values(record: RunRecord) -> tuple[dict[Slot, int], dict[Slot, str]]:
+    """Bytes and basis of each steady (category, component), and the peak as ``(peak, allocated)``."""
+    values: dict[Slot, int] = {}
+    basis: dict[Slot, str] = {}
+    for row in record.breakdown:
+        slot = (row.category, row.component)
+        values[slot] = values.get(slot, 0) + row.bytes
+        basis[slot] = row.basis
+    if record.peak:
+        values[(PEAK, "allocated")] = sum(row.bytes for row in record.peak)
+        basis[(PEAK, "allocated")] = "allocator"
+    return values, basis
 
 
 # -- tolerances ---------------------------------------------------------------------------------
@@ -187,12 +94,12 @@ def parse_tolerances(items: Sequence[str]) -> tuple[Tolerance | None, dict[str, 
             default = Tolerance.parse(item)
             continue
         name = name.strip()
-        _check_category(name)
+        check_category(name)
         per_category[name] = Tolerance.parse(value)
     return default, per_category
 
 
-def _check_category(name: str) -> None:
+def check_category(name: str) -> None:
     if name not in (*CATEGORIES, PEAK):
         raise UsageError(f"unknown category {name!r}; choose from {', '.join((*CATEGORIES, PEAK))}")
 
@@ -282,39 +189,38 @@ def human(nbytes: int | None) -> str:
     return f"{fmt(nbytes, unit, 0 if unit == 'B' else 2)} {unit}"
 
 
-def _match(old: Run, current: Sequence[Run], by_key: Mapping[tuple[str, ...], Run]) -> Run:
-    """The current run measured like ``old``; settings a file does not record (older CSVs) match anything."""
-    if old.key in by_key:
-        return by_key[old.key]
-    same = [run for run in current if (run.model, run.spec) == (old.model, old.spec)]
+def _match(old: RunRecord, current: Sequence[RunRecord], by_key: Mapping[tuple[str, ...], RunRecord]) -> RunRecord:
+    """The current run measured like ``old``."""
+    if _key(old) in by_key:
+        return by_key[_key(old)]
+    same = [r for r in current if (r.settings.model, r.settings.spec) == (old.settings.model, old.settings.spec)]
     if not same:
-        raise UsageError(f"the current run has no {old.spec} on {old.model}, which the baseline has; "
-                         "measure the same models and optimizers")
-    for new in same:
-        differ = [f"{k} {old.settings[k]!r} vs {new.settings[k]!r}" for k in SETTING_KEYS
-                  if old.settings[k] and new.settings[k] and old.settings[k] != new.settings[k]]
-        if not differ:
-            return new
-    raise UsageError(f"{old.spec} on {old.model}: baseline and current differ in settings ({'; '.join(differ)})")
+        raise UsageError(f"the current run has no {old.settings.spec} on {old.settings.model}, which the baseline "
+                         "has; measure the same models and optimizers")
+    before, after = _settings_text(old), _settings_text(same[0])
+    differ = [f"{k} {before[k]!r} vs {after[k]!r}" for k in SETTING_KEYS if before[k] != after[k]]
+    raise UsageError(f"{old.settings.spec} on {old.settings.model}: baseline and current differ in settings "
+                     f"({'; '.join(differ)})")
 
 
-def _labels(runs: Sequence[Run]) -> dict[tuple[str, ...], str]:
+def _labels(records: Sequence[RunRecord]) -> dict[tuple[str, ...], str]:
     """The model as a result line names it, with the settings that tell apart runs of one model and optimizer."""
-    groups: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
-        groups.setdefault((run.model, run.spec), []).append(run)
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.settings.model, r.settings.spec), []).append(r)
     labels = {}
     for group in groups.values():
-        varying = [k for k in SETTING_KEYS if len({run.settings[k] for run in group}) > 1]
-        for run in group:
-            extra = ", ".join(f"{k}={run.settings[k]}" for k in varying)
-            labels[run.key] = f"{run.model} [{extra}]" if extra else run.model
+        texts = [_settings_text(r) for r in group]
+        varying = [k for k in SETTING_KEYS if len({t[k] for t in texts}) > 1]
+        for r, text in zip(group, texts):
+            extra = ", ".join(f"{k}={text[k]}" for k in varying)
+            labels[_key(r)] = f"{r.settings.model} [{extra}]" if extra else r.settings.model
     return labels
 
 
 def check(
-    baseline: Sequence[Run],
-    current: Sequence[Run],
+    baseline: Sequence[RunRecord],
+    current: Sequence[RunRecord],
     *,
     tolerances: Sequence[str] = (),
     categories: Sequence[str] | None = None,
@@ -322,28 +228,29 @@ def check(
     """Compare every gated row of every baseline run with the current run of the same model and optimizer."""
     default, per_category = parse_tolerances(tolerances)
     for name in categories or ():
-        _check_category(name)
+        check_category(name)
     deltas: list[Delta] = []
     gated_by_device: dict[str, tuple[str, ...]] = {}
-    by_key = {run.key: run for run in current}
+    by_key = {_key(r): r for r in current}
     labels = _labels(baseline)
     for old in baseline:
         new = _match(old, current, by_key)
-        model = labels[old.key]
-        base_gated = categories or (GATED_CUDA if old.device.startswith("cuda") else GATED_CPU)
+        model, spec, device = labels[_key(old)], old.settings.spec, old.settings.device
+        base_gated = categories or (GATED_CUDA if device.startswith("cuda") else GATED_CPU)
         gated = tuple(dict.fromkeys([*base_gated, *per_category]))
-        gated_by_device[old.device] = gated
+        gated_by_device[device] = gated
         if old.status != "ok" or new.status != "ok":
             verdict = "within" if old.status == new.status else ("regression" if old.status == "ok" else "improvement")
-            deltas.append(Delta(model, old.spec, "status", "", None, None, "", verdict,
+            deltas.append(Delta(model, spec, "status", "", None, None, "", verdict,
                                 note=f"status {old.status} → {new.status}"))
             continue
-        for slot in dict.fromkeys([*old.values, *new.values]):
+        (old_values, old_basis), (new_values, new_basis) = _gated_values(old), _gated_values(new)
+        for slot in dict.fromkeys([*old_values, *new_values]):
             category, component = slot
             if category not in gated:
                 continue
-            before, after = old.values.get(slot, 0), new.values.get(slot, 0)
-            basis = old.basis.get(slot) or new.basis.get(slot, "tensor")
+            before, after = old_values.get(slot, 0), new_values.get(slot, 0)
+            basis = old_basis.get(slot) or new_basis.get(slot, "tensor")
             exact = basis == "tensor" and category in GATED_CPU
             tolerance = per_category.get(category) or default or Tolerance.parse(
                 EXACT_TOLERANCE if exact else ALLOCATOR_TOLERANCE)
@@ -353,7 +260,7 @@ def check(
                 verdict = "improvement"
             else:
                 verdict = "within"
-            deltas.append(Delta(model, old.spec, category, component, before, after, tolerance.text, verdict))
+            deltas.append(Delta(model, spec, category, component, before, after, tolerance.text, verdict))
     return GateResult(deltas, gated_by_device)
 
 
@@ -405,7 +312,7 @@ def check_budgets(records: Sequence[RunRecord], budgets: Mapping[str, Any]) -> l
             continue
         for category, limit in limits.items():
             if category == PEAK:
-                used, parts = record.peaks.get("allocated"), {f"{r.category}/{r.component}": r.bytes for r in record.peak}
+                used, parts = record.peaks.allocated, {f"{r.category}/{r.component}": r.bytes for r in record.peak}
             else:
                 used, parts = record.total(category), record.components(category)
             if used is None or used > limit:

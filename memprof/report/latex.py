@@ -91,7 +91,7 @@ def breakdown_table(record: RunRecord, *, unit: str = "MiB", digits: int = 2, la
     for target, rows in ((steady, record.breakdown), (peak, record.peak)):
         for r in rows:
             target[(r.category, r.component)] = target.get((r.category, r.component), 0) + r.bytes
-    where = f"{record.peaks.get('phase')} phase, step {record.peaks.get('step')}"
+    where = f"{record.peaks.phase} phase, step {record.peaks.step}"
     lines = [
         r"\begin{table}[ht]",
         r"  \centering",

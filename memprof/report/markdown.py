@@ -63,7 +63,7 @@ def breakdown_table(record: RunRecord, *, unit: str = "MiB", digits: int = 2) ->
         for r in rows:
             target[(r.category, r.component)] = target.get((r.category, r.component), 0) + r.bytes
     keys = list(dict.fromkeys([*steady, *peak]))
-    where = f"{record.peaks.get('phase')} phase, step {record.peaks.get('step')}"
+    where = f"{record.peaks.phase} phase, step {record.peaks.step}"
     rows = [[c, comp, fmt(steady[(c, comp)], unit, digits) if (c, comp) in steady else "",
              fmt(peak.get((c, comp), 0), unit, digits)] for c, comp in keys]
     rows.append(["total at peak", "", "", fmt(sum(peak.values()), unit, digits)])

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from memprof.errors import UsageError
+from memprof.files import write_atomic
 from memprof.record import RunRecord
-from memprof.report.export import write_atomic
 from memprof.report.units import fmt, scale
 from memprof.taxonomy import CATEGORIES, order_roles
 
@@ -139,8 +139,8 @@ def plot_breakdown(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figur
                     seen.setdefault(label, (color, hatch))
                     bottom += nbytes / div
                 tallest = max(tallest, bottom)
-                phase = record.peaks.get("phase")
-                where = f"\n{PHASE_SHORT.get(phase, phase)} {record.peaks.get('step')}" if at_peak else ""
+                phase = record.peaks.phase
+                where = f"\n{PHASE_SHORT.get(phase, phase)} {record.peaks.step}" if at_peak else ""
                 ax.annotate(f"{_value(bottom * div, unit)}{where}", (x, bottom), xytext=(0, 3),
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
             ax.set_title(title)
@@ -170,7 +170,7 @@ def _legend(fig: "Figure", entries: dict[str, tuple[str, str]]) -> None:
 def plot_timeline(records: Sequence[RunRecord], *, unit: str = "MiB") -> "Figure":
     """Live bytes by category over the measured steps, one panel per optimizer, phases marked,
     the peak annotated with its composition."""
-    shown = [r for r in records if r.timeline.get("time")]
+    shown = [r for r in records if r.timeline.time]
     if not shown:
         raise UsageError("no record has a timeline (measure with timeline on, the default)")
     with _style():
@@ -190,8 +190,8 @@ def _timeline_panel(ax: "Axes", record: RunRecord, unit: str, seen: dict[str, tu
     timeline, div = record.timeline, scale(unit)
     cuda = record.settings.device.startswith("cuda")
     per_x = 1000.0 if cuda else 1.0  # CUDA clock: microseconds, shown in ms; CPU clock: event ticks
-    marks = [m for m in timeline.get("marks", []) if m["phase"] in ("forward", "backward", "step", "end")]
-    times = np.asarray(timeline["time"], dtype=float) / per_x
+    marks = [m for m in timeline.marks if m["phase"] in ("forward", "backward", "step", "end")]
+    times = np.asarray(timeline.time, dtype=float) / per_x
     mark_x = [m["time"] / per_x for m in marks]
     start = mark_x[0] if marks else times[0]
     first = max(int(np.searchsorted(times, start, side="right")) - 1, 0)  # the state as the first step begins
@@ -199,7 +199,7 @@ def _timeline_panel(ax: "Axes", record: RunRecord, unit: str, seen: dict[str, tu
     x = np.append(np.maximum(times[first:], start), stop)  # hold the last state until the end mark
     bottom = np.zeros(x.shape)
     for category in CATEGORIES:
-        values = timeline["categories"].get(category)
+        values = timeline.categories.get(category)
         if values is None or not any(values):
             continue
         y = np.asarray(values, dtype=float)[first:] / div
@@ -210,7 +210,7 @@ def _timeline_panel(ax: "Axes", record: RunRecord, unit: str, seen: dict[str, tu
         bottom = bottom + y
     ax.step(x, bottom, where="post", color="black", linewidth=0.6)
     _phase_marks(ax, marks, mark_x)
-    if record.peaks.get("allocated") and len(bottom):
+    if record.peaks.allocated and len(bottom):
         _annotate_peak(ax, record, x, bottom, unit)
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(0, bottom.max() * 1.15 if bottom.max() > 0 else 1)
@@ -241,8 +241,8 @@ def _annotate_peak(ax: "Axes", record: RunRecord, x, total, unit: str) -> None:
     for row in record.peak:
         label = _label(row.category, row.component if row.category == "optimizer_state" else None)
         parts[label] = parts.get(label, 0) + row.bytes
-    lines = [f"peak {_value(record.peaks['allocated'], unit)} {unit}",
-             f"({record.peaks.get('phase')}, step {record.peaks.get('step')})"]
+    lines = [f"peak {_value(record.peaks.allocated, unit)} {unit}",
+             f"({record.peaks.phase}, step {record.peaks.step})"]
     lines += [f"{label}: {_value(v, unit)}" for label, v in sorted(parts.items(), key=lambda kv: -kv[1])[:6] if v]
     ax.annotate("\n".join(lines), (x[i], total[i]), xytext=(1.02, 1.0), textcoords="axes fraction",
                 ha="left", va="top", fontsize=8, annotation_clip=False,
@@ -324,7 +324,7 @@ def save_figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = 
     scale(unit)
     paths = figure_paths(path)
     makers = {"breakdown": lambda: plot_breakdown(records, unit=unit)}
-    if any(r.timeline.get("time") for r in records):
+    if any(r.timeline.time for r in records):
         makers["timeline"] = lambda: plot_timeline(records, unit=unit)
     if any(r.parameters for r in records):
         makers["parameters"] = lambda: plot_parameters(records, unit=unit, top=top)

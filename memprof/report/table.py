@@ -9,7 +9,7 @@ from rich.table import Table
 
 from memprof.record import RunRecord
 from memprof.report.units import fmt
-from memprof.taxonomy import ROLE_ABBREVIATIONS
+from memprof.taxonomy import PHASES, ROLE_ABBREVIATIONS
 
 
 def _state_split(record: RunRecord, unit: str) -> str:
@@ -43,12 +43,12 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
     for record in records:
         label = record.settings.spec + (" (roles inferred)" if record.inferred_roles else "")
         if record.status != "ok":
-            reached = record.peaks.get("allocated")
+            reached = record.peaks.allocated
             table.add_row(label, f"[red]{record.failure}[/red]", "", "", "", "", "",
                           fmt(reached, unit) if reached else "", "", "", "", "", "")
             continue
         state = record.total("optimizer_state")
-        peak = record.peaks.get("allocated")
+        peak = record.peaks.allocated
         table.add_row(
             label,
             fmt(record.total("weights"), unit),
@@ -58,11 +58,11 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
             fmt(record.total("activations"), unit),
             fmt(record.total("step_transient"), unit),
             fmt(peak, unit) + ("" if cuda else " (sim)"),
-            fmt(record.peaks.get("max_reserved"), unit) if cuda else na,
-            fmt(record.peaks.get("nvml"), unit) if cuda else na,
+            fmt(record.peaks.max_reserved, unit) if cuda else na,
+            fmt(record.peaks.nvml, unit) if cuda else na,
             f"{record.timings_ms.get('step', float('nan')):.1f}",
             _delta(state, base.total("optimizer_state"), unit) if base_ok and record is not base else "",
-            _delta(peak, base.peaks.get("allocated"), unit) if base_ok and record is not base else "",
+            _delta(peak, base.peaks.allocated, unit) if base_ok and record is not base else "",
         )
     notes = [r for r in records if r.gradient_component != "grad"]
     if notes:
@@ -73,7 +73,7 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
 def breakdown_table(record: RunRecord, *, unit: str = "MiB", at_peak: bool = False) -> Table:
     """Every category and component of one record, steady state or at the global peak."""
     rows = record.peak if at_peak else record.breakdown
-    where = (f"at the global peak ({record.peaks.get('phase')}, step {record.peaks.get('step')})"
+    where = (f"at the global peak ({record.peaks.phase}, step {record.peaks.step})"
              if at_peak else "after the last step")
     table = Table(title=f"{record.settings.spec} on {record.settings.model}: bytes {where} ({unit})",
                   title_justify="left", header_style="bold")
@@ -130,9 +130,9 @@ def phase_table(record: RunRecord, *, unit: str = "MiB") -> Table:
     for name in ("step", "phase", "start", "peak", "end", "peak − start"):
         table.add_column(name, justify="left" if name == "phase" else "right")
     for p in record.phase_peaks:
-        if p["phase"] in ("forward", "backward", "step"):
-            table.add_row(str(p["step"]), p["phase"], fmt(p["start"], unit), fmt(p["peak"], unit),
-                          fmt(p["end"], unit), fmt(p["peak"] - p["start"], unit))
+        if p.phase in PHASES:
+            table.add_row(str(p.step), p.phase, fmt(p.start, unit), fmt(p.peak, unit), fmt(p.end, unit),
+                          fmt(p.peak - p.start, unit))
     return table
 
 

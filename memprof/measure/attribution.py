@@ -1,0 +1,223 @@
+"""Attribution: where a byte gets its category, in one file.
+
+The runner tells a ``Capture`` which tensors are what (weights, buffers, inputs, gradients,
+optimizer state by role, tensors saved for backward) and marks the phases. ``assign`` gives every
+allocation one category: its identity tag by the taxonomy's precedence, else the phase that
+made it. ``attribute`` replays the stream and turns it into the record's rows, peaks and
+per-parameter table. The categories, their precedence and the roles are declared in
+``memprof.taxonomy``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from collections import defaultdict
+
+import torch
+
+from memprof.measure.events import Allocation, PhaseMark, Replay, Tag, replay
+from memprof.measure.state import StateTensor, unique_bytes
+from memprof.measure.trackers import CpuTracker, CudaTracker
+from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
+from memprof.taxonomy import IDENTITY_PRECEDENCE, PHASES, category_of_untagged
+
+TIMELINE_POINTS = 4000
+
+
+class Capture:
+    """The tags and phase marks of one run, on the tracker's clock."""
+
+    def __init__(self, tracker: CpuTracker | CudaTracker) -> None:
+        self.tracker = tracker
+        self.tags: list[Tag] = []
+        self.marks: list[PhaseMark] = []
+        self.allocated_at_marks: list[int] = []
+        self.phase_ms: dict[str, list[float]] = defaultdict(list)
+
+    def mark(self, phase: str, step: int) -> None:
+        self.tracker.sync()
+        self.marks.append(PhaseMark(self.tracker.now(), phase, step))
+        self.allocated_at_marks.append(self.tracker.memory_allocated())
+
+    # -- identities: the only places a tensor is given a category ------------------------------
+    def weights(self, params) -> None:
+        self._tag(params, "weights", "param")
+
+    def buffers(self, buffers) -> None:
+        self._tag(buffers, "buffers", "buffer")
+
+    def inputs(self, tensors) -> None:
+        self._tag(tensors, "inputs", "batch")
+
+    def gradients(self, grads, component: str) -> None:
+        self._tag(grads, "gradients", component)
+
+    def _tag(self, tensors, category: str, component: str) -> None:
+        now = self.tracker.now()
+        for tensor in tensors:
+            if tensor is None or tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            self.tags.append(Tag(now, storage.data_ptr(), category, component, storage.nbytes()))
+
+    def optimizer_state(self, state: list[StateTensor]) -> None:
+        for item in state:
+            self._tag([item.tensor], "optimizer_state", item.role)
+
+    def saved_tensor_hooks(self):
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            self._tag([tensor], "activations", "saved")
+            return tensor
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
+def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark]) -> None:
+    """Give every allocation one category: its best identity tag, else the phase that made it."""
+    by_ptr: dict[int, list[Allocation]] = defaultdict(list)
+    for alloc in allocations:
+        by_ptr[alloc.ptr].append(alloc)
+    starts = {ptr: [a.start for a in allocs] for ptr, allocs in by_ptr.items()}
+    rank = {name: i for i, name in enumerate(IDENTITY_PRECEDENCE)}
+    for tag in tags:
+        allocs = by_ptr.get(tag.ptr)
+        if not allocs:
+            continue
+        i = bisect.bisect_right(starts[tag.ptr], tag.time) - 1
+        if i < 0:
+            continue
+        alloc = allocs[i]
+        if alloc.end is not None and alloc.end < tag.time:
+            continue  # that block was already freed: the tag belongs to nothing tracked
+        if alloc.category is None or rank[tag.category] < rank[alloc.category]:
+            alloc.category, alloc.component, alloc.tensor_bytes = tag.category, tag.component, tag.tensor_bytes
+    mark_times = [m.time for m in marks]
+    for alloc in allocations:
+        if alloc.category is not None:
+            continue
+        i = bisect.bisect_right(mark_times, alloc.start) - 1
+        phase = marks[i].phase if i >= 0 else "setup"
+        alloc.category, alloc.component = category_of_untagged(phase)
+
+
+def attribute(
+    record: RunRecord,
+    capture: Capture,
+    allocations: list[Allocation],
+    names: dict[torch.Tensor, str],
+    buffers: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    gradients: list[torch.Tensor],
+    state: list[StateTensor],
+    device_peaks: Peaks | None,
+) -> None:
+    """Fill the record's rows, peaks and per-parameter table from the capture.
+
+    ``device_peaks`` is what the CUDA allocator and NVML reported (None on CPU, where the peak is
+    simulated from live tensors).
+    """
+    assign(allocations, capture.tags, capture.marks)
+    result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0)
+    params = list(names)
+    rows: list[Row] = []
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    rows.append(Row("weights", "param", unique_bytes(params)))
+    rows.append(Row("buffers", "buffer", unique_bytes([b for b in buffers if b.untyped_storage().data_ptr() not in param_ptrs])))
+    rows.append(Row("gradients", record.gradient_component, unique_bytes(gradients)))
+    by_role: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for item in state:
+        by_role[item.role].append(item.tensor)
+    for role, tensors in sorted(by_role.items()):
+        rows.append(Row("optimizer_state", role, unique_bytes(tensors)))
+    rows.append(Row("inputs", "batch", unique_bytes(inputs)))
+    last = _last_phases(result)
+    rows.append(Row("activations", "saved", _activation_bytes(allocations, last.get("backward")), "tensor"))
+    for phase in ("forward", "backward"):
+        info = last.get(phase)
+        peak_temp = max((v for (c, comp), v in info["peak_by_component"].items() if c == "temporaries" and comp == phase), default=0) if info else 0
+        rows.append(Row("temporaries", phase, peak_temp, "allocator"))
+    step_info = last.get("step")
+    rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
+    if device_peaks is not None:
+        rows.append(Row("allocator", "reserved-allocated", device_peaks.max_reserved - device_peaks.max_allocated, "allocator"))
+        workspace = sum(v for (c, _), v in result.peak_composition.items() if c == "context")
+        rows.append(Row("context", "library workspace", workspace, "allocator"))
+        if device_peaks.nvml is not None:
+            rows.append(Row("context", "driver (nvml-reserved)", device_peaks.nvml - device_peaks.reserved_end, "nvml"))
+    unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
+    rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
+    record.breakdown = rows
+    record.peak = [Row(c, comp, v, "allocator") for (c, comp), v in sorted(result.peak_composition.items())]
+    peaks = device_peaks or Peaks()
+    peaks.allocated, (peaks.phase, peaks.step) = result.peak_bytes, result.peak_phase
+    record.peaks = peaks
+    cuda = device_peaks is not None
+    record.phase_peaks = [
+        PhasePeak(
+            step=p["step"], phase=p["phase"], start=p["start_bytes"], peak=p["peak"], end=p["end_bytes"],
+            allocator_at_start=capture.allocated_at_marks[i] if cuda and i < len(capture.allocated_at_marks) else None,
+        )
+        for i, p in enumerate(result.phase_peaks)
+    ]
+    record.timings_ms = _medians(capture.phase_ms)
+    record.timeline = Timeline(**result.timeline) if result.timeline else Timeline()
+    record.parameters = _parameter_table(names, state)
+
+
+def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -> list[ParameterState]:
+    """Optimizer state per parameter, largest first."""
+    per_param: dict[str, list[StateTensor]] = defaultdict(list)
+    for item in state:
+        per_param[item.param_name].append(item)
+    factored = any(item.role == "factor" for item in state)
+    shapes = {name: p for p, name in names.items()}
+    table = []
+    for name, items in per_param.items():
+        param = shapes.get(name)
+        by_role: dict[str, int] = defaultdict(int)
+        by_key: dict[str, int] = defaultdict(int)
+        for item in items:
+            by_role[item.role] += item.storage_bytes
+            by_key[item.path] += item.storage_bytes
+        numel = param.numel() if param is not None else -1
+        table.append(
+            ParameterState(
+                name=name,
+                shape=tuple(param.shape) if param is not None else (),
+                dtype=str(param.dtype).removeprefix("torch.") if param is not None else "",
+                param_bytes=param.numel() * param.element_size() if param is not None else 0,
+                state_bytes=sum(by_role.values()),
+                by_role=dict(by_role),
+                by_key=dict(by_key),
+                unfactored=factored and numel > 1 and any(i.role == "moment" and i.tensor.numel() == numel for i in items),
+            )
+        )
+    return sorted(table, key=lambda row: -row.state_bytes)
+
+
+def _last_phases(result: Replay) -> dict[str, dict]:
+    last_step = max((p["step"] for p in result.phase_peaks if p["phase"] in PHASES), default=0)
+    return {p["phase"]: p for p in result.phase_peaks if p["step"] == last_step and p["phase"] in PHASES}
+
+
+def _activation_bytes(allocations: list[Allocation], backward: dict | None) -> int:
+    """Storage bytes of the saved-for-backward tensors live when the last backward began."""
+    if backward is None:
+        return 0
+    t = backward["time"]
+    return sum(
+        a.tensor_bytes or a.nbytes
+        for a in allocations
+        if a.category == "activations" and a.start <= t and (a.end is None or a.end > t)
+    )
+
+
+def _medians(phase_ms: dict[str, list[float]]) -> dict[str, float]:
+    """Median per phase over the steps after the first (warm-up), or the only step."""
+    out = {}
+    for phase, values in phase_ms.items():
+        timed = values[1:] or values
+        if timed:
+            out[phase] = statistics.median(timed)
+    return out

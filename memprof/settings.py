@@ -1,0 +1,189 @@
+"""A run's settings, declared once.
+
+``Settings`` says what was measured and how, enough to measure it again. Each field carries its
+help text, command-line flag, config-file key, CSV column and validation; everything else is
+derived from this one declaration: the shared CLI options (``memprof.cli``), the config-file keys
+(``memprof.config``), the CSV id columns (``memprof.runfile``), the reproduce command and the
+re-measurement of a saved run (``memprof.api``). Adding a setting is a one-field change here.
+
+Kept free of heavy imports (``memprof --help`` reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+from memprof.errors import UsageError
+
+DTYPES = ("float32", "bfloat16", "float16")
+AMP_MODES = ("bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+CsvRole = Literal["id", "extra"]
+"""``id``: a CSV id column (before the bytes); ``extra``: a setting column after them."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How one setting appears to the user. ``flag`` None: set through the Python API only."""
+
+    help: str
+    flag: str | None = None
+    short: str | None = None
+    config: str | None = None  # the key in a TOML run configuration
+    csv: CsvRole | None = None
+    group: str = "run"  # which commands offer the flag: "run" (every measuring command), "capture"
+    minimum: int | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
+    metavar: str | None = None
+
+
+def setting(default: Any, **declared: Any) -> Any:
+    return field(default=default, metadata={"memprof": Declared(**declared)})
+
+
+def _device(value: str) -> str | None:
+    if value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit()):
+        return None
+    return f"unknown device {value!r}; choose auto, cpu or cuda"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What was measured and how; enough to re-run it."""
+
+    model: str = setting("gpt2", help="Model name (see `memprof models`), a local HF config.json, or file.py:function.",
+                         flag="--model", short="-m", config="model", csv="id")
+    optimizer: str = setting("", help="Registry name or dotted path of the optimizer (from the spec).", csv="id")
+    spec: str = setting("smmf,adam", help="Comma-separated optimizer specs: NAME or NAME:key=value[:key=value…]; "
+                        "NAME may be a dotted class path.", flag="--opt", config="opt", csv="id", metavar="SPECS")
+    device: str = setting("auto", help="auto (CUDA when present), cuda or cpu.", flag="--device", config="device",
+                          csv="id", check=_device)
+    dtype: str = setting("float32", help="Weight dtype: float32, bfloat16 or float16.", flag="--dtype", config="dtype",
+                         csv="id", choices=DTYPES)
+    amp: str | None = setting(None, help="Mixed precision with fp32 weights: bf16 or fp16 autocast.", flag="--amp",
+                              config="amp", csv="id", choices=AMP_MODES)
+    batch_size: int = setting(2, help="Batch size.", flag="--batch-size", config="batch_size", csv="id", minimum=1)
+    seq_len: int = setting(128, help="Sequence length (text models).", flag="--seq-len", config="seq_len", csv="id",
+                           minimum=1)
+    image_size: int = setting(224, help="Image side in pixels (vision models).", flag="--image-size",
+                              config="image_size", csv="id", minimum=8)
+    num_classes: int | None = setting(None, help="Number of classes (vision models; default: the model's).",
+                                      flag="--num-classes", config="num_classes", csv="extra", minimum=1)
+    steps: int = setting(3, help="Instrumented training steps; the first is warm-up for timings.", flag="--steps",
+                         config="steps", csv="id", minimum=1)
+    seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra")
+    timeline: bool = setting(True, help="Keep a downsampled per-category timeline in the record.")
+    snapshot: str | None = setting(None, help="CUDA only: write a torch memory snapshot (drag it onto "
+                                   "pytorch.org/memory_viz); bounded history, Python-only stacks.",
+                                   flag="--snapshot", group="capture")
+
+    def __post_init__(self) -> None:
+        for item in declared_fields():
+            problem = _problem(item, getattr(self, item.name))
+            if problem:
+                raise UsageError(problem)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def model_options(self):
+        """What the model builder needs (``memprof.models.ModelOptions``), taken by field name."""
+        from memprof.models.base import ModelOptions
+
+        return ModelOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)})
+
+
+def declared_fields(group: str | None = None) -> list[dataclasses.Field]:
+    """The settings' fields (only those whose flag belongs to ``group`` when given), in order."""
+    return [f for f in dataclasses.fields(Settings) if group is None or (_meta(f).flag and _meta(f).group == group)]
+
+
+def declaration(name: str) -> Declared:
+    return _meta(next(f for f in dataclasses.fields(Settings) if f.name == name))
+
+
+def _meta(item: dataclasses.Field) -> Declared:
+    return item.metadata["memprof"]
+
+
+def _problem(item: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for this setting, in one line naming the valid choices."""
+    meta = _meta(item)
+    name = meta.flag or item.name
+    if value is None:
+        return None if "None" in str(item.type) else f"{name} needs a value"
+    kind = _base_type(item)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{name} must be an integer, got {value!r}"
+    if kind is str and not isinstance(value, str):
+        return f"{name} must be text, got {value!r}"
+    if kind is bool and not isinstance(value, bool):
+        return f"{name} must be true or false, got {value!r}"
+    if meta.minimum is not None and value < meta.minimum:
+        return f"{name} must be at least {meta.minimum}, got {value}"
+    if meta.choices is not None and value not in meta.choices:
+        return f"unknown {item.name} {value!r}; choose {', '.join(meta.choices)}"
+    return meta.check(value) if meta.check else None
+
+
+def _base_type(item: dataclasses.Field) -> type:
+    text = str(item.type).replace(" | None", "")
+    return {"int": int, "str": str, "bool": bool}[text]
+
+
+# -- derived views of the declaration ---------------------------------------------------------------
+def config_keys() -> dict[str, str]:
+    """Config-file key → field name."""
+    return {_meta(f).config: f.name for f in declared_fields() if _meta(f).config}
+
+
+def csv_columns(role: CsvRole) -> tuple[str, ...]:
+    return tuple(f.name for f in declared_fields() if _meta(f).csv == role)
+
+
+def from_text(cells: Mapping[str, str]) -> dict[str, Any]:
+    """Field values from text cells (a CSV row); empty or missing cells are left out."""
+    values: dict[str, Any] = {}
+    for item in declared_fields():
+        text = cells.get(item.name)
+        if text is None or text == "":
+            continue
+        kind = _base_type(item)
+        try:
+            values[item.name] = int(float(text)) if kind is int else (text.lower() == "true") if kind is bool else text
+        except ValueError:
+            raise UsageError(f"{item.name} {text!r} is not a valid {kind.__name__}") from None
+    return values
+
+
+def request_fields(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of ``memprof.api.measure`` that would measure ``settings`` again
+    (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
+    return {f.name: getattr(settings, f.name) for f in declared_fields()
+            if f.name not in ("model", "optimizer", "spec") and _meta(f).group == "run"}
+
+
+def reproduce_command(command: str, settings: Settings, specs: Sequence[str]) -> str:
+    """The ``memprof <command>`` line that measures ``specs`` with ``settings`` again."""
+    parts = [f"memprof {command}"]
+    for item in declared_fields("run"):
+        meta = _meta(item)
+        value = ",".join(specs) if item.name == "spec" else getattr(settings, item.name)
+        if value is None or value is False:
+            continue
+        parts.append(meta.flag if value is True else f"{meta.flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def group_by_request(settings: Iterable[Settings]) -> list[tuple[Settings, list[str]]]:
+    """Settings that differ only in the optimizer, grouped: (the first's settings, the specs)."""
+    groups: dict[tuple, tuple[Settings, list[str]]] = {}
+    for s in settings:
+        key = (s.model, *request_fields(s).items())
+        groups.setdefault(key, (s, []))[1].append(s.spec)
+    return list(groups.values())
