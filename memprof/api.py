@@ -93,8 +93,9 @@ def measure(
     """
     base = _settings(model, settings)
     texts = _validate_optimizers(optimizers)
-    device = resolve_device(base.device)
-    isolate = device.startswith("cuda") if isolate is None else isolate
+    # An estimate needs no GPU: its target is CUDA unless it says cpu.
+    device = ("cuda" if base.device == "auto" else base.device) if base.estimate else resolve_device(base.device)
+    isolate = device.startswith("cuda") and not base.estimate if isolate is None else isolate
     from memprof.optim.registry import parse_spec
 
     if base.snapshot is not None and not device.startswith("cuda"):
@@ -110,7 +111,11 @@ def measure(
                            snapshot=_snapshot_path(base.snapshot, text, len(texts)))
         if on_start:
             on_start(run)
-        if isolate:
+        if base.estimate and spec.entry.requires == "cuda":
+            record = RunRecord(settings=run, environment={}, status="failed",
+                               failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
+                                       "kernels, which have no fake-tensor implementation")
+        elif isolate:
             from memprof.measure.isolation import measure_in_child
 
             record = measure_in_child(run)
@@ -122,6 +127,41 @@ def measure(
         records.append(record)
         if on_result:
             on_result(record)
+    return records
+
+
+def estimate(
+    model: str,
+    optimizers: str | Sequence[str],
+    *,
+    on_start: Callable[[Settings], None] | None = None,
+    on_result: Callable[[RunRecord], None] | None = None,
+    **settings: Any,
+) -> list[RunRecord]:
+    """Estimate each optimizer on ``model`` without allocating it: the same runner and replay on
+    fake tensors. ``device`` is the target ("cuda", the default, or "cpu"); ``gpu`` picks the GPU
+    whose workspace, context and capacity apply; ``memory`` is the budget to fit in.
+
+    An optimizer whose state depends on the data (its entry's ``upper_bound``) yields two records,
+    the lower and the upper end of its range, each noted as such.
+    """
+    from memprof.optim.registry import parse_spec, split_specs
+
+    texts = split_specs(optimizers) if isinstance(optimizers, str) else list(optimizers)
+    expanded: list[tuple[str, str | None]] = []
+    for text in _validate_optimizers(texts):
+        upper = parse_spec(text).entry.upper_bound
+        if not upper:
+            expanded.append((text, None))
+            continue
+        extra = ":".join(f"{k}={v}" for k, v in upper.items())
+        expanded += [(text, f"lower end of a data-dependent range: {text} at its initial state sizes"),
+                     (f"{text}:{extra}", f"upper end of a data-dependent range: {text} with {extra}")]
+    records = measure(model, [t for t, _ in expanded], isolate=False, on_start=on_start, on_result=on_result,
+                      **{"device": "cuda", **settings, "estimate": True})
+    for record, (_, note) in zip(records, expanded):
+        if note:
+            record.notes.append(note)
     return records
 
 

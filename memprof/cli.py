@@ -60,8 +60,8 @@ class ReportFormat(str, Enum):
 # -- the run settings' options, derived from memprof.settings ----------------------------------------------
 def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable], Callable]:
     """Give a command the declared settings' options of ``groups`` (``memprof.settings``); it receives
-    their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``
-    or ``help`` for this command (``spec={"default": "adam", "help": "One optimizer spec."}``)."""
+    their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``,
+    ``help`` or ``flags`` for this command (``spec={"default": "adam", "help": "One optimizer spec."}``)."""
     from memprof.settings import declaration, declared_fields
 
     def decorate(command: Callable) -> Callable:
@@ -75,7 +75,8 @@ def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable
                 meta, change = declaration(item.name), overrides.get(item.name, {})
                 base = {"int": int, "str": str, "bool": bool}[str(item.type).replace(" | None", "")]
                 kind = Optional[base] if "None" in str(item.type) else base
-                option = typer.Option(*filter(None, (meta.flag, meta.short)), help=change.get("help", meta.help),
+                flags = change.get("flags", (meta.flag, meta.short))
+                option = typer.Option(*filter(None, flags), help=change.get("help", meta.help),
                                       min=meta.minimum, metavar=meta.metavar)
                 added.append(inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY,
                                                default=change.get("default", item.default),
@@ -101,7 +102,7 @@ def _explicit(ctx: typer.Context, names: Sequence[str]) -> set[str]:
 
 
 # -- measuring, with progress on stderr ----------------------------------------------------------------
-def _measure(request) -> list:
+def _measure(request, estimate: bool = False) -> list:
     """Run one API request with a spinner; the spinner starts at the first measurement, so that
     bad input fails as one clean line before it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -121,8 +122,8 @@ def _measure(request) -> list:
         progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
 
     try:
-        return api.measure(request.model, request.optimizers, on_start=on_start, on_result=on_result,
-                           **request.settings)
+        run = api.estimate if estimate else api.measure
+        return run(request.model, request.optimizers, on_start=on_start, on_result=on_result, **request.settings)
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -240,6 +241,42 @@ def profile(
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
     print_tables(profile_tables(record, unit=unit, top=top), out)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit, detail=True)
+    _raise_if_failed(records)
+
+
+@app.command()
+@run_options("run", "estimate", device={"flags": ("--target", "--device"), "default": "cuda",
+                                        "help": "What the estimate is for: cuda (a GPU run, the default; no GPU "
+                                                "needed) or cpu."})
+def estimate(
+    settings: dict,
+    reference: Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")] = None,
+    unit: UnitOpt = "GiB",
+    csv: CsvOpt = None,
+    json: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+    latex: LatexOpt = None,
+    plot: PlotOpt = None,
+) -> None:
+    """Estimate a model that need not fit this machine: every byte per optimizer, on fake tensors.
+
+    The same runner and replay as compare, with nothing allocated: exact weights, gradients and
+    optimizer state, and the peak a GPU run would reach (512-B allocator blocks, and the library
+    workspace and CUDA context of --gpu, default h100). GPUs: h100 (measured), h200, a100-80gb,
+    a100-40gb, l40s, rtx4090 (the H100's workspace and context, marked as assumed).
+
+    Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
+    """
+    from memprof import api
+    from memprof.report.table import estimate_table
+
+    _check_outputs(unit, plot)
+    (request,) = api.requests(settings)
+    records = _measure(request, estimate=True)
+    if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in records):
+        raise UsageError(f"--reference {reference!r} is not one of the estimated optimizers")
+    out.print(estimate_table(records, unit=unit, baseline=reference))
+    _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
 
 

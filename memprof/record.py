@@ -109,6 +109,7 @@ class RunRecord:
     parameters: list[ParameterState] = field(default_factory=list)
     telemetry: list[dict[str, float]] = field(default_factory=list)  # one dict per step
     timeline: Timeline = field(default_factory=Timeline)
+    notes: list[str] = field(default_factory=list)  # how a figure was obtained, where that is not obvious
     schema: int = SCHEMA_VERSION
 
     # -- derived views of the rows -------------------------------------------------------

@@ -52,6 +52,21 @@ def _device(value: str) -> str | None:
     return f"unknown device {value!r}; choose auto, cpu or cuda"
 
 
+def _gpu(value: str) -> str | None:
+    from memprof.measure.gpus import GPUS
+
+    return None if value in GPUS else f"unknown --gpu {value!r}; choose from {', '.join(GPUS)}"
+
+
+def _size(value: str) -> str | None:
+    from memprof.report.units import parse_size
+
+    try:
+        return None if parse_size(value) > 0 else f"--memory {value!r} must be positive"
+    except UsageError as exc:
+        return str(exc)
+
+
 @dataclass(frozen=True)
 class Settings:
     """What was measured and how; enough to re-run it."""
@@ -81,6 +96,13 @@ class Settings:
     snapshot: str | None = setting(None, help="CUDA only: write a torch memory snapshot (drag it onto "
                                    "pytorch.org/memory_viz); bounded history, Python-only stacks.",
                                    flag="--snapshot", group="capture")
+    estimate: bool = setting(False, help="Run on fake tensors (nothing allocated): figures for --target.",
+                             csv="extra")
+    gpu: str | None = setting(None, help="Estimate for this GPU: its capacity, library workspace and context "
+                              "(see `memprof estimate --help`).", flag="--gpu", csv="extra", group="estimate",
+                              check=_gpu)
+    memory: str | None = setting(None, help="Memory budget to fit in (24GiB, 80GB); default: the --gpu's capacity.",
+                                 flag="--memory", csv="extra", group="estimate", check=_size)
 
     def __post_init__(self) -> None:
         for item in declared_fields():
@@ -165,13 +187,13 @@ def request_fields(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of ``memprof.api.measure`` that would measure ``settings`` again
     (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
     return {f.name: getattr(settings, f.name) for f in declared_fields()
-            if f.name not in ("model", "optimizer", "spec") and _meta(f).group == "run"}
+            if f.name not in ("model", "optimizer", "spec") and _meta(f).group != "capture"}
 
 
-def reproduce_command(command: str, settings: Settings, specs: Sequence[str]) -> str:
-    """The ``memprof <command>`` line that measures ``specs`` with ``settings`` again."""
-    parts = [f"memprof {command}"]
-    for item in declared_fields("run"):
+def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:
+    """The ``memprof compare`` (or ``estimate``) line that measures ``specs`` with ``settings`` again."""
+    parts = ["memprof estimate" if settings.estimate else "memprof compare"]
+    for item in [*declared_fields("run"), *(declared_fields("estimate") if settings.estimate else [])]:
         meta = _meta(item)
         value = ",".join(specs) if item.name == "spec" else getattr(settings, item.name)
         if value is None or value is False:

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from memprof.measure.events import Allocation, PhaseMark, Replay, Tag, replay
-from memprof.measure.state import StateTensor, unique_bytes
+from memprof.measure.state import StateTensor, storage_key, unique_bytes
 from memprof.measure.trackers import CpuTracker, CudaTracker
 from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
 from memprof.taxonomy import IDENTITY_PRECEDENCE, PHASES, category_of_untagged
@@ -59,7 +59,7 @@ class Capture:
             if tensor is None or tensor.layout != torch.strided:
                 continue
             storage = tensor.untyped_storage()
-            self.tags.append(Tag(now, storage.data_ptr(), category, component, storage.nbytes()))
+            self.tags.append(Tag(now, self.tracker.key(storage), category, component, storage.nbytes()))
 
     def optimizer_state(self, state: list[StateTensor]) -> None:
         for item in state:
@@ -111,19 +111,21 @@ def attribute(
     gradients: list[torch.Tensor],
     state: list[StateTensor],
     device_peaks: Peaks | None,
+    estimated_driver: int | None = None,
 ) -> None:
     """Fill the record's rows, peaks and per-parameter table from the capture.
 
-    ``device_peaks`` is what the CUDA allocator and NVML reported (None on CPU, where the peak is
-    simulated from live tensors).
+    ``device_peaks`` is what the CUDA allocator and NVML reported (None on CPU and in estimates,
+    where the peak is simulated from live tensors); ``estimated_driver`` is an estimate's CUDA
+    context from the GPU table (``memprof.measure.gpus``).
     """
     assign(allocations, capture.tags, capture.marks)
     result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0)
     params = list(names)
     rows: list[Row] = []
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    param_storages = {storage_key(p) for p in params}
     rows.append(Row("weights", "param", unique_bytes(params)))
-    rows.append(Row("buffers", "buffer", unique_bytes([b for b in buffers if b.untyped_storage().data_ptr() not in param_ptrs])))
+    rows.append(Row("buffers", "buffer", unique_bytes([b for b in buffers if storage_key(b) not in param_storages])))
     rows.append(Row("gradients", record.gradient_component, unique_bytes(gradients)))
     by_role: dict[str, list[torch.Tensor]] = defaultdict(list)
     for item in state:
@@ -141,10 +143,13 @@ def attribute(
     rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
     if device_peaks is not None:
         rows.append(Row("allocator", "reserved-allocated", device_peaks.max_reserved - device_peaks.max_allocated, "allocator"))
-        workspace = sum(v for (c, _), v in result.peak_composition.items() if c == "context")
+    workspace = sum(v for (c, _), v in result.peak_composition.items() if c == "context")
+    if device_peaks is not None or workspace:
         rows.append(Row("context", "library workspace", workspace, "allocator"))
-        if device_peaks.nvml is not None:
-            rows.append(Row("context", "driver (nvml-reserved)", device_peaks.nvml - device_peaks.reserved_end, "nvml"))
+    if device_peaks is not None and device_peaks.nvml is not None:
+        rows.append(Row("context", "driver (nvml-reserved)", device_peaks.nvml - device_peaks.reserved_end, "nvml"))
+    if estimated_driver is not None:
+        rows.append(Row("context", "driver (gpu table)", estimated_driver, "gpu table"))
     unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
     rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
     record.breakdown = rows

@@ -17,7 +17,7 @@ import torch
 from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
-from memprof.measure.trackers import CpuTracker, CudaTracker
+from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
 from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
 from memprof.record import Peaks, RunRecord
@@ -27,29 +27,23 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def measure(settings: Settings) -> RunRecord:
-    """Measure one optimizer on one model in this process."""
+    """Measure one optimizer on one model in this process (on fake tensors when ``settings.estimate``)."""
     from memprof.models import build_model
 
     device = torch.device(settings.device)
     spec = parse_spec(settings.spec)
-    nvml_before = environment.nvml_device_used() if device.type == "cuda" else {}
-    tracker: CpuTracker | CudaTracker = (
-        # With --snapshot every entry carries Python frames: keep the history short enough to load.
-        CudaTracker(device, stacks=True, max_entries=200_000) if device.type == "cuda" and settings.snapshot
-        else CudaTracker(device) if device.type == "cuda" else CpuTracker()
-    )
+    real_cuda = device.type == "cuda" and not settings.estimate
+    nvml_before = environment.nvml_device_used() if real_cuda else {}
+    tracker = _tracker(settings, device)
     capture = Capture(tracker)
     record = RunRecord(settings=settings, environment={})
     torch.manual_seed(settings.seed)
-    with tracker:
+    with _fake_mode(settings), tracker:
         capture.mark("warmup", 0)
-        _warm_up_libraries(device)
+        _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
-        built = build_model(
-            settings.model,
-            settings.model_options(),
-            device=device,
-        )
+        built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
+                            fake=settings.estimate)
         model, batch = built.model, built.batch
         optimizer = build_optimizer(spec, model)
         names = {p: n for n, p in model.named_parameters()}
@@ -95,28 +89,107 @@ def measure(settings: Settings) -> RunRecord:
                 record.telemetry.append(protocol.telemetry(optimizer, names))
         except torch.OutOfMemoryError:
             record.status, record.failure = "oom", f"OOM in {phase} (step {step})"
+        except Exception as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
+            record.status, record.failure = "failed", f"failed in {phase} (step {step}): {_first_line(exc)}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
         state = walk_state(optimizer, names, roles)
         gradients = [p.grad for p in params if p.grad is not None]
         record.hyperparameters = {k: v for k, v in optimizer.defaults.items() if _plain(v)}
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)
-        device_peaks = _device_peaks(device, nvml_before)
+        device_peaks = _device_peaks(device, nvml_before) if real_cuda else None
         if settings.snapshot and isinstance(tracker, CudaTracker):
             tracker.keep_snapshot(settings.snapshot)
-    record.environment = environment.collect(device)
+    record.environment = environment.collect(device if real_cuda else torch.device("cpu"))
     if getattr(tracker, "dropped", False):
         record.status = "failed"
         record.failure = f"allocator history overflowed ({tracker.max_entries} entries); measure fewer --steps"
     if device_peaks is not None:
         device_peaks.exact_blocks = tracker.exact_blocks
-    attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, device_peaks)
+    attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, device_peaks,
+              estimated_driver=_gpu(settings).driver if settings.estimate and device.type == "cuda" else None)
+    if isinstance(tracker, FakeTracker):
+        _describe_estimate(record, tracker, settings)
     return record
 
 
-def _warm_up_libraries(device: torch.device) -> None:
-    """Create cuBLAS/cuDNN handles and workspaces before anything is attributed."""
+def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTracker:
+    if settings.estimate:
+        return FakeTracker(device)
+    if device.type == "cuda":
+        # With --snapshot every entry carries Python frames: keep the history short enough to load.
+        return CudaTracker(device, stacks=True, max_entries=200_000) if settings.snapshot else CudaTracker(device)
+    return CpuTracker()
+
+
+def _build_device(settings: Settings, device: torch.device) -> torch.device:
+    """Where the model lives. An estimate for CUDA runs on fake CUDA tensors only where a GPU is
+    present: without one, torch's autograd engine refuses a backward pass on them (it checks the
+    device's primary context), so the fake tensors are CPU tensors and the CUDA target shows only
+    in the allocator's rounding, workspace and context."""
+    if settings.estimate and device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
+def _fake_mode(settings: Settings) -> contextlib.AbstractContextManager:
+    """Fake tensors for an estimate: every op runs its shape function; nothing is allocated."""
+    if not settings.estimate:
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        from memprof.measure.cuda_choices import attention_like_cuda
+        from memprof.optim.adapters import resolving_for
+
+        stack.enter_context(resolving_for("cuda"))
+        stack.enter_context(attention_like_cuda())
+    return stack
+
+
+def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settings) -> None:
+    """Say how an estimate's figures were obtained; it has no timings."""
+    record.timings_ms = {}
+    target = tracker.target.type
+    how = ["fake tensors (FakeTensorMode), nothing allocated"]
+    if target == "cuda" and not torch.cuda.is_available():
+        how.append("fake CPU tensors with a CUDA run's kernel choices (memory-efficient/flash attention, "
+                   "torch.optim's foreach default): torch's autograd refuses backward on fake CUDA tensors "
+                   "without a GPU")
+    if target == "cuda":
+        gpu = _gpu(settings)
+        how.append("each allocation rounded to the caching allocator's 512-B blocks (large-pool whole-block "
+                   "reuse not modelled)")
+        how.append(f"library workspace {gpu.workspace} B and CUDA context {gpu.driver} B for {gpu.label}: "
+                   f"{gpu.source}")
+        record.environment.update(gpu=gpu.label, device="cuda (estimated)")
+    if tracker.host_reads:
+        how.append(f"{tracker.host_reads} host read(s) of tensor values (.item()/.tolist()) answered with "
+                   f"{tracker.placeholder}: choices that depend on data follow that value")
+    record.environment["estimate"] = "; ".join(how)
+
+
+def _gpu(settings: Settings):
+    """The GPU an estimate is for (the H100, the one measured, when none is named)."""
+    from memprof.measure.gpus import GPUS
+
+    return GPUS[settings.gpu or "h100"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _warm_up_libraries(device: torch.device, tracker: CpuTracker | CudaTracker, settings: Settings) -> None:
+    """Create cuBLAS/cuDNN handles and workspaces before anything is attributed (an estimate takes
+    the workspace from the GPU table instead)."""
     if device.type != "cuda":
+        return
+    if isinstance(tracker, FakeTracker):
+        tracker.reserve(_gpu(settings).workspace, start=tracker.now())
         return
     a = torch.randn(64, 64, device=device, requires_grad=True)
     (a @ a).sum().backward()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memprof.taxonomy import role_of
@@ -33,7 +34,9 @@ class StateTensor:
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+    """One key per storage: its address, or for a fake tensor (no address) the storage object's identity."""
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), id(storage) if is_fake(tensor) else storage.data_ptr())
 
 
 def unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:

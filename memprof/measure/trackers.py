@@ -38,16 +38,24 @@ class CpuTracker(TorchDispatchMode):
     def sync(self) -> None:
         """Nothing to wait for on CPU."""
 
+    def key(self, storage: torch.UntypedStorage) -> int:
+        """The identity of a storage in the event stream (its address)."""
+        return storage.data_ptr()
+
+    def block_bytes(self, nbytes: int) -> int:
+        """Bytes an allocation of ``nbytes`` is charged (the storage's own size on CPU)."""
+        return nbytes
+
     def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
         """Declare storages that exist already (the model's, the batch's) as live from time 0."""
         for tensor in tensors:
             self._track(tensor.untyped_storage(), start=0.0)
 
     def _track(self, storage: torch.UntypedStorage, start: float) -> None:
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        ptr, nbytes = self.key(storage), storage.nbytes()
         if nbytes == 0 or ptr in self._live:
             return
-        alloc = Allocation(ptr=ptr, nbytes=nbytes, start=start)
+        alloc = Allocation(ptr=ptr, nbytes=self.block_bytes(nbytes), start=start)
         self._live[ptr] = alloc
         self.allocations.append(alloc)
         weakref.finalize(storage, self._free, ptr, alloc)
@@ -57,15 +65,18 @@ class CpuTracker(TorchDispatchMode):
         if self._live.get(ptr) is alloc:
             del self._live[ptr]
 
+    def _sees(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu"
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.layout == torch.strided:
+            if isinstance(item, torch.Tensor) and self._sees(item) and item.layout == torch.strided:
                 try:
                     storage = item.untyped_storage()
                 except (RuntimeError, NotImplementedError):
                     continue  # a wrapper subclass (torchao's quantized state): its inner tensors are tracked
-                if storage.data_ptr() not in self._live:
+                if self.key(storage) not in self._live:
                     # An output storage we have not seen: a new allocation, unless the op mutated
                     # or viewed a tensor that existed before the capture (then it was live all along).
                     start = 0.0 if func._schema.is_mutable or func.is_view else self.now()
@@ -74,6 +85,50 @@ class CpuTracker(TorchDispatchMode):
 
     def memory_allocated(self) -> int:
         return sum(a.nbytes for a in self._live.values())
+
+
+class FakeTracker(CpuTracker):
+    """Sees every op output on fake tensors (``FakeTensorMode``): nothing is allocated.
+
+    Storages are told apart by identity (a fake storage has no address). For a CUDA target each
+    allocation is charged the caching allocator's 512-byte rounding. A read of a fake value on the
+    host (``.item()``, ``.tolist()``) has no answer: it gets ``placeholder`` and is counted in
+    ``host_reads``, so that data-dependent choices are reported as such.
+    """
+
+    def __init__(self, target: torch.device, placeholder: float = 1.0) -> None:
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.target = target
+        self.placeholder = placeholder
+        self.host_reads = 0
+        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._next_id = itertools.count(1)
+
+    def key(self, storage: torch.UntypedStorage) -> int:
+        if storage not in self._ids:
+            self._ids[storage] = next(self._next_id)
+        return self._ids[storage]
+
+    def block_bytes(self, nbytes: int) -> int:
+        return block_size(nbytes, None) if self.target.type == "cuda" else nbytes
+
+    def reserve(self, nbytes: int, start: float = 0.0) -> None:
+        """An allocation the model does not make (the GPU's library workspace), live from ``start``."""
+        if nbytes:
+            self.allocations.append(Allocation(ptr=-len(self.allocations) - 1, nbytes=nbytes, start=start))
+
+    def _sees(self, tensor: torch.Tensor) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.host_reads += 1
+            dtype = args[0].dtype
+            return bool(self.placeholder) if dtype == torch.bool else (
+                self.placeholder if dtype.is_floating_point else int(self.placeholder))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 class CudaTracker:
@@ -89,6 +144,10 @@ class CudaTracker:
 
     def now(self) -> float:
         return float(time.time_ns() // 1000)
+
+    def key(self, storage: torch.UntypedStorage) -> int:
+        """The identity of a storage in the event stream: its address, as the allocator records it."""
+        return storage.data_ptr()
 
     def sync(self) -> None:
         torch.cuda.synchronize(self.device)

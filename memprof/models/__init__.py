@@ -26,14 +26,18 @@ if TYPE_CHECKING:
 __all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "is_builtin", "model_names"]
 
 
-def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu") -> BuiltModel:
-    """Build ``name`` on ``device`` (``"meta"`` works: shapes without memory), in train() mode."""
+def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu", *,
+                fake: bool = False) -> BuiltModel:
+    """Build ``name`` on ``device`` (``"meta"`` works: shapes without memory), in train() mode.
+
+    ``fake``: the caller runs a ``FakeTensorMode``; a fake CUDA model needs no GPU.
+    """
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not fake and not torch.cuda.is_available():
         raise UsageError(f"Device {device} requested but torch sees no CUDA device")
-    cuda_devices = [] if device.type != "cuda" else [
+    cuda_devices = [] if device.type != "cuda" or fake else [
         device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
         torch.manual_seed(SEED)  # the same weights on every build on one device type

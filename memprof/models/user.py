@@ -58,7 +58,11 @@ def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
     with torch.device(device):
         result = function(options) if _takes_positional(function) else function()
     model, batch, loss_fn = _unpack(result, spec)
-    model.to(device=device, dtype=options.torch_dtype).train()
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device != device or (t.is_floating_point() and t.dtype != options.torch_dtype) for t in tensors):
+        # Only when something changes: converting fake tensors in place is not possible (they are swapped).
+        model.to(device=device, dtype=options.torch_dtype)
+    model.train()
     if batch is None:
         batch = {"input": _example_input(model, options, spec)}
     elif isinstance(batch, torch.Tensor):

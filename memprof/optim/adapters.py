@@ -8,8 +8,10 @@ so that the run record says which implementation was measured.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +20,20 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 # torch.optim classes whose functional API turns foreach=None into "foreach when every parameter
 # is on a foreach device (CUDA)". torch.optim.Adafactor does not: None means single-tensor.
 _FOREACH_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.SGD)
+
+
+_RESOLVE_FOR: ContextVar[str | None] = ContextVar("memprof_resolve_for", default=None)
+
+
+@contextlib.contextmanager
+def resolving_for(device_type: str) -> Iterator[None]:
+    """Resolve torch's foreach default as on ``device_type`` parameters (a CUDA estimate made on fake
+    CPU tensors: ``memprof.measure.cuda_choices``)."""
+    token = _RESOLVE_FOR.set(device_type)
+    try:
+        yield
+    finally:
+        _RESOLVE_FOR.reset(token)
 
 
 def implementation(optimizer: torch.optim.Optimizer) -> str:
@@ -47,6 +63,8 @@ def pin_implementation(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
                 _, foreach = _default_to_fused_or_foreach(
                     group["params"], group.get("differentiable", False), use_fused=False
                 )
+                if _RESOLVE_FOR.get() == "cuda":
+                    foreach = not group.get("differentiable", False)
                 if isinstance(optimizer, torch.optim.Adam) and isinstance(group["lr"], torch.Tensor):
                     foreach = foreach and group.get("capturable", False)
         group["foreach"] = bool(foreach)

@@ -36,6 +36,9 @@ class OptimizerEntry:
     params: ParamsMode = "parameters"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     requires: str | None = None  # "cuda" when the optimizer only runs on CUDA
+    # State whose size depends on the data (Adapprox's adaptive rank): the hyperparameters that
+    # reach its upper bound. An estimate then reports the range, both ends marked as such.
+    upper_bound: Mapping[str, Any] = field(default_factory=dict)
 
     def load(self) -> Callable[..., "torch.optim.Optimizer"]:
         module, _, attr = self.target.partition(":")

@@ -32,6 +32,7 @@ PAPERS: tuple[OptimizerEntry, ...] = (
         target="memprof.optim.adapprox:Adapprox",
         summary="Adapprox: randomized low-rank second moment with adaptive rank (S-RSI)",
         source="memprof (paper)",
+        upper_bound={"rank_init": 2**31 - 1},  # capped at k_max per matrix: every factor at its maximum rank
     ),
     OptimizerEntry(
         name="io_adam",

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.optim.optimizer import Optimizer, ParamsT
 
 __all__ = ["SMMF", "square_matricize"]
@@ -191,7 +192,8 @@ class SMMF(Optimizer):
 
     def _use_triton(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         choice = group["implementation"]
-        if choice == "torch" or (choice == "auto" and not p.is_cuda):
+        # Fake tensors (memprof estimate) take the torch path: a Triton kernel has no fake implementation.
+        if choice == "torch" or (choice == "auto" and (not p.is_cuda or is_fake(p))):
             return False
         kernels = _triton_kernels()
         if kernels is None:

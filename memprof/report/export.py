@@ -57,8 +57,8 @@ def provenance(records: Sequence[RunRecord]) -> dict[str, str]:
 
 
 def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
-    """One ``memprof compare`` command per group of records measured with the same settings."""
-    return [reproduce_command("compare", settings, specs) for settings, specs in group_by_request(r.settings for r in records)]
+    """One ``memprof compare`` (or ``estimate``) command per group of records measured with the same settings."""
+    return [reproduce_command(settings, specs) for settings, specs in group_by_request(r.settings for r in records)]
 
 
 # -- the per-optimizer summary that Markdown and LaTeX render -----------------------------

@@ -70,6 +70,53 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
     return table
 
 
+def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline: str | None = None) -> Table:
+    """One row per estimated optimizer: bytes by category, the peak, what the device needs, and
+    whether it fits the budget (``--memory`` or the ``--gpu``'s capacity)."""
+    from memprof.measure.gpus import budget, need
+
+    first = records[0].settings
+    limit = budget(first)
+    title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
+             f"{' · amp ' + first.amp if first.amp else ''} · estimate for {first.device}"
+             f"{' (' + (first.gpu or 'h100') + ')' if first.device.startswith('cuda') else ''}"
+             f"{' · budget ' + fmt(limit, unit, 2) if limit else ''} · {unit}")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    names = ["optimizer", "weights", "grads", "state", "state split", "activations", "step transient", "peak alloc",
+             "needs", *(["fits", "headroom"] if limit else []), "Δ state", "Δ needs"]
+    for name in names:
+        table.add_column(name, justify="left" if name in ("optimizer", "state split", "fits") else "right",
+                         overflow="fold")
+    base = next((r for r in records if baseline in (r.settings.spec, r.settings.optimizer)), records[0])
+    base_ok = base.status == "ok"
+    for record in records:
+        label = record.settings.spec + (" (roles inferred)" if record.inferred_roles else "")
+        if record.status != "ok":
+            table.add_row(label, f"[red]{record.failure}[/red]", *([""] * (len(names) - 2)))
+            continue
+        needs = need(record)
+        fit = [("yes" if needs <= limit else "[red]no[/red]"), fmt(limit - needs, unit, 2)] if limit else []
+        table.add_row(
+            label, fmt(record.total("weights"), unit, 2),
+            fmt(record.total("gradients"), unit, 2) + ("*" if record.gradient_component != "grad" else ""),
+            fmt(record.total("optimizer_state"), unit, 2), _state_split(record, unit),
+            fmt(record.total("activations"), unit, 2), fmt(record.total("step_transient"), unit, 2),
+            fmt(record.peaks.allocated, unit, 2), fmt(needs, unit, 2), *fit,
+            _delta(record.total("optimizer_state"), base.total("optimizer_state"), unit)
+            if base_ok and record is not base else "",
+            _delta(needs, need(base), unit) if base_ok and record is not base else "",
+        )
+    notes = [f"{r.settings.spec}: {note}" for r in records for note in r.notes]
+    notes += [f"{r.settings.spec}: gradient buffer holds {r.gradient_component}" for r in records
+              if r.gradient_component != "grad"]
+    notes.append("needs = peak allocated + CUDA context outside the allocator; allocator fragmentation "
+                 "(reserved − allocated) is not estimated" if first.device.startswith("cuda") else
+                 "needs = peak of live tensors (a CPU run)")
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table
+
+
 def breakdown_table(record: RunRecord, *, unit: str = "MiB", at_peak: bool = False) -> Table:
     """Every category and component of one record, steady state or at the global peak."""
     rows = record.peak if at_peak else record.breakdown
