@@ -103,7 +103,9 @@ class Adapprox(torch.optim.Optimizer):
     stays that of one parameter.
 
     Randomness comes from one ``torch.Generator`` per device, seeded with ``seed``; every S-RSI
-    call draws an n x (k + p) fp32 Gaussian matrix from it, parameters in group order.
+    call draws an n x (k + p) fp32 Gaussian matrix from it, parameters in group order. The
+    generators' states travel in the state dict (``"generators"``), so a resumed run draws what
+    the uninterrupted run would have drawn.
 
     Args:
         params: iterable of parameters or param groups.
@@ -203,12 +205,30 @@ class Adapprox(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # Generator states from a loaded state dict, by device name, applied on first use
+        self._saved_generators: dict[str, Tensor] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """The optimizer's generator for ``device``, created and seeded on first use."""
+        """The optimizer's generator for ``device``, created on first use: seeded with ``seed``,
+        or in the state a loaded state dict gave it."""
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            generator = torch.Generator(device=device)
+            saved = self._saved_generators.pop(str(device), None)
+            self._generators[device] = generator.manual_seed(self.seed) if saved is None else generator.set_state(saved)
         return self._generators[device]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus ``"generators"``: each device's generator state (a CPU uint8 tensor)."""
+        state_dict = super().state_dict()
+        state_dict["generators"] = {**self._saved_generators, **{str(d): g.get_state() for d, g in self._generators.items()}}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the generators continue from its ``"generators"`` (a state dict
+        without them, from before they were saved, restarts them from ``seed``)."""
+        super().load_state_dict(state_dict)
+        self._generators = {}
+        self._saved_generators = dict(state_dict.get("generators", {}))
 
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""

@@ -326,6 +326,18 @@ def test_none_grads_skipped_closure_and_seed_reproducible():
     assert not torch.equal(q1, q3)
 
 
+def test_generator_state_survives_a_load_and_save_before_any_step():
+    (a,) = make_params([(30, 20)])
+    opt = Adapprox([a], lr=1e-2)
+    a.grad = torch.randn(30, 20, generator=torch.Generator().manual_seed(8))
+    opt.step()
+    saved = opt.state_dict()["generators"]
+    assert set(saved) == {"cpu"} and not torch.equal(saved["cpu"], torch.Generator().manual_seed(0).get_state())
+    again = Adapprox([a], lr=1e-2)
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state_dict()["generators"]["cpu"], saved["cpu"])
+
+
 # ---------------------------------------------------------------- (3) training vs Adam
 
 
