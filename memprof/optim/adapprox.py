@@ -224,9 +224,16 @@ class Adapprox(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; the generators continue from its ``"generators"`` (a state dict
-        without them, from before they were saved, restarts them from ``seed``)."""
+        """Load a state dict: ``Q`` and ``U`` stay fp32 (``torch.optim.Optimizer`` casts floating
+        state to the parameter's dtype), and the generators continue from its ``"generators"`` (a
+        state dict without them, from before they were saved, restarts them from ``seed``)."""
         super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, param in zip(saved_group["params"], group["params"]):
+                saved = state_dict["state"].get(param_id, {})
+                for key in ("Q", "U"):
+                    if key in saved:
+                        self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
         self._generators = {}
         self._saved_generators = dict(state_dict.get("generators", {}))
 

@@ -326,6 +326,22 @@ def test_none_grads_skipped_closure_and_seed_reproducible():
     assert not torch.equal(q1, q3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_load_state_dict_keeps_fp32_factors_and_steps(dtype):
+    (a,) = make_params([(30, 20)], dtype=dtype)
+    opt = Adapprox([a], lr=1e-2, rank_interval=2)
+    grads = torch.randn(2, 30, 20, generator=torch.Generator().manual_seed(8)).to(dtype)
+    a.grad = grads[0]
+    opt.step()
+    again = Adapprox([a], lr=1e-2, rank_interval=2)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[a]["Q"].dtype == again.state[a]["U"].dtype == torch.float32
+    assert torch.equal(again.state[a]["Q"], opt.state[a]["Q"])
+    a.grad = grads[1]
+    again.step()  # step 2 is off the search: the stacked path multiplies Q by fp32 sketches
+    assert torch.isfinite(a).all()
+
+
 def test_generator_state_survives_a_load_and_save_before_any_step():
     (a,) = make_params([(30, 20)])
     opt = Adapprox([a], lr=1e-2)

@@ -25,7 +25,6 @@ STEPS = 3  # before the checkpoint, and again after it
 BROKEN = {
     ("alada", "fp32"): "the first moment lives in p.grad, outside the state dict",
     ("alada", "bf16"): "the first moment lives in p.grad, outside the state dict",
-    ("adapprox", "bf16"): "load_state_dict casts Q and U to bf16",
     ("io_adam", "bf16"): "load_state_dict rounds the fp32 factors through bf16",
 }
 
