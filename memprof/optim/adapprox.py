@@ -96,7 +96,8 @@ class Adapprox(torch.optim.Optimizer):
     parameter's shape and dtype) when beta1 > 0, and host ints ``step`` and ``rank`` (= k).
     Resident bytes: ``4 k (m + n) + [beta1 > 0] * elt * mn`` with k between 1 and
     ``floor(rank_max_ratio * min(m, n))``. Tensors with fewer than 2 dims (and 1 x n matrices)
-    keep a dense ``exp_avg_sq`` instead: ``elt * n * (1 + [beta1 > 0])``. Each step also holds
+    keep a dense ``exp_avg_sq`` instead, in fp32 (fp64 for fp64): ``(4 + [beta1 > 0] * elt) * n``
+    (``8 n (1 + [beta1 > 0])`` for fp64). Each step also holds
     fp32 buffers for V_t (then the update) and O((m + n)(k + p)) sketches: off rank-search steps,
     same-shaped matrices of equal rank are stacked and refactored together (one launch per op,
     one SVD sync per stack), in stacks no larger than the biggest matrix, so the step transient
@@ -224,16 +225,17 @@ class Adapprox(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict: ``Q`` and ``U`` stay fp32 (``torch.optim.Optimizer`` casts floating
-        state to the parameter's dtype), and the generators continue from its ``"generators"`` (a
-        state dict without them, from before they were saved, restarts them from ``seed``)."""
+        """Load a state dict: ``Q``, ``U`` and ``exp_avg_sq`` keep their dtypes (``torch.optim.Optimizer``
+        casts floating state to the parameter's), and the generators continue from its ``"generators"``
+        (a state dict without them, from before they were saved, restarts them from ``seed``)."""
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, param in zip(saved_group["params"], group["params"]):
                 saved = state_dict["state"].get(param_id, {})
-                for key in ("Q", "U"):
+                dtypes = {"Q": torch.float32, "U": torch.float32, "exp_avg_sq": torch.promote_types(param.dtype, torch.float32)}
+                for key, dtype in dtypes.items():
                     if key in saved:
-                        self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+                        self.state[param][key] = saved[key].to(device=param.device, dtype=dtype)
         self._generators = {}
         self._saved_generators = dict(state_dict.get("generators", {}))
 
@@ -252,8 +254,11 @@ class Adapprox(torch.optim.Optimizer):
                 state["step"] = 0
                 shape = _matrix_shape(param)
                 if shape is None:
-                    # Dense EMA of squared gradients for vectors (digest §1.4c), parameter dtype as in torch Adam
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    # Dense EMA of squared gradients for vectors (digest §1.4c). Our choice: fp32 (fp64
+                    # for fp64), not the parameter dtype: in bf16, v * 0.999 rounds back to v (1 - beta2
+                    # is below half an ulp), so the EMA could rise but never decay. Vectors are small.
+                    dtype = torch.promote_types(param.dtype, torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                 else:
                     m, n = shape
                     rank = min(group["rank_init"], _rank_cap(m, n, group["rank_max_ratio"]))
@@ -395,12 +400,13 @@ class Adapprox(torch.optim.Optimizer):
     def _dense_directions(self, params: list[Tensor], group: dict[str, Any]) -> Tensor:
         """``G_t / (sqrt(V_t) + eps)`` with a dense V for same-shaped vectors, as a fresh fp32 (B, ...) stack."""
         beta2 = group["betas"][1]
-        grads = [param.grad for param in params]
         exp_avg_sqs = [self.state[param]["exp_avg_sq"] for param in params]
+        # The gradients in the state's dtype, so the foreach ops see one dtype
+        grads = torch.stack([param.grad for param in params]).to(exp_avg_sqs[0].dtype)
         torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch.stack(exp_avg_sqs).sqrt_().float().add_(group["eps"])
-        return torch.div(torch.stack(grads), denom, out=denom)
+        torch._foreach_addcmul_(exp_avg_sqs, list(grads), list(grads), value=1.0 - beta2)
+        denom = torch.stack(exp_avg_sqs).sqrt_().add_(group["eps"])
+        return torch.div(grads, denom, out=denom).float()
 
     def _apply_updates(self, params: list[Tensor], updates: Tensor, group: dict[str, Any]) -> None:
         """Clip ``updates`` (M^_t of ``params[b]`` in ``updates[b]``, fp32, modified in place), fold them

@@ -182,12 +182,13 @@ def state_bytes(opt):
 
 
 def paper_bytes(shape, rank, beta1, elt):
-    """Digest §2: 4k(m+n) + [beta1>0] elt*mn for matrices; elt*n*(1 + [beta1>0]) for vectors."""
+    """Digest §2: 4k(m+n) + [beta1>0] elt*mn for matrices; (4 + [beta1>0] elt)*n for vectors, whose
+    exp_avg_sq is fp32 whatever the parameter dtype (the paper's Table 2 is all fp32)."""
     m = shape[0]
     n = math.prod(shape) // m
     if len(shape) >= 2 and min(m, n) >= 2:
         return 4 * rank * (m + n) + (elt * m * n if beta1 > 0 else 0)
-    return elt * math.prod(shape) * (2 if beta1 > 0 else 1)
+    return (4 + (elt if beta1 > 0 else 0)) * math.prod(shape)
 
 
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
@@ -212,8 +213,23 @@ def test_state_bytes_match_paper_formula(beta1, dtype, rank_one):
         assert state_bytes(opt) == paper_bytes(shape, rank, beta1, elt), shape
         if "Q" in opt.state[x]:
             assert opt.state[x]["Q"].dtype == torch.float32 and opt.state[x]["U"].dtype == torch.float32
+        else:
+            assert opt.state[x]["exp_avg_sq"].dtype == torch.float32
         if beta1 > 0:
             assert opt.state[x]["exp_avg"].dtype == dtype
+
+
+def test_bf16_dense_second_moment_decays():
+    # In bf16, v * 0.999 rounds back to v (1 - beta2 is below half an ulp): a bf16 V would stay at its peak.
+    x = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = Adapprox([x], betas=(0.0, 0.999), weight_decay=0.0)
+    x.grad = torch.full_like(x, 10.0)
+    opt.step()
+    x.grad = torch.zeros_like(x)
+    for _ in range(100):
+        opt.step()
+    expected = torch.full((4,), 0.1 * 0.999**100)
+    torch.testing.assert_close(opt.state[x]["exp_avg_sq"], expected, rtol=1e-5, atol=0.0)
 
 
 def test_large_embedding_bytes_at_rank_cap():
