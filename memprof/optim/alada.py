@@ -56,7 +56,10 @@ class Alada(torch.optim.Optimizer):
     loop resets the momentum; gradient clipping and AMP ``GradScaler.unscale_`` act on the
     momentum, not on ``G_t`` (clipping shrinks the stored momentum for all later steps);
     gradient accumulation works unchanged (call :meth:`zero_grad` once per step); with bf16
-    params the momentum is held in bf16 (and squared in fp32).
+    params the momentum is held in bf16 (and squared in fp32). Checkpoints: :meth:`state_dict`
+    carries the momentum (``"momentum"``, the grad tensor itself) and :meth:`load_state_dict` puts
+    it back in ``p.grad``, so model + optimizer state dicts resume exactly; a checkpoint of the
+    model alone loses M with the rest of the optimizer state (a fresh Alada restarts at t = 0).
 
     Args:
         params: iterable of parameters or param groups.
@@ -123,9 +126,32 @@ class Alada(torch.optim.Optimizer):
             if grads:
                 torch._foreach_mul_(grads, group["betas"][0])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus each parameter's first moment, ``p.grad``, as ``"momentum"``.
+
+        A model's state dict does not hold the gradient buffer, so without this entry a resumed run
+        would restart M at 0 with the saved step counts and drift. Like torch's own state, the
+        entry is the tensor itself, not a copy. A ``None`` grad (M = 0) gets no entry.
+        """
+        state_dict = super().state_dict()
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                if param.grad is not None:
+                    # A new dict: torch's packed state shares the per-parameter dicts of self.state
+                    state_dict["state"][index] = {**state_dict["state"].get(index, {}), "momentum": param.grad}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the factors in fp32 (torch casts them to the param dtype)."""
+        """Load a state dict: every parameter's grad becomes its saved ``"momentum"`` (``None``, i.e.
+        M = 0, where none was saved), and the factors stay in fp32 (torch casts them to the param dtype)."""
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                # torch cast it to the parameter's dtype and device, as a grad must be
+                param.grad = state.pop("momentum", None)
+                if not state:  # a parameter with momentum but no state yet (deferred initialisation)
+                    del self.state[param]
         for param, state in self.state.items():
             for key in ("p_acc", "q_acc"):
                 if key in state:

@@ -179,6 +179,25 @@ def test_zero_first_momentum_defers_initialisation() -> None:
     assert torch.allclose(x.detach(), want, rtol=1e-6)
 
 
+def test_state_dict_carries_the_momentum_and_load_puts_it_back_in_grad() -> None:
+    # w: initialised; z: zero momentum (initialisation deferred, no state); u: grad None (M = 0)
+    w, z, u = (torch.nn.Parameter(torch.ones(4, 3)) for _ in range(3))
+    opt = Alada([w, z, u])
+    w.grad, z.grad = torch.randn(4, 3), torch.zeros(4, 3)
+    opt.step()
+    saved = opt.state_dict()["state"]
+    assert saved[0]["momentum"] is w.grad and saved[0]["step"] == 1
+    assert saved[1].keys() == {"momentum"} and saved[1]["momentum"] is z.grad and 2 not in saved
+    assert "momentum" not in opt.state[w] and not opt.state.get(z)
+
+    w2, z2, u2 = (torch.nn.Parameter(torch.ones(4, 3)) for _ in range(3))
+    u2.grad = torch.ones(4, 3)  # a stale grad is not the saved momentum (None): load clears it
+    again = Alada([w2, z2, u2])
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(w2.grad, w.grad) and torch.equal(z2.grad, z.grad) and u2.grad is None
+    assert set(again.state[w2]) == set(Alada.state_roles) and not again.state.get(z2)
+
+
 def test_zero_grad_decays_momentum_and_keeps_none() -> None:
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     opt = Alada([a, b], betas=(0.8, 0.9))
