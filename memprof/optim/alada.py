@@ -143,19 +143,21 @@ class Alada(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict: every parameter's grad becomes its saved ``"momentum"`` (``None``, i.e.
-        M = 0, where none was saved), and the factors stay in fp32 (torch casts them to the param dtype)."""
+        M = 0, where none was saved), and the factors keep their fp32 values."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self.state[param]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                saved, state = state_dict["state"].get(index, {}), self.state[param]
+                for key in ("p_acc", "q_acc"):
+                    if key in saved:
+                        # From the saved tensor: torch cast the state to a bf16/fp16 parameter's dtype
+                        # (dropping the factors' low bits), we keep promote(param dtype, fp32).
+                        dtype = torch.promote_types(param.dtype, torch.float32)
+                        state[key] = saved[key].to(device=param.device, dtype=dtype)
                 # torch cast it to the parameter's dtype and device, as a grad must be
                 param.grad = state.pop("momentum", None)
                 if not state:  # a parameter with momentum but no state yet (deferred initialisation)
                     del self.state[param]
-        for param, state in self.state.items():
-            for key in ("p_acc", "q_acc"):
-                if key in state:
-                    state[key] = state[key].to(torch.promote_types(param.dtype, torch.float32))
 
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""

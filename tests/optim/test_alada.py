@@ -162,6 +162,7 @@ def test_state_bytes_are_4_m_plus_n(shape: tuple[int, ...], dtype: torch.dtype) 
     reloaded = Alada([x, unused])
     reloaded.load_state_dict(opt.state_dict())
     assert reloaded.state[x]["p_acc"].dtype == torch.float32 and reloaded.state[x]["step"] == 1
+    assert torch.equal(reloaded.state[x]["p_acc"], opt.state[x]["p_acc"])  # not rounded through bf16
 
 
 def test_zero_first_momentum_defers_initialisation() -> None:

@@ -23,7 +23,6 @@ SPECS = {
 STEPS = 3  # before the checkpoint, and again after it
 # Known bugs (issue 11), each removed by the commit that fixes it.
 BROKEN = {
-    ("alada", "bf16"): "load_state_dict rounds the fp32 factors through bf16",
     ("io_adam", "bf16"): "load_state_dict rounds the fp32 factors through bf16",
 }
 
