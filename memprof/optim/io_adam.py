@@ -162,7 +162,6 @@ class IOAdam(torch.optim.Optimizer):
         self._modules: list[nn.Module] = []
         for module, transposed in _foldable_layers(model):
             self._attach(module, transposed)
-        self.register_load_state_dict_post_hook(IOAdam._factors_to_fp32)
 
     def _attach(self, module: nn.Module, transposed: bool) -> None:
         # An instance attribute shadows the class's forward; nn.Module hooks still run around it.
@@ -178,13 +177,19 @@ class IOAdam(torch.optim.Optimizer):
             del module.forward, module._io_adam
         self._modules.clear()
 
-    def _factors_to_fp32(self) -> None:
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype; C and R go back
-        # to fp32 (for bf16 weights they lose their low bits once, at load).
-        for state in self.state.values():
-            for key in ("input_sq", "grad_out_sq"):
-                if key in state:
-                    state[key] = state[key].float()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; C and R keep their saved fp32 values.
+
+        ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which for bf16
+        weights would drop their low bits; they are read again from the saved tensors.
+        """
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                saved = state_dict["state"].get(index, {})
+                for key in ("input_sq", "grad_out_sq"):
+                    if key in saved:
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]

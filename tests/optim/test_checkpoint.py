@@ -21,10 +21,6 @@ SPECS = {
     "io_adam": "io_adam:weight_decay=0.01:buffer_size=2",
 }
 STEPS = 3  # before the checkpoint, and again after it
-# Known bugs (issue 11), each removed by the commit that fixes it.
-BROKEN = {
-    ("io_adam", "bf16"): "load_state_dict rounds the fp32 factors through bf16",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -71,10 +67,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_resume_from_saved_state_dicts_is_bit_identical(name: str, dtype: torch.dtype, request) -> None:
-    reason = BROKEN.get((name, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+def test_resume_from_saved_state_dicts_is_bit_identical(name: str, dtype: torch.dtype) -> None:
     reference, reference_opt = build(name, dtype, seed=0)
     train(reference, reference_opt, range(2 * STEPS))
 
