@@ -428,7 +428,9 @@ class Adapprox(torch.optim.Optimizer):
             else:
                 steps = exp_avgs
         if group["weight_decay"] != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            # W - lr wd W, not W * (1 - lr wd): torch._foreach_mul_ on CPU rounds the factor to a
+            # bf16/fp16 parameter's dtype first (1 - 3e-3 becomes 0.99609375); alpha stays fp32.
+            torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])
         torch._foreach_add_(params, steps, alpha=-lr)
 
     def telemetry(self, names: Mapping[Tensor, str]) -> dict[str, float]:

@@ -340,12 +340,10 @@ def _alada_chunk(
     for block, p, column, q_acc in zip(blocks, p_blocks, column_blocks, q_acc_blocks):
         torch.addcmul(column.unsqueeze(-1), p.unsqueeze(-1), q_acc.unsqueeze(1), out=block)
     scratch.sqrt_()
-    if weight_decay != 0.0 and params[0].device.type == "cpu" and params[0].element_size() < 4:
-        # torch._foreach_mul_ on CPU rounds the scalar to bf16/fp16 first (1 - 1e-3 becomes 1); mul_ does not
-        for param in params:
-            param.mul_(1.0 - lr * weight_decay)
-    elif weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    if weight_decay != 0.0:
+        # W - lr wd W, not W * (1 - lr wd): torch._foreach_mul_ on CPU rounds the factor to a
+        # bf16/fp16 parameter's dtype first (1 - 1e-3 becomes 1); alpha stays fp32.
+        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
     # Paper ambiguity (digest §1.4): line 22 prints the raw M_{t+1}, the text says the step
     # preconditions the bias-corrected M~_{t+1}. We use M~ (= M / bias_correction1, Adam-style)
     # because the text says so twice and Theorem 1's eta_t = eta (1 - beta1^{t+1}) only makes

@@ -301,7 +301,9 @@ class IOAdam(torch.optim.Optimizer):
         # Paper ambiguity (digest §1.6): weight decay is only given as 0.1 for MiniPile. We apply
         # it decoupled, as AdamW does, before the Adam update.
         if weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            # W - lr λ W, not W · (1 − lr λ): torch._foreach_mul_ on CPU rounds the factor to a
+            # bf16/fp16 parameter's dtype first (1 − 3e-3 becomes 0.99609375); alpha stays fp32.
+            torch._foreach_add_(params, params, alpha=-lr * weight_decay)
         # ε as a device scalar lets one addcmul build sqrt(V̂) + ε at b = 1 (a CPU scalar cannot).
         eps_on = {device: torch.full((), eps, dtype=torch.float32, device=device)
                   for device in {p.device for p in params}} if buffer_size == 1 else {}

@@ -199,6 +199,18 @@ def test_state_dict_carries_the_momentum_and_load_puts_it_back_in_grad() -> None
     assert set(again.state[w2]) == set(Alada.state_roles) and not again.state.get(z2)
 
 
+def test_bf16_weight_decay_is_rounded_once_from_the_exact_factor() -> None:
+    torch.manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(16, 12).to(torch.bfloat16))
+    before = x.detach().float()
+    opt = Alada([x], lr=0.01, weight_decay=0.3)
+    x.grad = torch.zeros_like(x)
+    x.grad[:, 0] = 1.0  # elsewhere M = 0: the update is 0 / sqrt(U~ + eps) and only the decay moves W
+    opt.step()
+    expected = (before * (1.0 - 0.01 * 0.3)).to(torch.bfloat16)
+    assert torch.equal(x.detach()[:, 1:], expected[:, 1:])
+
+
 def test_zero_grad_decays_momentum_and_keeps_none() -> None:
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     opt = Alada([a, b], betas=(0.8, 0.9))
