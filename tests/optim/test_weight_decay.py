@@ -18,7 +18,7 @@ SPECS = {
     "adamem_full_rank": "adamem:rank=None",  # factored Adafactor matrices
     "adapprox": "adapprox",
     "io_adam": "io_adam",  # folded linear weights, AdamW biases
-    "smmf_adamw": "smmf:weight_decay_mode=adamw",
+    "smmf": "smmf",  # weight_decay_mode="adamw" (the default)
 }
 
 
