@@ -95,6 +95,11 @@ def _build(name: str, family: str, config: transformers.PretrainedConfig, task: 
     config.use_cache = False
     with torch.device(device):
         model = auto_class.from_config(config, dtype=options.torch_dtype)
+    if task == "causal-lm" and getattr(model, "loss_type", None) is None:
+        # transformers picks the loss from the class name; GPT2LMHeadModel matches none, so every
+        # run logged "`loss_type=None` ... Using the default loss: `ForCausalLMLoss`". We name that
+        # same loss: the numbers are unchanged and the note, not about the user's run, goes away.
+        model.loss_type = "ForCausalLM"
     model.train()
     text_config = model.config.get_text_config()
     batch = _batch(task, text_config, options, device)

@@ -383,7 +383,9 @@ class AdaMeM(torch.optim.Optimizer):
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, eps)
         if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            # W - lr wd W, not W * (1 - lr wd): torch._foreach_mul_ on CPU rounds the factor to a
+            # bf16/fp16 parameter's dtype first (1 - 3e-3 becomes 0.99609375); alpha stays fp32.
+            torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])
         torch._foreach_addcdiv_([p.view(p.shape[0], -1) for p in params], grads, denoms, -lr)
 
     def _step_vectors(self, params: list[Tensor], group: dict[str, Any]) -> None:
@@ -399,5 +401,6 @@ class AdaMeM(torch.optim.Optimizer):
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, group["eps"])
         if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            # W - lr wd W: exact in bf16 too, as in _step_factored
+            torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])
         torch._foreach_addcdiv_(params, grads, denoms, -lr)

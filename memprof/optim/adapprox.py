@@ -96,14 +96,17 @@ class Adapprox(torch.optim.Optimizer):
     parameter's shape and dtype) when beta1 > 0, and host ints ``step`` and ``rank`` (= k).
     Resident bytes: ``4 k (m + n) + [beta1 > 0] * elt * mn`` with k between 1 and
     ``floor(rank_max_ratio * min(m, n))``. Tensors with fewer than 2 dims (and 1 x n matrices)
-    keep a dense ``exp_avg_sq`` instead: ``elt * n * (1 + [beta1 > 0])``. Each step also holds
+    keep a dense ``exp_avg_sq`` instead, in fp32 (fp64 for fp64): ``(4 + [beta1 > 0] * elt) * n``
+    (``8 n (1 + [beta1 > 0])`` for fp64). Each step also holds
     fp32 buffers for V_t (then the update) and O((m + n)(k + p)) sketches: off rank-search steps,
     same-shaped matrices of equal rank are stacked and refactored together (one launch per op,
     one SVD sync per stack), in stacks no larger than the biggest matrix, so the step transient
     stays that of one parameter.
 
     Randomness comes from one ``torch.Generator`` per device, seeded with ``seed``; every S-RSI
-    call draws an n x (k + p) fp32 Gaussian matrix from it, parameters in group order.
+    call draws an n x (k + p) fp32 Gaussian matrix from it, parameters in group order. The
+    generators' states travel in the state dict (``"generators"``), so a resumed run draws what
+    the uninterrupted run would have drawn.
 
     Args:
         params: iterable of parameters or param groups.
@@ -203,12 +206,38 @@ class Adapprox(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # Generator states from a loaded state dict, by device name, applied on first use
+        self._saved_generators: dict[str, Tensor] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """The optimizer's generator for ``device``, created and seeded on first use."""
+        """The optimizer's generator for ``device``, created on first use: seeded with ``seed``,
+        or in the state a loaded state dict gave it."""
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            generator = torch.Generator(device=device)
+            saved = self._saved_generators.pop(str(device), None)
+            self._generators[device] = generator.manual_seed(self.seed) if saved is None else generator.set_state(saved)
         return self._generators[device]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus ``"generators"``: each device's generator state (a CPU uint8 tensor)."""
+        state_dict = super().state_dict()
+        state_dict["generators"] = {**self._saved_generators, **{str(d): g.get_state() for d, g in self._generators.items()}}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict: ``Q``, ``U`` and ``exp_avg_sq`` keep their dtypes (``torch.optim.Optimizer``
+        casts floating state to the parameter's), and the generators continue from its ``"generators"``
+        (a state dict without them, from before they were saved, restarts them from ``seed``)."""
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, param in zip(saved_group["params"], group["params"]):
+                saved = state_dict["state"].get(param_id, {})
+                dtypes = {"Q": torch.float32, "U": torch.float32, "exp_avg_sq": torch.promote_types(param.dtype, torch.float32)}
+                for key, dtype in dtypes.items():
+                    if key in saved:
+                        self.state[param][key] = saved[key].to(device=param.device, dtype=dtype)
+        self._generators = {}
+        self._saved_generators = dict(state_dict.get("generators", {}))
 
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""
@@ -225,8 +254,11 @@ class Adapprox(torch.optim.Optimizer):
                 state["step"] = 0
                 shape = _matrix_shape(param)
                 if shape is None:
-                    # Dense EMA of squared gradients for vectors (digest §1.4c), parameter dtype as in torch Adam
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    # Dense EMA of squared gradients for vectors (digest §1.4c). Our choice: fp32 (fp64
+                    # for fp64), not the parameter dtype: in bf16, v * 0.999 rounds back to v (1 - beta2
+                    # is below half an ulp), so the EMA could rise but never decay. Vectors are small.
+                    dtype = torch.promote_types(param.dtype, torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                 else:
                     m, n = shape
                     rank = min(group["rank_init"], _rank_cap(m, n, group["rank_max_ratio"]))
@@ -368,12 +400,13 @@ class Adapprox(torch.optim.Optimizer):
     def _dense_directions(self, params: list[Tensor], group: dict[str, Any]) -> Tensor:
         """``G_t / (sqrt(V_t) + eps)`` with a dense V for same-shaped vectors, as a fresh fp32 (B, ...) stack."""
         beta2 = group["betas"][1]
-        grads = [param.grad for param in params]
         exp_avg_sqs = [self.state[param]["exp_avg_sq"] for param in params]
+        # The gradients in the state's dtype, so the foreach ops see one dtype
+        grads = torch.stack([param.grad for param in params]).to(exp_avg_sqs[0].dtype)
         torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch.stack(exp_avg_sqs).sqrt_().float().add_(group["eps"])
-        return torch.div(torch.stack(grads), denom, out=denom)
+        torch._foreach_addcmul_(exp_avg_sqs, list(grads), list(grads), value=1.0 - beta2)
+        denom = torch.stack(exp_avg_sqs).sqrt_().add_(group["eps"])
+        return torch.div(grads, denom, out=denom).float()
 
     def _apply_updates(self, params: list[Tensor], updates: Tensor, group: dict[str, Any]) -> None:
         """Clip ``updates`` (M^_t of ``params[b]`` in ``updates[b]``, fp32, modified in place), fold them
@@ -395,7 +428,9 @@ class Adapprox(torch.optim.Optimizer):
             else:
                 steps = exp_avgs
         if group["weight_decay"] != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            # W - lr wd W, not W * (1 - lr wd): torch._foreach_mul_ on CPU rounds the factor to a
+            # bf16/fp16 parameter's dtype first (1 - 3e-3 becomes 0.99609375); alpha stays fp32.
+            torch._foreach_add_(params, params, alpha=-lr * group["weight_decay"])
         torch._foreach_add_(params, steps, alpha=-lr)
 
     def telemetry(self, names: Mapping[Tensor, str]) -> dict[str, float]:

@@ -56,7 +56,10 @@ class Alada(torch.optim.Optimizer):
     loop resets the momentum; gradient clipping and AMP ``GradScaler.unscale_`` act on the
     momentum, not on ``G_t`` (clipping shrinks the stored momentum for all later steps);
     gradient accumulation works unchanged (call :meth:`zero_grad` once per step); with bf16
-    params the momentum is held in bf16 (and squared in fp32).
+    params the momentum is held in bf16 (and squared in fp32). Checkpoints: :meth:`state_dict`
+    carries the momentum (``"momentum"``, the grad tensor itself) and :meth:`load_state_dict` puts
+    it back in ``p.grad``, so model + optimizer state dicts resume exactly; a checkpoint of the
+    model alone loses M with the rest of the optimizer state (a fresh Alada restarts at t = 0).
 
     Args:
         params: iterable of parameters or param groups.
@@ -123,13 +126,38 @@ class Alada(torch.optim.Optimizer):
             if grads:
                 torch._foreach_mul_(grads, group["betas"][0])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus each parameter's first moment, ``p.grad``, as ``"momentum"``.
+
+        A model's state dict does not hold the gradient buffer, so without this entry a resumed run
+        would restart M at 0 with the saved step counts and drift. Like torch's own state, the
+        entry is the tensor itself, not a copy. A ``None`` grad (M = 0) gets no entry.
+        """
+        state_dict = super().state_dict()
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                if param.grad is not None:
+                    # A new dict: torch's packed state shares the per-parameter dicts of self.state
+                    state_dict["state"][index] = {**state_dict["state"].get(index, {}), "momentum": param.grad}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the factors in fp32 (torch casts them to the param dtype)."""
+        """Load a state dict: every parameter's grad becomes its saved ``"momentum"`` (``None``, i.e.
+        M = 0, where none was saved), and the factors keep their fp32 values."""
         super().load_state_dict(state_dict)
-        for param, state in self.state.items():
-            for key in ("p_acc", "q_acc"):
-                if key in state:
-                    state[key] = state[key].to(torch.promote_types(param.dtype, torch.float32))
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                saved, state = state_dict["state"].get(index, {}), self.state[param]
+                for key in ("p_acc", "q_acc"):
+                    if key in saved:
+                        # From the saved tensor: torch cast the state to a bf16/fp16 parameter's dtype
+                        # (dropping the factors' low bits), we keep promote(param dtype, fp32).
+                        dtype = torch.promote_types(param.dtype, torch.float32)
+                        state[key] = saved[key].to(device=param.device, dtype=dtype)
+                # torch cast it to the parameter's dtype and device, as a grad must be
+                param.grad = state.pop("momentum", None)
+                if not state:  # a parameter with momentum but no state yet (deferred initialisation)
+                    del self.state[param]
 
     def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Create missing state; return the parameters to update in this group."""
@@ -312,12 +340,10 @@ def _alada_chunk(
     for block, p, column, q_acc in zip(blocks, p_blocks, column_blocks, q_acc_blocks):
         torch.addcmul(column.unsqueeze(-1), p.unsqueeze(-1), q_acc.unsqueeze(1), out=block)
     scratch.sqrt_()
-    if weight_decay != 0.0 and params[0].device.type == "cpu" and params[0].element_size() < 4:
-        # torch._foreach_mul_ on CPU rounds the scalar to bf16/fp16 first (1 - 1e-3 becomes 1); mul_ does not
-        for param in params:
-            param.mul_(1.0 - lr * weight_decay)
-    elif weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    if weight_decay != 0.0:
+        # W - lr wd W, not W * (1 - lr wd): torch._foreach_mul_ on CPU rounds the factor to a
+        # bf16/fp16 parameter's dtype first (1 - 1e-3 becomes 1); alpha stays fp32.
+        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
     # Paper ambiguity (digest §1.4): line 22 prints the raw M_{t+1}, the text says the step
     # preconditions the bias-corrected M~_{t+1}. We use M~ (= M / bias_correction1, Adam-style)
     # because the text says so twice and Theorem 1's eta_t = eta (1 - beta1^{t+1}) only makes

@@ -162,7 +162,6 @@ class IOAdam(torch.optim.Optimizer):
         self._modules: list[nn.Module] = []
         for module, transposed in _foldable_layers(model):
             self._attach(module, transposed)
-        self.register_load_state_dict_post_hook(IOAdam._factors_to_fp32)
 
     def _attach(self, module: nn.Module, transposed: bool) -> None:
         # An instance attribute shadows the class's forward; nn.Module hooks still run around it.
@@ -178,13 +177,19 @@ class IOAdam(torch.optim.Optimizer):
             del module.forward, module._io_adam
         self._modules.clear()
 
-    def _factors_to_fp32(self) -> None:
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype; C and R go back
-        # to fp32 (for bf16 weights they lose their low bits once, at load).
-        for state in self.state.values():
-            for key in ("input_sq", "grad_out_sq"):
-                if key in state:
-                    state[key] = state[key].float()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; C and R keep their saved fp32 values.
+
+        ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which for bf16
+        weights would drop their low bits; they are read again from the saved tensors.
+        """
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                saved = state_dict["state"].get(index, {})
+                for key in ("input_sq", "grad_out_sq"):
+                    if key in saved:
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
@@ -296,7 +301,9 @@ class IOAdam(torch.optim.Optimizer):
         # Paper ambiguity (digest §1.6): weight decay is only given as 0.1 for MiniPile. We apply
         # it decoupled, as AdamW does, before the Adam update.
         if weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            # W - lr λ W, not W · (1 − lr λ): torch._foreach_mul_ on CPU rounds the factor to a
+            # bf16/fp16 parameter's dtype first (1 − 3e-3 becomes 0.99609375); alpha stays fp32.
+            torch._foreach_add_(params, params, alpha=-lr * weight_decay)
         # ε as a device scalar lets one addcmul build sqrt(V̂) + ε at b = 1 (a CPU scalar cannot).
         eps_on = {device: torch.full((), eps, dtype=torch.float32, device=device)
                   for device in {p.device for p in params}} if buffer_size == 1 else {}

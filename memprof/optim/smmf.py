@@ -69,8 +69,8 @@ class SMMF(Optimizer):
         growth_rate: λ in β₁,t = β₁·λ^(t−1), in [0, 1] (default: 0.999).
         vector_reshape: square-matricize and factorize tensors with one non-singleton axis
             too; ``False`` keeps full moments for them (default: True).
-        weight_decay_mode: ``"adam"`` adds c·W to the gradient (Algorithm 6), ``"adamw"``
-            multiplies W by 1 − η·c (Algorithm 7) (default: "adam").
+        weight_decay_mode: ``"adamw"`` multiplies W by 1 − η·c (Algorithm 7), ``"adam"`` adds
+            c·W to the gradient (Algorithm 6) (default: "adamw").
         sign_bits: 1 packs the signs 8 per byte; 8 stores one ``torch.bool`` per element
             (default: 1). Both give identical updates.
         implementation: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"``
@@ -105,9 +105,13 @@ class SMMF(Optimizer):
         decay_rate: float = -0.5,
         growth_rate: float = 0.999,
         vector_reshape: bool = True,
-        # Paper ambiguity (digest §1.7): the code defaults to 'adamw', but Appendix L says the
-        # experiments use Adam's decay (Algorithm 6). We choose 'adam', how the results were made.
-        weight_decay_mode: Literal["adam", "adamw"] = "adam",
+        # Paper ambiguity (digest §1.7): the code defaults to 'adamw', Appendix L says the experiments
+        # use Adam's decay (Algorithm 6). Paper error: in the appendix M listing (and the official
+        # repository) 'adam' mode binds `grad = grad.add(params, ...)` to a local, and the update
+        # reads `params.grad` again, so the decay is discarded: Algorithm 6 runs had no decay. We
+        # choose 'adamw': the code's default, the only mode in which the released code decays, and
+        # the decoupled decay memprof's other optimizers use. 'adam' implements Algorithm 6 as written.
+        weight_decay_mode: Literal["adam", "adamw"] = "adamw",
         *,
         sign_bits: Literal[1, 8] = 1,
         implementation: Literal["auto", "torch", "triton"] = "auto",

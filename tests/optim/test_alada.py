@@ -162,6 +162,7 @@ def test_state_bytes_are_4_m_plus_n(shape: tuple[int, ...], dtype: torch.dtype) 
     reloaded = Alada([x, unused])
     reloaded.load_state_dict(opt.state_dict())
     assert reloaded.state[x]["p_acc"].dtype == torch.float32 and reloaded.state[x]["step"] == 1
+    assert torch.equal(reloaded.state[x]["p_acc"], opt.state[x]["p_acc"])  # not rounded through bf16
 
 
 def test_zero_first_momentum_defers_initialisation() -> None:
@@ -177,6 +178,37 @@ def test_zero_first_momentum_defers_initialisation() -> None:
     assert opt.state[x]["step"] == 1
     want = 1 - 0.1 * G / ((G**2).mean(dim=1, keepdim=True) + 1e-16).sqrt()
     assert torch.allclose(x.detach(), want, rtol=1e-6)
+
+
+def test_state_dict_carries_the_momentum_and_load_puts_it_back_in_grad() -> None:
+    # w: initialised; z: zero momentum (initialisation deferred, no state); u: grad None (M = 0)
+    w, z, u = (torch.nn.Parameter(torch.ones(4, 3)) for _ in range(3))
+    opt = Alada([w, z, u])
+    w.grad, z.grad = torch.randn(4, 3), torch.zeros(4, 3)
+    opt.step()
+    saved = opt.state_dict()["state"]
+    assert saved[0]["momentum"] is w.grad and saved[0]["step"] == 1
+    assert saved[1].keys() == {"momentum"} and saved[1]["momentum"] is z.grad and 2 not in saved
+    assert "momentum" not in opt.state[w] and not opt.state.get(z)
+
+    w2, z2, u2 = (torch.nn.Parameter(torch.ones(4, 3)) for _ in range(3))
+    u2.grad = torch.ones(4, 3)  # a stale grad is not the saved momentum (None): load clears it
+    again = Alada([w2, z2, u2])
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(w2.grad, w.grad) and torch.equal(z2.grad, z.grad) and u2.grad is None
+    assert set(again.state[w2]) == set(Alada.state_roles) and not again.state.get(z2)
+
+
+def test_bf16_weight_decay_is_rounded_once_from_the_exact_factor() -> None:
+    torch.manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(16, 12).to(torch.bfloat16))
+    before = x.detach().float()
+    opt = Alada([x], lr=0.01, weight_decay=0.3)
+    x.grad = torch.zeros_like(x)
+    x.grad[:, 0] = 1.0  # elsewhere M = 0: the update is 0 / sqrt(U~ + eps) and only the decay moves W
+    opt.step()
+    expected = (before * (1.0 - 0.01 * 0.3)).to(torch.bfloat16)
+    assert torch.equal(x.detach()[:, 1:], expected[:, 1:])
 
 
 def test_zero_grad_decays_momentum_and_keeps_none() -> None:

@@ -99,9 +99,9 @@ CONFIGS = {
 
 
 def _reference(param, config):
-    defaults = dict(lr=1e-2, beta=0.9, eps=1e-8, weight_decay=0.0, decay_rate=-0.5, growth_rate=0.999, mode="adam")
+    defaults = dict(lr=1e-2, beta=0.9, eps=1e-8, weight_decay=0.0, decay_rate=-0.5, growth_rate=0.999, mode="adamw")
     kw = {**defaults, **{k: v for k, v in config.items() if k not in ("sign_bits", "vector_reshape", "weight_decay_mode")}}
-    kw["mode"] = config.get("weight_decay_mode", "adam")
+    kw["mode"] = config.get("weight_decay_mode", "adamw")
     dense = config.get("vector_reshape") is False and sum(d > 1 for d in param.shape) == 1
     return RefSMMF(param, dense=dense, **kw)
 
@@ -137,6 +137,16 @@ def test_step_one_is_a_tenth_of_sign_sgd():
     SMMF([p], lr=1.0, implementation="torch").step()
     torch.testing.assert_close(p, -0.1 * p.grad / (p.grad.abs() + 1e-8))
     assert (p * p.grad.sign()).max() < -0.0999
+
+
+def test_default_weight_decay_is_decoupled():
+    # The default mode is "adamw": with a zero gradient the update is 0 and W shrinks by 1 − lr·c.
+    # ("adam" would add c·W to the gradient and take a sign-like step of 0.1·lr instead.)
+    w = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    p = w.clone()
+    p.grad = torch.zeros(50, 16)
+    SMMF([p], lr=1e-2, weight_decay=0.1, implementation="torch").step()
+    assert torch.equal(p, w * (1 - 1e-2 * 0.1))
 
 
 def test_bit_and_byte_signs_give_identical_updates():
