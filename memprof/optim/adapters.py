@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from memprof.optim.entry import OptimizerEntry
+
 # torch.optim classes whose functional API turns foreach=None into "foreach when every parameter
 # is on a foreach device (CUDA)". torch.optim.Adafactor does not: None means single-tensor.
 _FOREACH_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.SGD)
@@ -71,6 +73,11 @@ def _pinned(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optim
     return build
 
 
+def _from_library(target: str, optimizer: str) -> Any:
+    """``module:attribute`` from an optional library, or the registry's one-line "needs X (pip install X)" UsageError."""
+    return OptimizerEntry(name=optimizer, target=target, summary="", source="").load()
+
+
 adam = _pinned(torch.optim.Adam)
 adamw = _pinned(torch.optim.AdamW)
 sgd = _pinned(torch.optim.SGD)
@@ -85,6 +92,30 @@ def _embedding_weights(model: nn.Module) -> set[nn.Parameter]:
         if isinstance(getattr(module, "weight", None), nn.Parameter):
             found.add(module.weight)
     return found
+
+
+def _low_rank_groups(model: nn.Module, **group_keys: Any) -> list[dict[str, Any]]:
+    """Param groups for GaLore-style optimizers: every 2-D weight but embeddings and the head carries ``group_keys``.
+
+    Paper ambiguity (GaLore projects "attention and MLP" weights): a generic model has no such
+    names. We project every 2-D weight but the embedding tables and the output head
+    (the official scripts leave those plain too), so a LLaMA gets exactly attn+mlp projected.
+    Every other parameter (biases, norms, conv kernels, embeddings) is in a plain group.
+    """
+    if group_keys["rank"] < 1:
+        raise ValueError(f"Invalid rank: {group_keys['rank']}")
+    if group_keys["update_proj_gap"] < 1:
+        raise ValueError(f"Invalid update_proj_gap: {group_keys['update_proj_gap']}")
+    skipped = _embedding_weights(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    projected = [p for p in trainable if p.dim() == 2 and p not in skipped]
+    plain = [p for p in trainable if p.dim() != 2 or p in skipped]
+    groups: list[dict[str, Any]] = []
+    if plain:
+        groups.append({"params": plain})
+    if projected:
+        groups.append({"params": projected, **group_keys})
+    return groups
 
 
 def galore(
@@ -105,32 +136,11 @@ def galore(
     and ``projection_type``; every other parameter (biases, norms, conv kernels, embeddings) gets
     plain AdamW state. Defaults follow the GaLore README (rank 128, gap 200, scale 0.25).
     """
-    from pytorch_optimizer import GaLore
+    GaLore = _from_library("pytorch_optimizer:GaLore", "galore")
 
-    if rank < 1:
-        raise ValueError(f"Invalid rank: {rank}")
-    if update_proj_gap < 1:
-        raise ValueError(f"Invalid update_proj_gap: {update_proj_gap}")
-    # Paper ambiguity (GaLore applies it to "attention and MLP" weights): a generic model has no
-    # such names. We project every 2-D weight but the embedding tables and the output head
-    # (the official scripts leave those plain too), so a LLaMA gets exactly attn+mlp projected.
-    skipped = _embedding_weights(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    projected = [p for p in trainable if p.dim() == 2 and p not in skipped]
-    plain = [p for p in trainable if p.dim() != 2 or p in skipped]
-    groups: list[dict[str, Any]] = []
-    if plain:
-        groups.append({"params": plain})
-    if projected:
-        groups.append(
-            {
-                "params": projected,
-                "rank": rank,
-                "update_proj_gap": update_proj_gap,
-                "scale": scale,
-                "projection_type": projection_type,
-            }
-        )
+    groups = _low_rank_groups(
+        model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, projection_type=projection_type
+    )
     return GaLore(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=foreach)
 
 
@@ -162,7 +172,7 @@ def adam_mini(
     ``num_attention_heads`` and ``num_key_value_heads``; a model without a config gets the
     library's defaults (2048 and 32), which only matter for parameters named like q/k projections.
     """
-    from pytorch_optimizer import AdamMini
+    AdamMini = _from_library("pytorch_optimizer:AdamMini", "adam_mini")
 
     dims = _config_dims(model)
     given = {"num_embeds": num_embeds, "num_heads": num_heads, "num_query_groups": num_query_groups}
