@@ -1,9 +1,10 @@
 """Factories that build library optimizers the way memprof measures them.
 
-Each factory returns the library's own optimizer, unchanged in behaviour. It only supplies what
-the class cannot work out alone (GaLore's param groups, Adam-mini's model dimensions), or pins
-down what the class would otherwise decide silently at step time (torch's foreach/fused choice),
-so that the run record says which implementation was measured.
+Each factory returns the library's own optimizer, unchanged in behaviour (for the Muon family,
+two library optimizers stepped as one). It only supplies what the class cannot work out alone
+(GaLore's param groups, Adam-mini's model dimensions, which parameters Muon takes), or pins
+down what the class would otherwise decide silently at step time (torch's
+foreach/fused choice), so that the run record says which implementation was measured.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from memprof.optim.entry import OptimizerEntry
+from memprof.optim.muon_split import ADAMW, MUON, MuonWithAdamW
 
 # torch.optim classes whose functional API turns foreach=None into "foreach when every parameter
 # is on a foreach device (CUDA)". torch.optim.Adafactor does not: None means single-tensor.
@@ -142,6 +144,160 @@ def galore(
         model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, projection_type=projection_type
     )
     return GaLore(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=foreach)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The layer that produces the outputs: ``get_output_embeddings()`` where it gives one, else the last ``nn.Linear``."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    return head
+
+
+def muon_split(model: nn.Module) -> dict[str, str]:
+    """Each trainable parameter's name mapped to ``"muon"`` (a hidden 2-D matrix) or ``"adamw"`` (the rest).
+
+    AdamW takes the embedding tables, the output head (``get_output_embeddings()``, else the
+    last ``nn.Linear``) and every parameter that is not 2-D: biases, norm gains, conv kernels.
+    """
+    head = _output_head(model)
+    plain = {id(p) for p in _embedding_weights(model)} | {id(p) for p in (head.parameters() if head else ())}
+    return {
+        name: MUON if p.dim() == 2 and id(p) not in plain else ADAMW
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _muon_with_adamw(
+    model: nn.Module,
+    build_hidden: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    hidden_defaults: dict[str, Any],
+    adamw_kwargs: dict[str, Any],
+) -> MuonWithAdamW:
+    """Split ``model`` with ``muon_split`` and build each non-empty side (AdamW: torch's, implementation pinned)."""
+    split = muon_split(model)
+    params = dict(model.named_parameters())
+    sides = {side: [params[n] for n, s in split.items() if s == side] for side in (MUON, ADAMW)}
+    parts: dict[str, torch.optim.Optimizer] = {}
+    if sides[MUON]:
+        parts[MUON] = build_hidden(sides[MUON])
+    if sides[ADAMW]:
+        parts[ADAMW] = adamw(
+            sides[ADAMW],
+            lr=adamw_kwargs["adamw_lr"],
+            betas=adamw_kwargs["adamw_betas"],
+            weight_decay=adamw_kwargs["adamw_wd"],
+            eps=adamw_kwargs["adamw_eps"],
+        )
+    if not parts:
+        raise ValueError("the model has no trainable parameters")
+    defaults = {**hidden_defaults, **adamw_kwargs}
+    if ADAMW in parts:
+        defaults["adamw_implementation"] = parts[ADAMW].defaults["implementation"]
+    return MuonWithAdamW(parts, split, defaults)
+
+
+def muon(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+    adamw_lr: float = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_wd: float = 0.0,
+    adamw_eps: float = 1e-10,
+) -> MuonWithAdamW:
+    """Muon on the hidden 2-D matrices, AdamW on the rest (``muon_split``), as one optimizer.
+
+    The Muon side is ``torch.optim.Muon`` (torch >= 2.9) with torch's defaults, else
+    pytorch_optimizer's ``Muon`` on a single ``use_muon`` group (``adjust_lr_fn`` "match_rms_adamw"
+    becomes its ``use_adjusted_lr``). The AdamW side is ``torch.optim.AdamW`` with Keller Jordan's
+    recipe (lr 3e-4, betas (0.9, 0.95), no weight decay, eps 1e-10), as pytorch_optimizer's Muon
+    defaults its AdamW groups.
+    """
+    hidden = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    if hasattr(torch.optim, "Muon"):
+        library = "torch.optim"
+
+        def build_hidden(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.Muon(params, adjust_lr_fn=adjust_lr_fn, **hidden)
+    else:
+        Muon = _from_library("pytorch_optimizer:Muon", "muon")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} needs torch.optim.Muon (torch >= 2.9)")
+        library = "pytorch_optimizer"
+
+        def build_hidden(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            groups = [{"params": params, "use_muon": True}]
+            return Muon(groups, use_adjusted_lr=adjust_lr_fn == "match_rms_adamw", **hidden)
+
+    adamw_kwargs = dict(adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_wd=adamw_wd, adamw_eps=adamw_eps)
+    defaults = {**hidden, "adjust_lr_fn": adjust_lr_fn, "muon_library": library}
+    return _muon_with_adamw(model, build_hidden, defaults, adamw_kwargs)
+
+
+def adamuon(
+    model: nn.Module,
+    lr: float = 2e-2,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    ns_steps: int = 5,
+    use_adjusted_lr: bool = True,
+    eps: float = 1e-10,
+    adamw_lr: float = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_wd: float = 0.0,
+    adamw_eps: float = 1e-10,
+) -> MuonWithAdamW:
+    """pytorch_optimizer's AdaMuon on the hidden 2-D matrices (library defaults), AdamW on the rest, as ``muon``."""
+    AdaMuon = _from_library("pytorch_optimizer:AdaMuon", "adamuon")
+
+    hidden = dict(
+        lr=lr, betas=betas, weight_decay=weight_decay, ns_steps=ns_steps, use_adjusted_lr=use_adjusted_lr, eps=eps
+    )
+
+    def build_hidden(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return AdaMuon([{"params": params, "use_muon": True}], **hidden)
+
+    adamw_kwargs = dict(adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_wd=adamw_wd, adamw_eps=adamw_eps)
+    return _muon_with_adamw(model, build_hidden, {**hidden, "muon_library": "pytorch_optimizer"}, adamw_kwargs)
+
+
+def normuon(
+    model: nn.Module,
+    lr: float = 2e-2,
+    momentum: float = 0.95,
+    beta2: float = 0.95,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    update_scale: str = "preserve_norm",
+    use_adjusted_lr: bool = False,
+    eps: float = 1e-10,
+    adamw_lr: float = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_wd: float = 0.0,
+    adamw_eps: float = 1e-10,
+) -> MuonWithAdamW:
+    """pytorch_optimizer's NorMuon on the hidden 2-D matrices (library defaults), AdamW on the rest, as ``muon``."""
+    NorMuon = _from_library("pytorch_optimizer:NorMuon", "normuon")
+
+    hidden = dict(
+        lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+        update_scale=update_scale, use_adjusted_lr=use_adjusted_lr, eps=eps,
+    )
+
+    def build_hidden(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return NorMuon([{"params": params, "use_muon": True}], **hidden)
+
+    adamw_kwargs = dict(adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_wd=adamw_wd, adamw_eps=adamw_eps)
+    return _muon_with_adamw(model, build_hidden, {**hidden, "muon_library": "pytorch_optimizer"}, adamw_kwargs)
 
 
 def _config_dims(model: nn.Module) -> dict[str, int]:

@@ -49,6 +49,12 @@ _AO_ROLES: dict[str, Role] = {
     **{f"{key}.{inner}": "quant" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") for inner in ("codes", "scale", "qmap")},
 }
 
+# The Muon family (muon, adamuon, normuon) is one MuonWithAdamW: the hidden side's keys plus torch
+# AdamW's on every other parameter.
+_MUON_ROLES: dict[str, Role] = {"momentum_buffer": "moment", **_ADAM_ROLES}
+_ADAMUON_ROLES: dict[str, Role] = {"m": "moment", "v": "moment", **_ADAM_ROLES}
+_NORMUON_ROLES: dict[str, Role] = {"momentum_buffer": "moment", "second_momentum_buffer": "factor", **_ADAM_ROLES}
+
 LIBRARY: tuple[OptimizerEntry, ...] = (
     OptimizerEntry(
         name="adam",
@@ -147,5 +153,29 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="torchao",
         roles=_AO_ROLES,
         requires="cuda",
+    ),
+    OptimizerEntry(
+        name="muon",
+        target="memprof.optim.adapters:muon",
+        summary="Muon on hidden 2-D matrices, AdamW on embeddings/head/non-2-D (torch.optim.Muon, else pytorch_optimizer)",
+        source="torch.optim",
+        roles=_MUON_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="adamuon",
+        target="memprof.optim.adapters:adamuon",
+        summary="AdaMuon: Muon with an elementwise second moment of the orthogonalized update; AdamW on the rest",
+        source="pytorch_optimizer",
+        roles=_ADAMUON_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="normuon",
+        target="memprof.optim.adapters:normuon",
+        summary="NorMuon: Muon with a per-row second moment (neuron-wise normalization); AdamW on the rest",
+        source="pytorch_optimizer",
+        roles=_NORMUON_ROLES,
+        params="model",
     ),
 )
