@@ -2,8 +2,8 @@
 
 Each factory returns the library's own optimizer, unchanged in behaviour (for the Muon family,
 two library optimizers stepped as one). It only supplies what the class cannot work out alone
-(GaLore's param groups, Adam-mini's model dimensions, which parameters Muon takes), or pins
-down what the class would otherwise decide silently at step time (torch's
+(the param groups of GaLore, Fira and APOLLO, Adam-mini's model dimensions, which parameters
+Muon takes), or pins down what the class would otherwise decide silently at step time (torch's
 foreach/fused choice), so that the run record says which implementation was measured.
 """
 
@@ -99,8 +99,8 @@ def _embedding_weights(model: nn.Module) -> set[nn.Parameter]:
 def _low_rank_groups(model: nn.Module, **group_keys: Any) -> list[dict[str, Any]]:
     """Param groups for GaLore-style optimizers: every 2-D weight but embeddings and the head carries ``group_keys``.
 
-    Paper ambiguity (GaLore projects "attention and MLP" weights): a generic model has no such
-    names. We project every 2-D weight but the embedding tables and the output head
+    Paper ambiguity (GaLore, Fira and APOLLO project "attention and MLP" weights): a generic model
+    has no such names. We project every 2-D weight but the embedding tables and the output head
     (the official scripts leave those plain too), so a LLaMA gets exactly attn+mlp projected.
     Every other parameter (biases, norms, conv kernels, embeddings) is in a plain group.
     """
@@ -144,6 +144,60 @@ def galore(
         model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, projection_type=projection_type
     )
     return GaLore(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=foreach)
+
+
+def fira(
+    model: nn.Module,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    eps: float = 1e-6,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    projection_type: str = "std",
+    foreach: bool | None = None,
+) -> torch.optim.Optimizer:
+    """pytorch_optimizer's Fira (GaLore's SVD projection plus a full-rank residual term), grouped as ``galore``.
+
+    Defaults follow the Fira LLaMA-60M script (rank 128, gap 200, scale 0.25).
+    """
+    Fira = _from_library("pytorch_optimizer:Fira", "fira")
+
+    groups = _low_rank_groups(
+        model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, projection_type=projection_type
+    )
+    return Fira(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=foreach)
+
+
+def apollo(
+    model: nn.Module,
+    lr: float = 1e-2,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    eps: float = 1e-6,
+    rank: int = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    scale_type: str = "channel",
+    projection_type: str = "random",
+    foreach: bool | None = None,
+) -> torch.optim.Optimizer:
+    """pytorch_optimizer's APOLLO (random projection, channel- or tensor-wise scaling), grouped as ``galore``.
+
+    Defaults are APOLLO's: rank 256, gap 200, channel-wise scaling. ``apollo_mini`` is the same
+    factory with rank 1, tensor-wise scaling and scale 128.
+    """
+    APOLLO = _from_library("pytorch_optimizer:APOLLO", "apollo")
+
+    if scale_type not in ("channel", "tensor"):
+        raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
+    groups = _low_rank_groups(
+        model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, projection_type=projection_type
+    )
+    return APOLLO(
+        groups, lr=lr, betas=betas, scale_type=scale_type, weight_decay=weight_decay, eps=eps, foreach=foreach
+    )
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
