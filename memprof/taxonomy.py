@@ -52,14 +52,16 @@ def category_of_untagged(phase: str) -> tuple[str, str]:
     return "unattributed", phase
 
 
-Role = Literal["moment", "factor", "sign", "projection", "quant", "other"]
-ROLES: tuple[str, ...] = ("moment", "factor", "sign", "projection", "quant", "other")
+Role = Literal["moment", "factor", "preconditioner", "sign", "projection", "quant", "other"]
+ROLES: tuple[str, ...] = ("moment", "factor", "preconditioner", "sign", "projection", "quant", "other")
 """Components of ``optimizer_state``: full-size moments; row/column factors, per-axis accumulators,
-low-rank bases and per-block statistics; sign bitmaps; GaLore/AdaMeM projection matrices;
-quantized codes, scales and code books; step counters and scalars. Display order."""
+low-rank bases and per-block statistics; per-axis preconditioner matrices (Shampoo's and SOAP's
+Gram statistics, their inverse roots and eigenbases, Kron's Q); sign bitmaps; GaLore/AdaMeM
+projection matrices; quantized codes, scales and code books; step counters, scalars and update
+masks. Display order."""
 
 ROLE_ABBREVIATIONS: dict[str, str] = {
-    "moment": "mom", "factor": "fac", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth",
+    "moment": "mom", "factor": "fac", "preconditioner": "pre", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth",
 }
 
 

@@ -42,11 +42,29 @@ _BNB_ROLES: dict[str, Role] = {
     "step": "other",
 }
 
-# torchao: a moment of a parameter with >= 4096 elements is an OptimState8bit/4bit tensor
-# subclass whose storage is its inner codes, scale and qmap; smaller ones stay plain tensors.
+# torchao: a moment of a parameter with >= 4096 elements is an OptimState8bit/4bit/Fp8 tensor
+# subclass whose storage is its inner codes, scale and (not Fp8) qmap; smaller ones stay plain tensors.
 _AO_ROLES: dict[str, Role] = {
     **_ADAM_ROLES,
     **{f"{key}.{inner}": "quant" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") for inner in ("codes", "scale", "qmap")},
+}
+
+# The Muon family (muon, adamuon, normuon) is one MuonWithAdamW: the hidden side's keys plus torch
+# AdamW's on every other parameter.
+_MUON_ROLES: dict[str, Role] = {"momentum_buffer": "moment", **_ADAM_ROLES}
+_ADAMUON_ROLES: dict[str, Role] = {"m": "moment", "v": "moment", **_ADAM_ROLES}
+_NORMUON_ROLES: dict[str, Role] = {"momentum_buffer": "moment", "second_momentum_buffer": "factor", **_ADAM_ROLES}
+
+# Plain Shampoo keeps one statistic and one inverse root per axis: pre_cond_i, inv_pre_cond_i.
+_SHAMPOO_DENSE_ROLES: dict[str, Role] = {
+    "momentum_buffer": "moment",
+    **{f"{key}_{i}": "preconditioner" for key in ("pre_cond", "inv_pre_cond") for i in range(8)},
+}
+
+# GaLore-style projectors (Fira, APOLLO): the projector object holds the basis; scaling_grad is a
+# 0-d norm kept between steps.
+_LOW_RANK_ROLES: dict[str, Role] = {
+    "exp_avg": "moment", "exp_avg_sq": "moment", "projector": "projection", "scaling_grad": "other",
 }
 
 LIBRARY: tuple[OptimizerEntry, ...] = (
@@ -147,5 +165,118 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="torchao",
         roles=_AO_ROLES,
         requires="cuda",
+    ),
+    OptimizerEntry(
+        name="ao_adamw_fp8",
+        target="torchao.optim:AdamWFp8",
+        summary="torchao FP8 AdamW: tensor-subclass moments, float8_e4m3fn codes + block scales (CUDA)",
+        source="torchao",
+        roles=_AO_ROLES,
+        requires="cuda",
+    ),
+    OptimizerEntry(
+        name="muon",
+        target="memprof.optim.adapters:muon",
+        summary="Muon on hidden 2-D matrices, AdamW on embeddings/head/non-2-D (torch.optim.Muon, else pytorch_optimizer)",
+        source="torch.optim",
+        roles=_MUON_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="adamuon",
+        target="memprof.optim.adapters:adamuon",
+        summary="AdaMuon: Muon with an elementwise second moment of the orthogonalized update; AdamW on the rest",
+        source="pytorch_optimizer",
+        roles=_ADAMUON_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="normuon",
+        target="memprof.optim.adapters:normuon",
+        summary="NorMuon: Muon with a per-row second moment (neuron-wise normalization); AdamW on the rest",
+        source="pytorch_optimizer",
+        roles=_NORMUON_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="soap",
+        target="pytorch_optimizer:SOAP",
+        summary="SOAP: Adam in Shampoo's eigenbasis; per-axis GG statistics and Q eigenbases (axes <= 10000)",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment", "GG": "preconditioner", "Q": "preconditioner"},
+    ),
+    OptimizerEntry(
+        name="shampoo",
+        target="pytorch_optimizer:ScalableShampoo",
+        summary="Shampoo as distributed: dims merged, blocks of 512, fp32 statistics + inverse roots, SGD grafting",
+        source="pytorch_optimizer",
+        roles={"momentum": "moment", "graft": "moment", "pre_conditioner": "preconditioner"},
+    ),
+    OptimizerEntry(
+        name="shampoo_dense",
+        target="pytorch_optimizer:Shampoo",
+        summary="Plain Shampoo: one dense statistic + inverse root per axis, no size cap (an embedding gets V x V)",
+        source="pytorch_optimizer",
+        roles=_SHAMPOO_DENSE_ROLES,
+    ),
+    OptimizerEntry(
+        name="kron",
+        target="pytorch_optimizer:Kron",
+        summary="PSGD Kron: momentum + one fp32 triangular Q per axis (diagonal above 8192 or for 1-D)",
+        source="pytorch_optimizer",
+        roles={"momentum_buffer": "moment", "Q": "preconditioner"},
+    ),
+    OptimizerEntry(
+        name="apollo",
+        target="memprof.optim.adapters:apollo",
+        summary="APOLLO: AdamW moments in a random rank-r projection, channel-wise scaling (apollo:rank=256)",
+        source="pytorch_optimizer",
+        roles=_LOW_RANK_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="apollo_mini",
+        target="memprof.optim.adapters:apollo",
+        summary="APOLLO-Mini: rank-1 random projection, tensor-wise scaling, scale 128",
+        source="pytorch_optimizer",
+        roles=_LOW_RANK_ROLES,
+        params="model",
+        defaults={"rank": 1, "scale_type": "tensor", "scale": 128.0},
+    ),
+    OptimizerEntry(
+        name="fira",
+        target="memprof.optim.adapters:fira",
+        summary="Fira: GaLore's low-rank AdamW plus a scaled full-rank residual (fira:rank=128)",
+        source="pytorch_optimizer",
+        roles=_LOW_RANK_ROLES,
+        params="model",
+    ),
+    OptimizerEntry(
+        name="ademamix",
+        target="pytorch_optimizer:AdEMAMix",
+        summary="AdEMAMix: Adam plus a slow EMA of the gradient (three full moments)",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment", "exp_avg_slow": "moment"},
+    ),
+    OptimizerEntry(
+        name="mars",
+        target="pytorch_optimizer:MARS",
+        summary="MARS (AdamW flavour): variance-reduced gradient, keeps the last gradient",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment", "last_grad": "moment", "max_exp_avg_sq": "moment"},
+    ),
+    OptimizerEntry(
+        name="adopt",
+        target="pytorch_optimizer:ADOPT",
+        summary="ADOPT: Adam with the second moment of the previous step; two full moments",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment"},
+    ),
+    OptimizerEntry(
+        name="spam",
+        target="pytorch_optimizer:SPAM",
+        summary="SPAM: Adam with momentum resets and spike clipping; bool update mask + masked moments on 2-D",
+        source="pytorch_optimizer",
+        roles={"exp_avg": "moment", "exp_avg_sq": "moment", "mask": "other"},
     ),
 )

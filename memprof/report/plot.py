@@ -44,6 +44,7 @@ CATEGORY_COLORS = {
 COMPONENT_STYLES = {
     "moment": ("#D55E00", ""),
     "factor": ("#E8875A", "///"),
+    "preconditioner": ("#8F3E00", "|||"),
     "sign": ("#F2B48F", "xxx"),
     "projection": ("#A34700", "..."),
     "quant": ("#F7D3BC", "\\\\\\"),
