@@ -98,7 +98,7 @@ class Settings:
                                    flag="--snapshot", group="capture")
     estimate: bool = setting(False, help="Run on fake tensors (nothing allocated): figures for --target.",
                              csv="extra")
-    gpu: str | None = setting(None, help="Estimate for this GPU: its capacity, library workspace and context "
+    target_gpu: str | None = setting(None, help="Estimate for this GPU: its capacity, library workspace and context "
                               "(see `memprof estimate --help`).", flag="--gpu", csv="extra", group="estimate",
                               check=_gpu)
     memory: str | None = setting(None, help="Memory budget to fit in (24GiB, 80GB); default: the --gpu's capacity.",

@@ -24,7 +24,7 @@ def main() -> int:
     for name in RUNS:
         for real in runfile.read(REPORTS / name):
             s = real.settings
-            settings = {**request_fields(s), "device": "cuda", "gpu": "h100", "timeline": False}
+            settings = {**request_fields(s), "device": "cuda", "target_gpu": "h100", "timeline": False}
             model = str(REPORTS.parent / s.model) if s.model.endswith(".json") else s.model
             (est, *_) = api.estimate(model, [s.spec], **settings)
             diff = (est.peaks.allocated - real.peaks.max_allocated) / real.peaks.max_allocated * 100

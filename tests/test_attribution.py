@@ -7,7 +7,12 @@ import pytest
 
 from memprof.measure.attribution import assign
 from memprof.measure.events import Allocation, PhaseMark, Tag, replay
-from memprof.measure.trackers import MIN_BLOCK, SMALL_SIZE, block_size, blocks_from_trace
+from memprof.measure.trackers import (
+    MIN_BLOCK,
+    SMALL_SIZE,
+    block_size,
+    blocks_from_trace,
+)
 from memprof.taxonomy import ROLES
 
 MIB = 1 << 20
@@ -130,12 +135,12 @@ def test_blocks_from_trace_under_expandable_segments_rounds_the_request():
 
 
 # -- every registered optimizer's declared roles against a real step -------------------------------
-def test_every_registered_optimizer_declares_the_role_of_each_state_tensor(gpt2_spec):
+def test_every_registered_optimizer_declares_the_role_of_each_state_tensor(mlp_spec):
     from memprof.api import measure
     from memprof.optim.registry import registry
 
     names = [name for name, entry in registry().items() if entry.requires is None]
-    for record in measure(gpt2_spec, names, device="cpu", steps=1, batch_size=1, timeline=False):
+    for record in measure(mlp_spec, names, device="cpu", steps=1, batch_size=1, timeline=False):
         assert record.status == "ok", (record.settings.spec, record.failure)
         assert not record.inferred_roles, record.settings.spec
         assert set(record.components("optimizer_state")) <= set(ROLES), record.settings.spec

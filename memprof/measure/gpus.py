@@ -64,7 +64,7 @@ def budget(settings) -> int | None:
 
     if settings.memory:
         return parse_size(settings.memory)
-    return GPUS[settings.gpu].capacity if settings.gpu else None
+    return GPUS[settings.target_gpu].capacity if settings.target_gpu else None
 
 
 def need(record) -> int | None:

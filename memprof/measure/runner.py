@@ -175,7 +175,7 @@ def _gpu(settings: Settings):
     """The GPU an estimate is for (the H100, the one measured, when none is named)."""
     from memprof.measure.gpus import GPUS
 
-    return GPUS[settings.gpu or "h100"]
+    return GPUS[settings.target_gpu or "h100"]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -73,3 +73,12 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device,
             dtype = float_dtype if float_dtype is not None and value.is_floating_point() else value.dtype
             moved[id(value)] = value.to(device=device, dtype=dtype)
     return {key: moved[id(value)] for key, value in batch.items()}
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device`` with floating tensors in ``dtype``, converted only where something
+    changes: fake tensors (an estimate) cannot be converted in place, only swapped."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device != device or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
+        model.to(device=device, dtype=dtype)
+    return model

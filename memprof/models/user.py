@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memprof.errors import UsageError, closest
-from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, place
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -58,11 +58,7 @@ def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
     with torch.device(device):
         result = function(options) if _takes_positional(function) else function()
     model, batch, loss_fn = _unpack(result, spec)
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(t.device != device or (t.is_floating_point() and t.dtype != options.torch_dtype) for t in tensors):
-        # Only when something changes: converting fake tensors in place is not possible (they are swapped).
-        model.to(device=device, dtype=options.torch_dtype)
-    model.train()
+    place(model, device, options.torch_dtype).train()
     if batch is None:
         batch = {"input": _example_input(model, options, spec)}
     elif isinstance(batch, torch.Tensor):

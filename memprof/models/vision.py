@@ -16,7 +16,7 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 
 from memprof.errors import UsageError
-from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, place
 
 # Auxiliary-classifier loss weights: 0.3 as stated in the GoogLeNet paper (Szegedy et al. 2015);
 # 0.4 as in TF-slim's Inception-v3 training code.
@@ -40,7 +40,7 @@ def build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
         kwargs["init_weights"] = True
     with _EmptyTensorsOnMeta() if device.type == "meta" else torch.device(device):
         model = torchvision.models.get_model(name, **kwargs)
-    model.to(device=device, dtype=options.torch_dtype).train()
+    place(model, device, options.torch_dtype).train()
     num_classes = options.num_classes or 1000
     gen = torch.Generator().manual_seed(SEED)
     batch = {

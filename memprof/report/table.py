@@ -79,7 +79,7 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
     limit = budget(first)
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
              f"{' · amp ' + first.amp if first.amp else ''} · estimate for {first.device}"
-             f"{' (' + (first.gpu or 'h100') + ')' if first.device.startswith('cuda') else ''}"
+             f"{' (' + (first.target_gpu or 'h100') + ')' if first.device.startswith('cuda') else ''}"
              f"{' · budget ' + fmt(limit, unit, 2) if limit else ''} · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
     names = ["optimizer", "weights", "grads", "state", "state split", "activations", "step transient", "peak alloc",
