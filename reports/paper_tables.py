@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterable, Sequence
-
-from memprof import runfile
-from memprof.record import RunRecord
 
 COLUMNS = ("table", "model", "optimizer", "quantity", "paper", "memprof", "diff", "diff_pct", "note")
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9, "×": 1}
@@ -119,24 +117,35 @@ def difference(table: str, model: str, optimizer: str, minuend: Run, subtrahend:
 Key = tuple[str, str, int | None]  # (model, spec, num_classes) of one run record
 
 
+def _int_or_none(text: str | None) -> int | None:
+    return int(float(text)) if text not in (None, "", "nan", "None") else None
+
+
 def read_csv(path: str | Path) -> dict[Key, dict]:
     """Per record (model, spec, num_classes): its device, status and byte totals of each quantity."""
-    return measured_from_records(runfile.read(path))
+    with open(path, newline="") as handle:
+        return measured_from_rows(csv.DictReader(handle))
 
 
-def measured_from_records(records: Iterable[RunRecord]) -> dict[Key, dict]:
-    """Sum each record's rows into the quantities of ``QUANTITIES``."""
+def measured_from_rows(rows: Iterable[dict]) -> dict[Key, dict]:
+    """Sum memprof's tidy rows (the CSV columns) into the quantities of ``QUANTITIES``."""
     out: dict[Key, dict] = {}
-    for r in records:
-        s = r.settings
-        model = r.total("weights") + r.total("buffers")
-        state = r.total("optimizer_state")
+    for row in rows:
+        key = (row["model"], row["spec"], _int_or_none(row.get("num_classes")))
+        record = out.setdefault(key, {"device": row["device"], "status": row["status"], "steady": {}, "peak": {}})
+        if row.get("bytes") in (None, ""):
+            continue
+        totals = record[row["measure"]]
+        totals[row["category"]] = totals.get(row["category"], 0) + int(float(row["bytes"]))
+    for record in out.values():
+        steady, at_peak = record.pop("steady"), record.pop("peak")
+        model = steady.get("weights", 0) + steady.get("buffers", 0)
+        state = steady.get("optimizer_state", 0)
+        record["state"] = state
+        record["model_state"] = model + state
+        record["model_grads_state"] = model + steady.get("gradients", 0) + state
         # allocator (reserved - allocated) and context (driver) rows are not allocated bytes
-        peak = sum(row.bytes for row in r.peak if row.category not in ("allocator", "context"))
-        out[(s.model, s.spec, s.num_classes)] = {
-            "device": s.device, "status": r.status, "state": state, "model_state": model + state,
-            "model_grads_state": model + r.total("gradients") + state, "peak": peak or None,
-        }
+        record["peak"] = sum(v for k, v in at_peak.items() if k not in ("allocator", "context")) or None
     return out
 
 
@@ -147,12 +156,13 @@ HOST_KEYS = ("step",)
 def add_block_rounded_state(measured: dict[Key, dict], json_path: str | Path) -> None:
     """Add ``state_blocks`` and ``state_blocks_exact_sign`` to the records of ``measured`` from the
     per-parameter state (``parameters[].by_key``) in the run's JSON."""
-    for record in runfile.read(json_path):
-        s = record.settings
-        key = (s.model, s.spec, s.num_classes)
+    data = json.loads(Path(json_path).read_text())
+    for record in data["records"] if isinstance(data, dict) and "records" in data else [data]:
+        s = record["settings"]
+        key = (s["model"], s["spec"], s.get("num_classes"))
         if key not in measured:
             continue
-        tensors = [(k, n) for p in record.parameters for k, n in p.by_key.items() if k not in HOST_KEYS]
+        tensors = [(k, n) for p in record.get("parameters", []) for k, n in p["by_key"].items() if k not in HOST_KEYS]
         measured[key]["state_blocks"] = block_rounded(n for _, n in tensors)
         measured[key]["state_blocks_exact_sign"] = (block_rounded(n for k, n in tensors if k != "sign")
                                                     + sum(n for k, n in tensors if k == "sign"))
@@ -286,17 +296,13 @@ def to_markdown(repro: Reproduction, rows: Sequence[dict], run_csv: str, run_jso
 
 
 def provenance_of(path: str | Path) -> str:
-    records = runfile.read(path)
-
-    def distinct(values: Iterable) -> str:
-        return ", ".join(dict.fromkeys("n/a" if v in (None, "") else str(v) for v in values))
-
-    settings = [r.settings for r in records]
-    return (f"memprof {distinct(r.environment.get('memprof') for r in records)}, "
-            f"torch {distinct(r.environment.get('torch') for r in records)}, "
-            f"device {distinct(x.device for x in settings)}, batch {distinct(x.batch_size for x in settings)}, "
-            f"seq_len {distinct(x.seq_len for x in settings)}, image {distinct(x.image_size for x in settings)}, "
-            f"steps {distinct(x.steps for x in settings)}")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    def distinct(column: str) -> str:
+        return ", ".join(dict.fromkeys(r.get(column) or "n/a" for r in rows))
+    return (f"memprof {distinct('memprof')}, torch {distinct('torch')}, device {distinct('device')}, "
+            f"batch {distinct('batch_size')}, seq_len {distinct('seq_len')}, image {distinct('image_size')}, "
+            f"steps {distinct('steps')}")
 
 
 # -- the papers ------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_every_registered_optimizer_estimates_a_cpu_run_exactly(mlp_spec, gpt2_s
             continue
         for fake_bytes, real_bytes in ((fake.peaks.allocated, real.peaks.allocated),
                                        (fake.total("activations"), real.total("activations"))):
-            assert abs(fake_bytes - real_bytes) <= CLOSE * real_bytes, real.settings.spec
+            assert abs(fake_bytes - real_bytes) <= max(64, CLOSE * real_bytes), real.settings.spec
         assert fake.settings.estimate and "fake tensors" in fake.environment["estimate"]
     assert set(cannot) <= CANNOT_ESTIMATE, cannot
 
