@@ -12,7 +12,8 @@ from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
 
 # Hyperparameters that reach every state path within six steps: AdaMeM refreshes its projector
-# and Adapprox searches its rank (drawing random test matrices) after the resume too.
+# and Adapprox searches its rank (drawing random test matrices) after the resume too; with one
+# power iteration, Adapprox's factors (and so the weights) depend on every draw.
 SPECS = {
     "smmf": "smmf:weight_decay=0.01",
     "alada": "alada:weight_decay=0.01",
