@@ -138,14 +138,17 @@ def _fake_mode(settings: Settings) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from memprof.measure.cuda_choices import masks_read_as_on_real_data
+
     stack = contextlib.ExitStack()
     stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+    stack.enter_context(masks_read_as_on_real_data())
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        from memprof.measure.cuda_choices import attention_like_cuda
+        from memprof.measure.cuda_choices import like_cuda
         from memprof.optim.adapters import resolving_for
 
         stack.enter_context(resolving_for("cuda"))
-        stack.enter_context(attention_like_cuda())
+        stack.enter_context(like_cuda())
     return stack
 
 
@@ -156,7 +159,7 @@ def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settin
     how = ["fake tensors (FakeTensorMode), nothing allocated"]
     if target == "cuda" and not torch.cuda.is_available():
         how.append("fake CPU tensors with a CUDA run's kernel choices (memory-efficient/flash attention, "
-                   "torch.optim's foreach default): torch's autograd refuses backward on fake CUDA tensors "
+                   "fused dropout, torch.optim's foreach default): torch's autograd refuses backward on fake CUDA tensors "
                    "without a GPU")
     if target == "cuda":
         gpu = _gpu(settings)
