@@ -165,6 +165,81 @@ def estimate(
     return records
 
 
+FIT_DIMENSIONS = {"batch-size": "batch_size", "seq-len": "seq_len"}
+FIT_LIMIT = 1 << 20
+
+
+@dataclass
+class Fit:
+    """The largest value of one setting at which one optimizer's estimate fits the budget."""
+
+    spec: str
+    setting: str  # "batch_size" | "seq_len"
+    budget: int
+    value: int  # 0: not even 1 fits
+    record: RunRecord | None  # the estimate at ``value`` that confirms it (None when nothing fits)
+    probes: list[tuple[int, int | None]] = field(default_factory=list)  # (value, what the run needs), in order
+    failure: str | None = None  # an estimate that failed on the way
+
+
+def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
+        on_result: Callable[[RunRecord], None] | None = None, **settings: Any) -> list[Fit]:
+    """For each optimizer, the largest ``dimension`` (``batch-size`` or ``seq-len``) whose estimate fits
+    the budget (``memory``, else the ``target_gpu``'s capacity): doubling from the given value, then
+    bisecting. Assumes what a run needs grows with the value (true of activations and temporaries)."""
+    from memprof.measure.gpus import budget, need
+    from memprof.optim.registry import split_specs
+
+    if dimension not in FIT_DIMENSIONS:
+        raise UsageError(f"unknown --fit {dimension!r}; choose {', '.join(FIT_DIMENSIONS)}")
+    name = FIT_DIMENSIONS[dimension]
+    base = _settings(model, {**settings, "estimate": True, "device": settings.get("device", "cuda")})
+    limit = budget(base)
+    if limit is None:
+        raise UsageError("--fit needs a budget: give --memory (e.g. 24GiB) or --gpu (e.g. h100)")
+    texts = split_specs(optimizers) if isinstance(optimizers, str) else list(optimizers)
+    _validate_optimizers(texts)
+    results = []
+    for text in texts:
+        result = Fit(spec=text, setting=name, budget=limit, value=0, record=None)
+        cache: dict[int, RunRecord] = {}
+
+        def needs(value: int) -> int | None:
+            (record, *_) = estimate(model, [text], **{**settings, name: value})
+            cache[value] = record
+            result.probes.append((value, need(record) if record.status == "ok" else None))
+            if on_result:
+                on_result(record)
+            if record.status != "ok":
+                result.failure = record.failure
+                return None
+            return need(record)
+
+        low, high = 0, None  # low fits (0: nothing yet), high does not
+        value = getattr(base, name)
+        while high is None and value <= FIT_LIMIT:
+            used = needs(value)
+            if used is None:
+                break
+            if used <= limit:
+                low, value = value, value * 2
+            else:
+                high = value
+        if result.failure is None and high is not None:
+            lo = low
+            while high - lo > 1:
+                mid = (lo + high) // 2
+                used = needs(mid)
+                if used is None:
+                    break
+                lo, high = (mid, high) if used <= limit else (lo, mid)
+            low = lo
+        result.value = low
+        result.record = cache.get(low)
+        results.append(result)
+    return results
+
+
 def _snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:
     if snapshot is None or count == 1:
         return snapshot

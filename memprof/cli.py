@@ -129,6 +129,23 @@ def _measure(request, estimate: bool = False) -> list:
             progress.stop()
 
 
+def _fit(request, dimension: str) -> list:
+    """Search the largest value that fits, with a spinner naming each probe."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from memprof import api
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        task = progress.add_task(f"fitting {dimension}…", total=None)
+
+        def on_result(record) -> None:
+            s = record.settings
+            progress.update(task, description=f"{s.spec}: batch {s.batch_size}, seq {s.seq_len} estimated")
+
+        return api.fit(request.model, request.optimizers, dimension, on_result=on_result, **request.settings)
+
+
 def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path | None, *, unit: str,
                       reference: str | None = None) -> list:
     """Measure what the command line (and the config file, if any) asks for, printing a table per request."""
@@ -222,10 +239,12 @@ def profile(
     markdown: MarkdownOpt = None,
     latex: LatexOpt = None,
     plot: PlotOpt = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="On fake tensors, as `memprof estimate` does: for a model that does not fit here (target: --device, cuda when auto).")] = False,
 ) -> None:
     """One optimizer in depth: every category, the composition at the peak, state per parameter.
 
     Example: memprof profile --model resnet50 --opt smmf --top 10
+             memprof profile --model llama-7b --opt smmf --estimate --seq-len 2048
     """
     from memprof import api
     from memprof.optim.registry import split_specs
@@ -235,7 +254,7 @@ def profile(
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
-    records = _measure(request)
+    records = _measure(request, estimate=estimate)
     record = records[0]
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
@@ -257,6 +276,7 @@ def estimate(
     markdown: MarkdownOpt = None,
     latex: LatexOpt = None,
     plot: PlotOpt = None,
+    fit: Annotated[Optional[str], typer.Option(metavar="SETTING", help="Find the largest batch-size or seq-len that fits the budget (--memory or --gpu), per optimizer; --plot then draws what each needs against it.")] = None,
 ) -> None:
     """Estimate a model that need not fit this machine: every byte per optimizer, on fake tensors.
 
@@ -268,10 +288,22 @@ def estimate(
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
     """
     from memprof import api
-    from memprof.report.table import estimate_table
+    from memprof.report.table import estimate_table, fit_table
 
     _check_outputs(unit, plot)
     (request,) = api.requests(settings)
+    if fit is not None:
+        fits = _fit(request, fit)
+        out.print(fit_table(fits, unit=unit))
+        records = [f.record for f in fits if f.record is not None]
+        _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, unit=unit)
+        if plot is not None:
+            from memprof.report.plot import save_fit_figure
+
+            err.print(f"wrote {save_fit_figure(fits, plot, unit=unit)}", highlight=False)
+        if any(f.failure for f in fits):
+            raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
+        return
     records = _measure(request, estimate=True)
     if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in records):
         raise UsageError(f"--reference {reference!r} is not one of the estimated optimizers")

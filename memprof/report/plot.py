@@ -335,3 +335,41 @@ def save_figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = 
         write_atomic(target, render(make(), target.suffix.lower().lstrip(".")))
         written.append(target)
     return written
+
+
+def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
+    """What each optimizer's run needs against the searched setting, with the budget line: the
+    largest value that fits is marked per optimizer."""
+    div = scale(unit)
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = list(OKABE_ITO.values())[1:]
+    for i, result in enumerate(fits):
+        points = sorted((v, n) for v, n in result.probes if n is not None)
+        if not points:
+            continue
+        color = colors[i % len(colors)]
+        ax.plot([v for v, _ in points], [n / div for _, n in points], marker="o", color=color,
+                label=f"{result.spec}: largest {result.value}")
+        if result.value:
+            used = dict(points)[result.value]
+            ax.scatter([result.value], [used / div], s=120, facecolors="none", edgecolors=color, linewidths=2)
+    budget = fits[0].budget
+    ax.axhline(budget / div, color=OKABE_ITO["black"], linestyle="--", linewidth=1)
+    ax.annotate(f"budget {_value(budget, unit)} {unit}", (ax.get_xlim()[0], budget / div), xytext=(4, 4),
+                textcoords="offset points", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(fits[0].setting.replace("_", " "))
+    ax.set_ylabel(f"needs ({unit})")
+    record = next((f.record for f in fits if f.record is not None), None)
+    if record is not None:
+        ax.set_title(f"{_model(record.settings.model)}: largest {fits[0].setting.replace('_', ' ')} that fits",
+                     fontsize=10, loc="left")
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def save_fit_figure(fits, path: str | Path, *, unit: str = "GiB") -> Path:
+    target = figure_paths(path)["breakdown"]
+    write_atomic(target, render(plot_fit(fits, unit=unit), target.suffix.lower().lstrip(".")))
+    return target

@@ -117,6 +117,28 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
     return table
 
 
+def fit_table(fits, *, unit: str = "GiB") -> Table:
+    """One row per optimizer: the largest value of the searched setting that fits, and what it needs."""
+    first = fits[0]
+    setting = first.setting.replace("_", " ")
+    table = Table(title=f"largest {setting} that fits {fmt(first.budget, unit, 2)} {unit} (each confirmed by an "
+                  "estimate at that value)", title_justify="left", header_style="bold")
+    for name in ("optimizer", f"largest {setting}", f"needs ({unit})", f"headroom ({unit})",
+                 f"next {setting} needs ({unit})", "probes"):
+        table.add_column(name, justify="left" if name == "optimizer" else "right")
+    for result in fits:
+        probes = dict(result.probes)
+        above = min((v for v in probes if v > result.value and probes[v] is not None), default=None)
+        if result.failure:
+            table.add_row(result.spec, f"[red]{result.failure}[/red]", "", "", "", str(len(result.probes)))
+            continue
+        used = probes.get(result.value)
+        table.add_row(result.spec, str(result.value) if result.value else "[red]none (1 does not fit)[/red]",
+                      fmt(used, unit, 2) if used else "", fmt(result.budget - used, unit, 2) if used else "",
+                      f"{fmt(probes[above], unit, 2)} at {above}" if above else "", str(len(result.probes)))
+    return table
+
+
 def breakdown_table(record: RunRecord, *, unit: str = "MiB", at_peak: bool = False) -> Table:
     """Every category and component of one record, steady state or at the global peak."""
     rows = record.peak if at_peak else record.breakdown
@@ -171,7 +193,7 @@ def telemetry_table(record: RunRecord, *, top: int = 20) -> Table:
 
 def phase_table(record: RunRecord, *, unit: str = "MiB") -> Table:
     """Allocated bytes at the start, peak and end of each phase of each step."""
-    basis = "allocator" if record.settings.device.startswith("cuda") else "simulated"
+    basis = "estimated" if record.settings.estimate else "allocator" if record.settings.device.startswith("cuda") else "simulated"
     table = Table(title=f"{record.settings.spec}: allocated per phase ({basis}, {unit})", title_justify="left",
                   header_style="bold")
     for name in ("step", "phase", "start", "peak", "end", "peak − start"):
