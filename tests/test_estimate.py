@@ -99,3 +99,30 @@ def test_gpu_table_says_where_each_figure_comes_from():
     for gpu in GPUS.values():
         assert gpu.source.startswith(("measured:", "assumed:")) and gpu.capacity_source
     assert GPUS["h100"].source.startswith("measured:")
+
+
+def test_fit_finds_the_largest_batch_that_fits_and_confirms_it(mlp_spec):
+    from memprof.api import fit
+    from memprof.measure.gpus import need
+
+    (at_8,) = estimate(mlp_spec, "sgd", device="cpu", steps=2, batch_size=8)
+    (result,) = fit(mlp_spec, "sgd", "batch-size", device="cpu", steps=2, memory=f"{need(at_8)}B")
+    assert result.value == 8 and result.record.settings.batch_size == 8 and need(result.record) == need(at_8)
+    probes = dict(result.probes)
+    assert probes[9] > need(at_8) and all(n <= need(at_8) for v, n in probes.items() if v <= 8)
+
+
+def test_fit_needs_a_budget_and_a_known_setting(mlp_spec):
+    from memprof.api import fit
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs a budget"):
+        fit(mlp_spec, "sgd", "batch-size", device="cpu")
+    result = invoke("estimate", "--model", mlp_spec, "--opt", "sgd", "--fit", "width", "--gpu", "h100")
+    assert result.exit_code == 2 and "unknown --fit 'width'; choose batch-size, seq-len" in result.stderr
+
+
+def test_profile_estimate_shows_the_parameter_table(mlp_spec):
+    result = invoke("profile", "--model", mlp_spec, "--opt", "adafactor", "--estimate", "--steps", "2", "--top", "2")
+    assert result.exit_code == 0, result.output
+    assert "0.weight" in result.stdout and "allocated per phase (estimated" in result.stdout
