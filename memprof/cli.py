@@ -46,6 +46,7 @@ MarkdownOpt = Annotated[Optional[Path], typer.Option(help="Write a Markdown tabl
 LatexOpt = Annotated[Optional[Path], typer.Option(help="Write a booktabs LaTeX table, ready to paste (settings and environment in % comments).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(help="Write figures (.png, .pdf or .svg): PATH is the breakdown; <stem>-timeline and <stem>-parameters go beside it.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="A TOML run configuration (see reports/*.toml); command-line options win.")]
+ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")]
 TopOpt = Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")]
 
 
@@ -157,11 +158,15 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
         if request.description:
             err.print(f"[bold]{request.description}[/bold]", highlight=False)
         batch = _measure(request)
-        if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in batch):
-            raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
+        _check_reference(batch, reference)
         out.print(compare_table(batch, unit=unit, baseline=reference))
         records.extend(batch)
     return records
+
+
+def _check_reference(records, reference: str | None) -> None:
+    if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in records):
+        raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
 
 
 def _check_outputs(unit: str, plot: Path | None = None) -> None:
@@ -209,7 +214,7 @@ def _raise_if_failed(records) -> None:
 def compare(
     ctx: typer.Context,
     settings: dict,
-    reference: Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")] = None,
+    reference: ReferenceOpt = None,
     unit: UnitOpt = "MiB",
     csv: CsvOpt = None,
     json: JsonOpt = None,
@@ -269,7 +274,7 @@ def profile(
                                                 "needed) or cpu."})
 def estimate(
     settings: dict,
-    reference: Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")] = None,
+    reference: ReferenceOpt = None,
     unit: UnitOpt = "GiB",
     csv: CsvOpt = None,
     json: JsonOpt = None,
@@ -305,8 +310,7 @@ def estimate(
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
     records = _measure(request, estimate=True)
-    if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in records):
-        raise UsageError(f"--reference {reference!r} is not one of the estimated optimizers")
+    _check_reference(records, reference)
     out.print(estimate_table(records, unit=unit, baseline=reference))
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
