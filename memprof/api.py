@@ -111,7 +111,7 @@ def measure(
                            snapshot=_snapshot_path(base.snapshot, text, len(texts)))
         if on_start:
             on_start(run)
-        if base.estimate and spec.entry.requires == "cuda":
+        if base.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
             record = RunRecord(settings=run, environment={}, status="failed",
                                failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
                                        "kernels, which have no fake-tensor implementation")

@@ -39,6 +39,9 @@ class OptimizerEntry:
     # State whose size depends on the data (Adapprox's adaptive rank): the hyperparameters that
     # reach its upper bound. An estimate then reports the range, both ends marked as such.
     upper_bound: Mapping[str, Any] = field(default_factory=dict)
+    # For an optimizer that runs only in CUDA kernels: "module:function" building an
+    # ``memprof.optim.analytic.AnalyticLayout`` with the library's documented state, for estimates.
+    analytic: str | None = None
 
     def load(self) -> Callable[..., "torch.optim.Optimizer"]:
         module, _, attr = self.target.partition(":")

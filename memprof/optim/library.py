@@ -149,6 +149,7 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="bitsandbytes",
         roles=_BNB_ROLES,
         requires="cuda",
+        analytic="memprof.optim.analytic:bnb_adam8bit",
     ),
     OptimizerEntry(
         name="ao_adamw8bit",
@@ -157,6 +158,7 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="torchao",
         roles=_AO_ROLES,
         requires="cuda",
+        analytic="memprof.optim.analytic:ao_adamw8bit",
     ),
     OptimizerEntry(
         name="ao_adamw4bit",
@@ -165,6 +167,7 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="torchao",
         roles=_AO_ROLES,
         requires="cuda",
+        analytic="memprof.optim.analytic:ao_adamw4bit",
     ),
     OptimizerEntry(
         name="ao_adamw_fp8",
@@ -173,6 +176,7 @@ LIBRARY: tuple[OptimizerEntry, ...] = (
         source="torchao",
         roles=_AO_ROLES,
         requires="cuda",
+        analytic="memprof.optim.analytic:ao_adamw_fp8",
     ),
     OptimizerEntry(
         name="muon",

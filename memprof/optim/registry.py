@@ -128,7 +128,12 @@ def parse_specs(text: str) -> list[OptimizerSpec]:
 
 
 def _check_keys(entry: OptimizerEntry, kwargs: Mapping[str, Any]) -> None:
-    signature = inspect.signature(entry.load())
+    try:
+        signature = inspect.signature(entry.load())
+    except UsageError:
+        if entry.analytic is None:
+            raise
+        return  # the library is missing: only an estimate's analytic layout can run, and it takes any key
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return
     valid = sorted(entry.signature_defaults())
@@ -137,8 +142,15 @@ def _check_keys(entry: OptimizerEntry, kwargs: Mapping[str, Any]) -> None:
             raise UsageError(f"optimizer {entry.name}: unknown hyperparameter {key!r}; valid: {', '.join(valid)}")
 
 
-def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module") -> "torch.optim.Optimizer":
-    """Attach the optimizer a spec names to ``model``. Bad values raise ``UsageError``."""
+def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module", *, analytic: bool = False) -> "torch.optim.Optimizer":
+    """Attach the optimizer a spec names to ``model``. Bad values raise ``UsageError``.
+
+    ``analytic``: build the entry's analytic layout instead (an estimate of a CUDA-only optimizer).
+    """
+    if analytic:
+        module, _, attr = spec.entry.analytic.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory([p for p in model.parameters() if p.requires_grad], **spec.kwargs)
     factory = spec.entry.load()
     kwargs = {**spec.entry.defaults, **spec.kwargs}
     first: Any = {
