@@ -10,6 +10,7 @@ seed optimizers: step <= 2x fused AdamW, and a step transient smaller than the s
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from memprof.api import measure
@@ -30,7 +31,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
-    parser.add_argument("--json", type=Path, help="also save the run records (for `memprof report`)")
+    parser.add_argument("--json", type=Path, help="also write the summary: gpu, torch, steps, and per optimizer its "
+                        "step ms, ratio to the baseline, state and transient bytes")
+    parser.add_argument("--records", type=Path, help="also save the run records (for `memprof report`)")
     args = parser.parse_args()
     specs = [args.baseline, *args.opt.split(",")]
     records = measure(args.model, specs, device=args.device, steps=args.steps, batch_size=args.batch_size,
@@ -57,14 +60,39 @@ def main() -> None:
             f"{saved / MiB:.1f} | {transient / saved:.3f} | ok |" if record is not base else
             f"| {record.settings.spec} | {state / MiB:.2f} | {transient / MiB:.2f} | {step:.2f} | 1.00x | | | baseline |"
         )
+    if args.records:
+        write_atomic(args.records, to_json(records))
     if args.json:
-        write_atomic(args.json, to_json(records))
+        write_atomic(args.json, json.dumps(summary(records, args), indent=1) + "\n")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         command = "python benchmarks/optimizers.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "json") and v is not None)
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("out", "json", "records") and v is not None)
         write_atomic(args.out, f"# Seed optimizers vs fused AdamW\n\nMeasured with `{command}`.\n\n{text}")
+
+
+def summary(records, args: argparse.Namespace) -> dict:
+    """The benchmark as data: each optimizer's step time, its ratio to the baseline measured in the same
+    run, its state and step-transient bytes."""
+    base = records[0]
+    env = base.environment
+    return {
+        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "gpu": env.get("gpu", args.device), "torch": env.get("torch"), "cuda": env.get("cuda"),
+        "baseline": base.settings.spec,
+        "optimizers": {
+            r.settings.spec: {
+                "status": r.status if r.status == "ok" else r.failure,
+                "step_ms": r.timings_ms.get("step"),
+                "step_ratio": (r.timings_ms["step"] / base.timings_ms["step"]
+                               if r.status == "ok" and base.status == "ok" else None),
+                "state_bytes": r.total("optimizer_state"),
+                "transient_bytes": r.total("step_transient"),
+            } for r in records
+        },
+    }
 
 
 if __name__ == "__main__":
