@@ -80,6 +80,12 @@ def _from_library(target: str, optimizer: str) -> Any:
     return OptimizerEntry(name=optimizer, target=target, summary="", source="").load()
 
 
+adam = _pinned(torch.optim.Adam)
+adamw = _pinned(torch.optim.AdamW)
+sgd = _pinned(torch.optim.SGD)
+adafactor = _pinned(torch.optim.Adafactor)
+
+
 class _LibraryClass:
     """A library optimizer class, imported when first used, that refuses what it would silently ignore.
 
@@ -122,12 +128,6 @@ ademamix = _LibraryClass("pytorch_optimizer:AdEMAMix", "ademamix")
 mars = _LibraryClass("pytorch_optimizer:MARS", "mars")
 adopt = _LibraryClass("pytorch_optimizer:ADOPT", "adopt")
 spam = _LibraryClass("pytorch_optimizer:SPAM", "spam")
-
-
-adam = _pinned(torch.optim.Adam)
-adamw = _pinned(torch.optim.AdamW)
-sgd = _pinned(torch.optim.SGD)
-adafactor = _pinned(torch.optim.Adafactor)
 
 
 def _embedding_weights(model: nn.Module) -> set[nn.Parameter]:
@@ -261,7 +261,7 @@ def muon_split(model: nn.Module) -> dict[str, str]:
     last ``nn.Linear``) and every parameter that is not 2-D: biases, norm gains, conv kernels.
     """
     head = _output_head(model)
-    plain = {id(p) for p in _embedding_weights(model)} | {id(p) for p in (head.parameters() if head else ())}
+    plain = {id(p) for p in _embedding_weights(model)} | {id(p) for p in (head.parameters() if head is not None else ())}
     return {
         name: MUON if p.dim() == 2 and id(p) not in plain else ADAMW
         for name, p in model.named_parameters()
