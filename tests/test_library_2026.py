@@ -331,3 +331,20 @@ def test_ao_fp8_without_torchao_is_a_usage_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(UsageError, match="torchao"):
         parse_spec("ao_adamw_fp8")
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("soap:max_precondition_dims=16", "unknown hyperparameter 'max_precondition_dims'"),  # **kwargs would drop it
+        ("adopt:cautious=true", "unknown hyperparameter 'cautious'"),
+        ("kron:memory_save_mode=half", "memory_save_mode must be one of"),  # the library checks at step time
+        ("shampoo:graft_type=7", "graft_type must be one of"),  # the library silently drops the graft
+        ("soap:data_format=nhwc", "data_format must be one of"),
+        ("apollo:scale_type=row", "scale_type must be 'channel' or 'tensor'"),
+        ("muon:momentum=-1", "momentum"),
+    ],
+)
+def test_bad_hyperparameter_is_one_line(spec: str, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        build_optimizer(parse_spec(spec), TinyMixed())

@@ -104,6 +104,50 @@ sgd = _pinned(torch.optim.SGD)
 adafactor = _pinned(torch.optim.Adafactor)
 
 
+class _LibraryClass:
+    """A library optimizer class, imported when first used, that refuses what it would silently ignore.
+
+    Many pytorch_optimizer classes take ``**kwargs`` and drop what they do not know, and some
+    check an option only at their first step (or never): a misspelt hyperparameter or a bad
+    choice would be measured silently as the default, or crash mid-run. The signature shown
+    here leaves out ``**kwargs``, so the registry's key check refuses unknown keys, and
+    ``choices`` lists the accepted values of the options the class does not check itself.
+    """
+
+    def __init__(self, target: str, optimizer: str, choices: dict[str, tuple[Any, ...]] | None = None) -> None:
+        self.target, self.optimizer, self.choices = target, optimizer, choices or {}
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(_from_library(self.target, self.optimizer))
+        return signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        )
+
+    def __call__(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        for key, allowed in self.choices.items():
+            if key in kwargs and kwargs[key] not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {kwargs[key]!r}")
+        return _from_library(self.target, self.optimizer)(params, **kwargs)
+
+
+soap = _LibraryClass("pytorch_optimizer:SOAP", "soap", {"data_format": ("channels_first", "channels_last")})
+# LayerWiseGrafting NONE..SQRTN and PreConditionerType ALL/INPUT/OUTPUT: an unknown graft silently
+# becomes no graft, an unknown preconditioner type fails at the first step.
+shampoo = _LibraryClass(
+    "pytorch_optimizer:ScalableShampoo", "shampoo", {"graft_type": (0, 1, 2, 3, 4), "pre_conditioner_type": (0, 1, 2)}
+)
+shampoo_dense = _LibraryClass("pytorch_optimizer:Shampoo", "shampoo_dense")
+# Kron checks memory_save_mode only when it first meets a parameter.
+kron = _LibraryClass(
+    "pytorch_optimizer:Kron", "kron", {"memory_save_mode": (None, "one_diag", "smart_one_diag", "all_diag")}
+)
+ademamix = _LibraryClass("pytorch_optimizer:AdEMAMix", "ademamix")
+mars = _LibraryClass("pytorch_optimizer:MARS", "mars")
+adopt = _LibraryClass("pytorch_optimizer:ADOPT", "adopt")
+spam = _LibraryClass("pytorch_optimizer:SPAM", "spam")
+
+
 def _embedding_weights(model: nn.Module) -> set[nn.Parameter]:
     """Embedding tables and the output head: GaLore's own scripts leave them unprojected."""
     found = {m.weight for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -235,7 +279,7 @@ def muon_split(model: nn.Module) -> dict[str, str]:
     last ``nn.Linear``) and every parameter that is not 2-D: biases, norm gains, conv kernels.
     """
     head = _output_head(model)
-    plain = {id(p) for p in _embedding_weights(model)} | {id(p) for p in (head.parameters() if head else ())}
+    plain = {id(p) for p in _embedding_weights(model)} | {id(p) for p in (head.parameters() if head is not None else ())}
     return {
         name: MUON if p.dim() == 2 and id(p) not in plain else ADAMW
         for name, p in model.named_parameters()
