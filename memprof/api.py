@@ -155,8 +155,10 @@ def estimate(
             expanded.append((text, None))
             continue
         extra = ":".join(f"{k}={v}" for k, v in upper.items())
+        name, *pairs = text.split(":")  # the upper end's values replace the user's (a key is given once)
+        upper_text = ":".join([name, *(p for p in pairs if p.partition("=")[0].strip() not in upper), extra])
         expanded += [(text, f"lower end of a data-dependent range: {text} at its initial state sizes"),
-                     (f"{text}:{extra}", f"upper end of a data-dependent range: {text} with {extra}")]
+                     (upper_text, f"upper end of a data-dependent range: {text} with {extra}")]
     records = measure(model, [t for t, _ in expanded], isolate=False, on_start=on_start, on_result=on_result,
                       **{"device": "cuda", **settings, "estimate": True})
     for record, (_, note) in zip(records, expanded):

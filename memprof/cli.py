@@ -114,7 +114,8 @@ def _measure(request, estimate: bool = False) -> list:
     task = progress.add_task("preparing…", total=None)
 
     def on_start(settings) -> None:
-        progress.start()
+        if err.is_terminal:  # elsewhere a spinner only leaves a blank line
+            progress.start()
         progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
     def on_result(record) -> None:
