@@ -426,19 +426,39 @@ def exit_code(exc: BaseException) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the command and decide its exit code."""
+    try:  # typer vendors click from 0.20 on
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_errors
+
     args = _old_spellings(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="memprof")
-    except SystemExit as exc:  # click's own: --help (0), a malformed option (2)
+        code = app(args=args, prog_name="memprof", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # --help: 0
+    except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click_errors.NoArgsIsHelpError:
+        return 2  # the help is already printed
+    except click_errors.UsageError as exc:  # a malformed option or argument: one line, as ours
+        hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        _print_error(f"{exc.format_message().rstrip('.')}{hint}")
+        return exc.exit_code
+    except typer.Abort:
+        return 130
     except MemprofError as exc:
         code = exit_code(exc)
         if code is None or os.environ.get("MEMPROF_DEBUG"):
             raise
         if str(exc):
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
         return code
-    return 0
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr; the message is text, never markup (it may quote the user's input)."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
