@@ -136,31 +136,47 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
     from memprof import api
     from memprof.report.table import compare_table
 
+    todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
+    if reference is not None:
+        _check_reference(reference, todo)
     records = []
-    for request in api.requests(settings, config=config, explicit=_explicit(ctx, list(settings))):
+    for request in todo:
         if request.description:
-            err.print(f"[bold]{request.description}[/bold]", highlight=False)
+            err.print(request.description, style="bold", markup=False, highlight=False)
         batch = _measure(request)
-        if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in batch):
-            raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
         out.print(compare_table(batch, unit=unit, baseline=reference))
         records.extend(batch)
     return records
 
 
-def _check_outputs(unit: str, plot: Path | None = None) -> None:
-    """Fail on a bad unit or figure extension before measuring, not after."""
+def _check_reference(reference: str, requests: Sequence) -> None:
+    """``--reference`` must name a spec (or an optimizer) of every request, before anything is measured."""
+    from memprof.optim.registry import parse_spec, split_specs
+
+    for request in requests:
+        texts = split_specs(request.optimizers)
+        if reference not in texts and reference not in {parse_spec(t).name for t in texts}:
+            raise UsageError(f"--reference {reference!r} is not one of the optimizers to measure; "
+                             f"choose from {', '.join(texts)}")
+
+
+def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | None) -> None:
+    """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after."""
+    from memprof.files import check_writable
     from memprof.report.units import scale
 
     scale(unit)
+    outputs = [(f"--{name}", path) for name, path in paths.items()]
     if plot is not None:
         from memprof.report.plot import figure_paths
 
-        figure_paths(plot)
+        outputs += [("--plot", path) for path in figure_paths(plot)]
+    check_writable(outputs)
 
 
 def _write_exports(records, *, csv: Path | None = None, json: Path | None = None, markdown: Path | None = None,
                    latex: Path | None = None, plot: Path | None = None, unit: str = "MiB", detail: bool = False) -> None:
+    """Render every export, then write them: a render that fails leaves no file half the set."""
     from memprof.files import write_atomic
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
@@ -169,15 +185,15 @@ def _write_exports(records, *, csv: Path | None = None, json: Path | None = None
     renders = ((csv, lambda: to_csv(records)), (json, lambda: to_json(records)),
                (markdown, lambda: to_markdown(records, unit=unit, detail=detail)),
                (latex, lambda: to_latex(records, unit=unit, detail=detail)))
-    for path, render in renders:
-        if path is not None:
-            write_atomic(path, render())
-            err.print(f"wrote {path}", highlight=False)
+    texts = [(path, render()) for path, render in renders if path is not None]
+    for path, text in texts:
+        write_atomic(path, text)
+        err.print(f"wrote {path}", highlight=False, markup=False)
     if plot is not None:
         from memprof.report.plot import save_figures
 
         for path in save_figures(records, plot, unit=unit):
-            err.print(f"wrote {path}", highlight=False)
+            err.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def _raise_if_failed(records) -> None:
@@ -206,7 +222,7 @@ def compare(
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
@@ -232,7 +248,7 @@ def profile(
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
 
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
@@ -300,7 +316,7 @@ def report(
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
 
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, output=output)
     if format is ReportFormat.table and output is not None:
         raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
     records = [record for path in runs for record in runfile.read(path)]
@@ -339,7 +355,7 @@ def baseline(
     """
     from memprof import runfile
 
-    _check_outputs(unit)
+    _check_outputs(unit, output=output)
     records = _measure_requests(ctx, settings, config, unit=unit)
     runfile.write(output, records)
     err.print(f"wrote {output}; gate later runs with: memprof check --baseline {output}", highlight=False)
@@ -361,18 +377,31 @@ def check(
     Example: memprof check --baseline memory-baseline.csv --tolerance 2% --tolerance optimizer_state=0%
     """
     from memprof import api
+    from memprof.files import check_writable
 
+    check_writable([("--csv", csv)])
     outcome = api.check(baseline, current, tolerances=tolerance or (), categories=category, trust=trust or ())
     if outcome.measured:
         _write_exports(outcome.measured, csv=csv)
     result = outcome.result
     out.print(result.text(), end="", markup=False, highlight=False)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(result.markdown())
+    _append_step_summary(result.markdown())
     if not result.passed:
         raise GateRegression("")
+
+
+def _append_step_summary(markdown: str) -> None:
+    """Append to $GITHUB_STEP_SUMMARY when set. It is a side channel: a path that cannot be
+    written is a warning on stderr, never a change of the verdict."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not summary:
+        return
+    try:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
+    except OSError as exc:
+        err.print(f"warning: cannot append the summary to GITHUB_STEP_SUMMARY={summary}: {exc.strerror or exc}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
