@@ -6,14 +6,16 @@ Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import signal
 import sys
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -455,12 +457,35 @@ def exit_code(exc: BaseException) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the command and decide its exit code."""
+    args = _old_spellings(list(sys.argv[1:] if argv is None else argv))
+    with _terminate_cleanly():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C does, through every ``finally`` (a measuring child is
+    killed, a temporary file removed), with exit code 143."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str]) -> int:
     try:  # typer vendors click from 0.20 on
         from typer._click import exceptions as click_errors
     except ImportError:  # pragma: no cover
         from click import exceptions as click_errors
 
-    args = _old_spellings(list(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=args, prog_name="memprof", standalone_mode=False)
         return code if isinstance(code, int) else 0  # --help: 0
