@@ -1,15 +1,18 @@
 """memprof: where every byte of a training step goes, optimizer state component by component.
 
 The heavy machinery is imported on first use, so ``import memprof`` and ``memprof --help``
-stay fast. ``memprof.api.measure`` returns the run records themselves.
+stay fast. ``memprof.api.measure`` returns the run records themselves. Bad input raises
+``memprof.UsageError``; every error memprof raises on purpose is a ``memprof.MemprofError``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
+
 __version__ = "0.1.0"
-__all__ = ["compare", "profile", "RunRecord"]
+__all__ = ["compare", "profile", "RunRecord", "MemprofError", "UsageError", "MeasurementFailed", "GateRegression"]
 
 if TYPE_CHECKING:
     from memprof.api import compare, profile

@@ -44,13 +44,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _expect(name: str, value: Any, kinds: type | tuple[type, ...], what: str) -> None:
+    """A wrong argument type from a Python caller is a usage error, like a bad option."""
+    if not isinstance(value, kinds):
+        raise UsageError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _texts(name: str, value: Any, what: str = "a list of strings") -> list[str]:
+    """A sequence of strings (not one string, which would be read letter by letter)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+def _spec_texts(specs: Any) -> list[str]:
+    """The spec texts of ``"adam,sgd"`` or ``["adam", "sgd"]``."""
+    from memprof.optim.registry import split_specs
+
+    return split_specs(specs) if isinstance(specs, str) else _texts(
+        "optimizers", specs, "comma-separated specs or a list of them")
+
+
 def _validate_optimizers(specs: str | Sequence[str]) -> list[str]:
     """Parse every spec and build each once on a tiny layer, so bad input fails before measuring."""
     import torch
 
-    from memprof.optim.registry import build_optimizer, parse_specs, split_specs
+    from memprof.optim.registry import build_optimizer, parse_specs
 
-    texts = split_specs(specs) if isinstance(specs, str) else list(specs)
+    texts = _spec_texts(specs)
     for spec in parse_specs(",".join(texts)):
         if spec.entry.requires is None:
             build_optimizer(spec, torch.nn.Sequential(torch.nn.Linear(4, 4)))
@@ -91,6 +112,11 @@ def measure(
     optimizer runs in its own child process (``isolate`` defaults to True there). An optimizer
     that runs out of memory or crashes yields a record with ``status`` "oom" or "failed".
     """
+    _expect("model", model, str, "a model name or path (text)")
+    _expect("isolate", isolate, (bool, type(None)), "True, False or None")
+    for name, callback in (("on_start", on_start), ("on_result", on_result)):
+        if callback is not None and not callable(callback):
+            raise UsageError(f"{name} must be callable, got {type(callback).__name__}")
     base = _settings(model, settings)
     texts = _validate_optimizers(optimizers)
     # An estimate needs no GPU: its target is CUDA unless it says cpu.
@@ -145,9 +171,9 @@ def estimate(
     An optimizer whose state depends on the data (its entry's ``upper_bound``) yields two records,
     the lower and the upper end of its range, each noted as such.
     """
-    from memprof.optim.registry import parse_spec, split_specs
+    from memprof.optim.registry import parse_spec
 
-    texts = split_specs(optimizers) if isinstance(optimizers, str) else list(optimizers)
+    texts = _spec_texts(optimizers)
     expanded: list[tuple[str, str | None]] = []
     for text in _validate_optimizers(texts):
         upper = parse_spec(text).entry.upper_bound
@@ -155,8 +181,10 @@ def estimate(
             expanded.append((text, None))
             continue
         extra = ":".join(f"{k}={v}" for k, v in upper.items())
+        name, *pairs = text.split(":")  # the upper end's values replace the user's (a key is given once)
+        upper_text = ":".join([name, *(p for p in pairs if p.partition("=")[0].strip() not in upper), extra])
         expanded += [(text, f"lower end of a data-dependent range: {text} at its initial state sizes"),
-                     (f"{text}:{extra}", f"upper end of a data-dependent range: {text} with {extra}")]
+                     (upper_text, f"upper end of a data-dependent range: {text} with {extra}")]
     records = measure(model, [t for t, _ in expanded], isolate=False, on_start=on_start, on_result=on_result,
                       **{"device": "cuda", **settings, "estimate": True})
     for record, (_, note) in zip(records, expanded):
@@ -259,6 +287,7 @@ def profile(model: str, optimizer: str, **kwargs: Any) -> RunRecord:
     """Measure one optimizer in depth; the record carries the per-parameter state table."""
     from memprof.optim.registry import split_specs
 
+    _expect("optimizer", optimizer, str, "one optimizer spec (text)")
     if len(split_specs(optimizer)) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     return measure(model, [optimizer], **kwargs)[0]
@@ -294,6 +323,13 @@ def requests(given: dict[str, Any], *, config: str | Path | None = None,
     out = []
     for run in runs:
         description = run.pop("description", None)
+        if config is not None:  # what the file says is checked here, so that errors name the file
+            try:
+                Settings(**run)
+            except UsageError as exc:
+                raise UsageError(f"config {config}: {exc}") from None
+            if description is not None and not isinstance(description, str):
+                raise UsageError(f"config {config}: description must be text, got {description!r}")
         model, specs = run.pop("model"), run.pop("spec")
         out.append(Request(model=model, optimizers=specs, settings=run, description=description))
     return out
@@ -326,6 +362,10 @@ def check(
     from memprof import runfile
     from memprof.report import gate
 
+    _expect("baseline", baseline, (str, os.PathLike), "a file path")
+    _expect("current", current, (str, os.PathLike, type(None)), "a file path or None")
+    tolerances, trust = _texts("tolerances", tolerances), _texts("trust", trust)
+    categories = None if categories is None else _texts("categories", categories)
     base = runfile.read(baseline, "baseline")
     gate.parse_tolerances(tolerances)  # bad input fails before measuring
     for name in categories or ():

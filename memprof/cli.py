@@ -6,14 +6,16 @@ Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import signal
 import sys
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -115,7 +117,8 @@ def _measure(request, estimate: bool = False) -> list:
     task = progress.add_task("preparing…", total=None)
 
     def on_start(settings) -> None:
-        progress.start()
+        if err.is_terminal:  # elsewhere a spinner only leaves a blank line
+            progress.start()
         progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
     def on_result(record) -> None:
@@ -153,35 +156,47 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
     from memprof import api
     from memprof.report.table import compare_table
 
+    todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
+    if reference is not None:
+        _check_reference(reference, todo)
     records = []
-    for request in api.requests(settings, config=config, explicit=_explicit(ctx, list(settings))):
+    for request in todo:
         if request.description:
-            err.print(f"[bold]{request.description}[/bold]", highlight=False)
+            err.print(request.description, style="bold", markup=False, highlight=False)
         batch = _measure(request)
-        _check_reference(batch, reference)
         out.print(compare_table(batch, unit=unit, baseline=reference))
         records.extend(batch)
     return records
 
 
-def _check_reference(records, reference: str | None) -> None:
-    if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in records):
-        raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
+def _check_reference(reference: str, requests: Sequence) -> None:
+    """``--reference`` must name a spec (or an optimizer) of every request, before anything is measured."""
+    from memprof.optim.registry import parse_spec, split_specs
+
+    for request in requests:
+        texts = split_specs(request.optimizers)
+        if reference not in texts and reference not in {parse_spec(t).name for t in texts}:
+            raise UsageError(f"--reference {reference!r} is not one of the optimizers to measure; "
+                             f"choose from {', '.join(texts)}")
 
 
-def _check_outputs(unit: str, plot: Path | None = None) -> None:
-    """Fail on a bad unit or figure extension before measuring, not after."""
+def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | None) -> None:
+    """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after."""
+    from memprof.files import check_writable
     from memprof.report.units import scale
 
     scale(unit)
+    outputs = [(f"--{name}", path) for name, path in paths.items()]
     if plot is not None:
         from memprof.report.plot import figure_paths
 
-        figure_paths(plot)
+        outputs += [("--plot", path) for path in figure_paths(plot)]
+    check_writable(outputs)
 
 
 def _write_exports(records, *, csv: Path | None = None, json: Path | None = None, markdown: Path | None = None,
                    latex: Path | None = None, plot: Path | None = None, unit: str = "MiB", detail: bool = False) -> None:
+    """Render every export, then write them: a render that fails leaves no file half the set."""
     from memprof.files import write_atomic
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
@@ -190,15 +205,15 @@ def _write_exports(records, *, csv: Path | None = None, json: Path | None = None
     renders = ((csv, lambda: to_csv(records)), (json, lambda: to_json(records)),
                (markdown, lambda: to_markdown(records, unit=unit, detail=detail)),
                (latex, lambda: to_latex(records, unit=unit, detail=detail)))
-    for path, render in renders:
-        if path is not None:
-            write_atomic(path, render())
-            err.print(f"wrote {path}", highlight=False)
+    texts = [(path, render()) for path, render in renders if path is not None]
+    for path, text in texts:
+        write_atomic(path, text)
+        err.print(f"wrote {path}", highlight=False, markup=False)
     if plot is not None:
         from memprof.report.plot import save_figures
 
         for path in save_figures(records, plot, unit=unit):
-            err.print(f"wrote {path}", highlight=False)
+            err.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def _raise_if_failed(records) -> None:
@@ -227,7 +242,7 @@ def compare(
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
@@ -255,7 +270,7 @@ def profile(
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
 
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
@@ -295,8 +310,10 @@ def estimate(
     from memprof import api
     from memprof.report.table import estimate_table, fit_table
 
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex)
     (request,) = api.requests(settings)
+    if reference is not None:
+        _check_reference(reference, [request])
     if fit is not None:
         fits = _fit(request, fit)
         out.print(fit_table(fits, unit=unit))
@@ -310,7 +327,6 @@ def estimate(
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
     records = _measure(request, estimate=True)
-    _check_reference(records, reference)
     out.print(estimate_table(records, unit=unit, baseline=reference))
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
@@ -335,7 +351,7 @@ def report(
     from memprof.report.latex import to_latex
     from memprof.report.markdown import to_markdown
 
-    _check_outputs(unit, plot)
+    _check_outputs(unit, plot, output=output)
     if format is ReportFormat.table and output is not None:
         raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
     records = [record for path in runs for record in runfile.read(path)]
@@ -374,7 +390,7 @@ def baseline(
     """
     from memprof import runfile
 
-    _check_outputs(unit)
+    _check_outputs(unit, output=output)
     records = _measure_requests(ctx, settings, config, unit=unit)
     runfile.write(output, records)
     err.print(f"wrote {output}; gate later runs with: memprof check --baseline {output}", highlight=False)
@@ -396,18 +412,31 @@ def check(
     Example: memprof check --baseline memory-baseline.csv --tolerance 2% --tolerance optimizer_state=0%
     """
     from memprof import api
+    from memprof.files import check_writable
 
+    check_writable([("--csv", csv)])
     outcome = api.check(baseline, current, tolerances=tolerance or (), categories=category, trust=trust or ())
     if outcome.measured:
         _write_exports(outcome.measured, csv=csv)
     result = outcome.result
     out.print(result.text(), end="", markup=False, highlight=False)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(result.markdown())
+    _append_step_summary(result.markdown())
     if not result.passed:
         raise GateRegression("")
+
+
+def _append_step_summary(markdown: str) -> None:
+    """Append to $GITHUB_STEP_SUMMARY when set. It is a side channel: a path that cannot be
+    written is a warning on stderr, never a change of the verdict."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not summary:
+        return
+    try:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
+    except OSError as exc:
+        err.print(f"warning: cannot append the summary to GITHUB_STEP_SUMMARY={summary}: {exc.strerror or exc}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -462,18 +491,61 @@ def exit_code(exc: BaseException) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the command and decide its exit code."""
     args = _old_spellings(list(sys.argv[1:] if argv is None else argv))
+    with _terminate_cleanly():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C does, through every ``finally`` (a measuring child is
+    killed, a temporary file removed), with exit code 143."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
     try:
-        app(args=args, prog_name="memprof")
-    except SystemExit as exc:  # click's own: --help (0), a malformed option (2)
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str]) -> int:
+    try:  # typer vendors click from 0.20 on
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_errors
+
+    try:
+        code = app(args=args, prog_name="memprof", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # --help: 0
+    except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click_errors.NoArgsIsHelpError:
+        return 2  # the help is already printed
+    except click_errors.UsageError as exc:  # a malformed option or argument: one line, as ours
+        hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        _print_error(f"{exc.format_message().rstrip('.')}{hint}")
+        return exc.exit_code
+    except typer.Abort:
+        return 130
     except MemprofError as exc:
         code = exit_code(exc)
         if code is None or os.environ.get("MEMPROF_DEBUG"):
             raise
         if str(exc):
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
         return code
-    return 0
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr; the message is text, never markup (it may quote the user's input)."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,15 @@ def load_runs(path: str | Path) -> list[dict[str, Any]]:
     """The measurements a config file asks for, each as a dict keyed by config keys
     (``memprof.settings.config_keys``)."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read config {path}: {exc}") from None
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"config {path} is not TOML: {str(exc).splitlines()[0]}") from None
     keys = tuple(config_keys())
     runs = data.pop("runs", [{}])
+    if not isinstance(runs, list) or not runs or not all(isinstance(run, dict) for run in runs):
+        raise UsageError(f"config {path}: runs must be one or more [[runs]] tables, got {runs!r}")
     description = data.pop("description", None)
     out = []
     for run in runs:

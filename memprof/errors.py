@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class MemprofError(Exception):
     """Base class for every error memprof raises on purpose."""
@@ -27,3 +30,23 @@ def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
     picks = near or list(choices)[:n + 3]
     more = "" if near or len(choices) <= len(picks) else ", …"
     return ", ".join(picks) + more
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message (``sys.exit(n)`` said so)."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})" if exc.code is not None else "called sys.exit()"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run code the user owns (a model file, a dotted-path optimizer): any failure in it, an exit
+    included, becomes one ``UsageError`` line naming ``what`` and the error. Ctrl-C passes through."""
+    try:
+        yield
+    except MemprofError:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise UsageError(f"{what} failed: {describe(exc)}") from exc

@@ -6,12 +6,15 @@ tidy CSV). All byte counts are integers in bytes; views choose units.
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from memprof.settings import Settings
 
 SCHEMA_VERSION = 2
+STATUSES = ("ok", "oom", "failed")
 """2: typed peaks (``Peaks``), phase peaks and timeline; version-1 files still load."""
 
 
@@ -131,16 +134,95 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
-        """A record from its plain-data form; raises KeyError, TypeError or ValueError on bad data."""
+        """A record from its plain-data form. Every field is checked against its declared type;
+        bad data raises KeyError, TypeError or ValueError (``UsageError`` for bad settings)."""
+        _expect(data, dict, "the record")
         data = dict(data)
+        _expect(data["settings"], dict, "settings")
         settings = {k: v for k, v in data["settings"].items() if k in {f.name for f in fields(Settings)}}
-        data["settings"] = Settings(**settings)
-        data["breakdown"] = [Row(**r) for r in data.get("breakdown", [])]
-        data["peak"] = [Row(**r) for r in data.get("peak", [])]
-        data["peaks"] = Peaks.from_dict(data.get("peaks") or {})
-        data["phase_peaks"] = [PhasePeak(**p) for p in data.get("phase_peaks", [])]
-        data["timeline"] = Timeline(**(data.get("timeline") or {}))
-        data["parameters"] = [
-            ParameterState(**{**p, "shape": tuple(p["shape"])}) for p in data.get("parameters", [])
-        ]
-        return cls(**data)
+        peaks = data.get("peaks") or {}
+        _expect(peaks, dict, "peaks")
+        _check_fields(Peaks, {k: v for k, v in peaks.items() if k in _hints(Peaks)}, "peaks")
+        built: dict[str, Any] = {"settings": Settings(**settings), "peaks": Peaks.from_dict(peaks),
+                                 "timeline": _typed(Timeline, data.get("timeline") or {}, "timeline")}
+        for key, kind in (("breakdown", Row), ("peak", Row), ("phase_peaks", PhasePeak), ("parameters", ParameterState)):
+            items = data.get(key, [])
+            _expect(items, list, key)
+            built[key] = [_typed(kind, item, f"{key}[{i}]") for i, item in enumerate(items)]
+        _check_fields(cls, data, "", skip=tuple(built))
+        return cls(**{**data, **built})
+
+
+def _hints(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _check_fields(kind: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise TypeError unless ``data`` is a mapping of ``kind``'s fields, each value of its declared type."""
+    _expect(data, dict, where or "the record")
+    hints = _hints(kind)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise TypeError(f"{where or 'the record'}: unknown field(s) {', '.join(map(str, unknown))}")
+    for key, value in data.items():
+        if key not in skip:
+            _check(value, hints[key], f"{where}.{key}" if where else key)
+
+
+def _typed(kind: type, data: Any, where: str) -> Any:
+    """``kind(**data)`` once every value fits its declared type (a shape list becomes a tuple)."""
+    _check_fields(kind, data, where)
+    return kind(**{**data, "shape": tuple(data["shape"])} if kind is ParameterState and "shape" in data else data)
+
+
+def _expect(value: Any, kind: type, where: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{where} is not a {'list' if kind is list else 'mapping' if kind is dict else kind.__name__}")
+
+
+def _check(value: Any, hint: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` (plain JSON data) fits the type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                _check(value, option, where)
+                return
+            except TypeError:
+                continue
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _check(item, args[0], f"{where}[{i}]")
+            return
+    elif origin is dict:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check(key, args[0], f"{where} key")
+                _check(item, args[1], f"{where}.{key}")
+            return
+    elif hint is type(None):
+        if value is None:
+            return
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return
+    elif isinstance(value, hint):
+        return
+    raise TypeError(f"{where} is {value!r:.60}, not {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {_type_name(args[0])}"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of {_type_name(args[1])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -1,7 +1,8 @@
 """Run files: the one place run records are read and written, as JSON (``--json``) or tidy CSV (``--csv``).
 
 A run file is data: reading one builds records and never imports or runs anything it names.
-A missing, empty, truncated or malformed file raises a ``RunFileError`` naming the file and what
+A missing, empty, truncated or malformed file (a value of the wrong type, negative bytes, an
+unknown status, a finished run without rows) raises a ``RunFileError`` naming the file and what
 is wrong with it.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 
 from memprof import settings as declared
 from memprof.errors import UsageError
-from memprof.record import Peaks, Row, RunRecord
+from memprof.record import STATUSES, Peaks, Row, RunRecord
 from memprof.settings import Settings
 
 ID_COLUMNS = declared.csv_columns("id")
@@ -106,7 +107,28 @@ def read(path: str | Path, what: str = "run file") -> list[RunRecord]:
     records = _from_json(text, path, what) if path.suffix.lower() == ".json" else _from_csv(text, path, what)
     if not records:
         raise _malformed(what, path, "it holds no run records")
+    for i, record in enumerate(records, start=1):
+        problem = _implausible(record)
+        if problem:
+            raise _malformed(what, path, f"record {i} ({record.settings.spec} on {record.settings.model}): {problem}")
     return records
+
+
+def _implausible(record: RunRecord) -> str | None:
+    """What no measurement writes: an unknown status, negative bytes, a finished run without rows."""
+    if record.status not in STATUSES:
+        return f"status {record.status!r} is not one of {', '.join(STATUSES)}"
+    for row in (*record.breakdown, *record.peak):
+        if row.bytes < 0:
+            return f"{row.category}/{row.component} has {row.bytes} bytes"
+    peaks = record.peaks
+    for name in ("allocated", "max_allocated", "max_reserved", "reserved_end", "allocated_end", "nvml"):
+        value = getattr(peaks, name)
+        if value is not None and value < 0:
+            return f"peaks.{name} is {value} bytes"
+    if record.status == "ok" and not record.breakdown:
+        return "status ok but no rows"
+    return None
 
 
 def _truncated(what: str, path: Path, detail: str) -> RunFileTruncated:

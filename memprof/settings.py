@@ -21,6 +21,7 @@ from memprof.errors import UsageError
 DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+INT64_MAX = 2**63 - 1
 
 CsvRole = Literal["id", "extra"]
 """``id``: a CSV id column (before the bytes); ``extra``: a setting column after them."""
@@ -37,6 +38,7 @@ class Declared:
     csv: CsvRole | None = None
     group: str = "run"  # which commands offer the flag: "run" (every measuring command), "capture"
     minimum: int | None = None
+    maximum: int | None = None
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
     metavar: str | None = None
@@ -91,7 +93,8 @@ class Settings:
                                       flag="--num-classes", config="num_classes", csv="extra", minimum=1)
     steps: int = setting(3, help="Instrumented training steps; the first is warm-up for timings.", flag="--steps",
                          config="steps", csv="id", minimum=1)
-    seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra")
+    seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra",
+                        minimum=-2**63, maximum=2**64 - 1)  # torch.manual_seed's range
     timeline: bool = setting(True, help="Keep a downsampled per-category timeline in the record.")
     snapshot: str | None = setting(None, help="CUDA only: write a torch memory snapshot (drag it onto "
                                    "pytorch.org/memory_viz); bounded history, Python-only stacks.",
@@ -146,8 +149,12 @@ def _problem(item: dataclasses.Field, value: Any) -> str | None:
         return f"{name} must be text, got {value!r}"
     if kind is bool and not isinstance(value, bool):
         return f"{name} must be true or false, got {value!r}"
+    if meta.minimum is not None and meta.maximum is not None and not meta.minimum <= value <= meta.maximum:
+        return f"{name} must be between {meta.minimum} and {meta.maximum}, got {value}"
     if meta.minimum is not None and value < meta.minimum:
         return f"{name} must be at least {meta.minimum}, got {value}"
+    if kind is int and value > INT64_MAX and meta.maximum is None:
+        return f"{name} must be at most {INT64_MAX} (torch sizes are 64-bit), got {value}"
     if meta.choices is not None and value not in meta.choices:
         return f"unknown {item.name} {value!r}; choose {', '.join(meta.choices)}"
     return meta.check(value) if meta.check else None
@@ -176,11 +183,30 @@ def from_text(cells: Mapping[str, str]) -> dict[str, Any]:
         if text is None or text == "":
             continue
         kind = _base_type(item)
-        try:
-            values[item.name] = int(float(text)) if kind is int else (text.lower() == "true") if kind is bool else text
-        except ValueError:
-            raise UsageError(f"{item.name} {text!r} is not a valid {kind.__name__}") from None
+        if kind is int:
+            values[item.name] = _integer(item.name, text)
+        elif kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise UsageError(f"{item.name} {text!r} is not true or false")
+            values[item.name] = text.lower() == "true"
+        else:
+            values[item.name] = text
     return values
+
+
+def _integer(name: str, text: str) -> int:
+    """An integer cell: ``12``, or ``12.0`` as a spreadsheet may write it."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer():
+        raise UsageError(f"{name} {text!r} is not a valid int")
+    return int(number)
 
 
 def request_fields(settings: Settings) -> dict[str, Any]:

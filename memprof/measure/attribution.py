@@ -147,7 +147,8 @@ def attribute(
     if device_peaks is not None or workspace:
         rows.append(Row("context", "library workspace", workspace, "allocator"))
     if device_peaks is not None and device_peaks.nvml is not None:
-        rows.append(Row("context", "driver (nvml-reserved)", device_peaks.nvml - device_peaks.reserved_end, "nvml"))
+        # NVML below reserved (a device-wide delta that missed memory) says nothing of the driver: 0, not negative.
+        rows.append(Row("context", "driver (nvml-reserved)", max(0, device_peaks.nvml - device_peaks.reserved_end), "nvml"))
     if estimated_driver is not None:
         rows.append(Row("context", "driver (gpu table)", estimated_driver, "gpu table"))
     unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")

@@ -1,10 +1,21 @@
 """One child process per CUDA measurement, so no optimizer's cached blocks, peak counters,
-cuBLAS workspace or OOM touch another's. A crashed child becomes a failed record."""
+cuBLAS workspace or OOM touch another's. A crashed child becomes a failed record.
+
+A child never outlives its parent: on Linux its first act is ``PR_SET_PDEATHSIG`` (the kernel
+kills it when the parent dies, even by SIGKILL), and a parent that stops waiting for any other
+reason (Ctrl-C, SIGTERM through the command line's handler, an exception) kills it first. Each
+child's temporary folder is ``memprof-child-<parent pid>-*`` in the system temporary folder; one
+whose parent no longer runs (it was killed before it could clean up) is removed by the next run.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,34 +23,73 @@ from dataclasses import asdict
 from pathlib import Path
 
 from memprof import runfile
+from memprof.files import pid_alive
 from memprof.record import RunRecord
 from memprof.settings import Settings
+
+TEMP_PREFIX = "memprof-child-"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def measure_in_child(settings: Settings) -> RunRecord:
     """Run ``memprof.measure.runner.measure`` in a fresh interpreter and read its record back."""
-    with tempfile.TemporaryDirectory(prefix="memprof-") as tmp:
+    remove_orphaned_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         settings_path, record_path = Path(tmp, "settings.json"), Path(tmp, "record.json")
         settings_path.write_text(json.dumps(asdict(settings)))
-        proc = subprocess.run(
-            [sys.executable, "-m", "memprof.measure.isolation", str(settings_path), str(record_path)],
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memprof.measure.isolation", str(settings_path), str(record_path), str(os.getpid())],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             # The child imports what the parent can (a user's optimizer class by dotted path).
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            if proc.poll() is None:  # the parent stopped waiting: the child goes too
+                proc.kill()
+                proc.wait()
         if proc.returncode == 0 and record_path.exists():
             return runfile.read(record_path, "child record")[0]
-        if proc.returncode == 2 and proc.stderr.strip():
+        if proc.returncode == 2 and stderr.strip():
             from memprof.errors import UsageError
 
-            raise UsageError(proc.stderr.strip().splitlines()[-1])
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
+            raise UsageError(stderr.strip().splitlines()[-1])
+        tail = "\n".join(stderr.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
         return RunRecord(settings=settings, environment={}, status="failed", failure=f"child crashed: {tail}")
 
 
-def _main(settings_path: str, record_path: str) -> int:
+def die_with_parent(parent: int) -> None:
+    """In the child: have the kernel send SIGKILL when ``parent`` dies (Linux), and exit at once
+    if it already has."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def remove_orphaned_folders() -> None:
+    """Remove this user's ``memprof-child-<pid>-*`` temporary folders whose process no longer runs."""
+    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(\d+)-.+")
+    root = Path(tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        try:
+            mine = entry.is_dir() and not entry.is_symlink() and entry.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if match and mine and not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _main(settings_path: str, record_path: str, parent: str) -> int:
+    die_with_parent(int(parent))
     from memprof.errors import UsageError
     from memprof.measure.runner import measure
 
@@ -54,4 +104,4 @@ def _main(settings_path: str, record_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(*sys.argv[1:3]))
+    sys.exit(_main(*sys.argv[1:4]))

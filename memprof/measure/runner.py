@@ -9,11 +9,13 @@ saved activations, inputs) are told to the capture, and one replay attributes ev
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
 import torch
 
+from memprof.errors import UsageError
 from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
@@ -78,6 +80,7 @@ def measure(settings: Settings) -> RunRecord:
                 capture.phase_ms["forward"].append(_elapsed_ms(start, tracker))
                 start = time.perf_counter()
                 loss.backward()
+                _note_non_finite(record, loss, step)
                 del loss
                 capture.mark("step", step)
                 capture.phase_ms["backward"].append(_elapsed_ms(start, tracker))
@@ -90,7 +93,9 @@ def measure(settings: Settings) -> RunRecord:
                 record.telemetry.append(protocol.telemetry(optimizer, names))
         except torch.OutOfMemoryError:
             record.status, record.failure = "oom", f"OOM in {phase} (step {step})"
-        except Exception as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
+        except UsageError:  # the settings cannot train this model (memprof.models' checks)
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
             record.status, record.failure = "failed", f"failed in {phase} (step {step}): {_first_line(exc)}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
@@ -183,6 +188,17 @@ def _gpu(settings: Settings):
     from memprof.measure.gpus import GPUS
 
     return GPUS[settings.target_gpu or "h100"]
+
+
+def _note_non_finite(record: RunRecord, loss: torch.Tensor, step: int) -> None:
+    """Note the first step whose loss is NaN or infinite (a fake tensor has no value to read)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(loss) or any(note.startswith("loss became") for note in record.notes):
+        return
+    value = loss.item()  # a host copy: nothing allocated on the device
+    if not math.isfinite(value):
+        record.notes.append(f"loss became {value} at step {step}")
 
 
 def _first_line(exc: BaseException) -> str:

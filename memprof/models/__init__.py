@@ -46,7 +46,26 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
         name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,
         batch_size=options.batch_size, batch={k: [list(v.shape), str(v.dtype)] for k, v in built.batch.items()},
     )
+    _refuse_one_value_per_channel(built.model, name)
     return built
+
+
+def _refuse_one_value_per_channel(model: torch.nn.Module, name: str) -> None:
+    """A training BatchNorm layer that would see one value per channel (batch size 1 on a
+    classifier head) stops the run with a usage error at its first forward, instead of torch's
+    ValueError inside the measurement."""
+    import torch
+    from torch import nn
+
+    def check(module: nn.Module, args: tuple, layer: str) -> None:
+        x = args[0] if args else None
+        if module.training and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+            raise UsageError(f"{name}: BatchNorm layer {layer} needs more than one value per channel in training "
+                             f"and a batch of {x.shape[0]} gives it one; use --batch-size 2 or more")
+
+    for layer, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(lambda m, args, layer=layer: check(m, args, layer))
 
 
 def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:

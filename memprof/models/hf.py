@@ -65,14 +65,36 @@ def build_from_config_file(path: Path, options: ModelOptions, device: torch.devi
 
     The head comes from the config's ``architectures`` when one of them is a causal-LM, seq2seq-LM,
     masked-LM or sequence-classification class; without it, encoder-decoder configs get a seq2seq
-    LM, model types with a masked-LM head get that, and the rest a causal LM. ``seq_len`` is not
-    checked against the config's position limit here; the model itself raises at forward.
+    LM, model types with a masked-LM head get that, and the rest a causal LM. A ``seq_len`` longer
+    than the model's learned absolute positions (``learned_positions``) is a usage error.
     """
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
-    return _build(str(path), "hf-config", config, _task_of(config, path), options, device)
+    built = _build(str(path), "hf-config", config, _task_of(config, path), options, device)
+    limit = learned_positions(built.model)
+    if limit is not None and options.seq_len > limit:
+        raise UsageError(f"--seq-len {options.seq_len} is longer than {path} allows: its model has learned "
+                         f"positions for {limit} tokens; use --seq-len {limit} or less")
+    return built
+
+
+POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+"""Names transformers gives learned absolute position tables (GPT-2/GPT-Neo, BERT family, OPT/BART)."""
+
+
+def learned_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence a model's learned absolute position tables hold (None: no such table;
+    rotary and relative positions have no limit). Rows before the first position (a padding index,
+    OPT's and BART's offset of 2) do not count."""
+    if getattr(model.config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    limits = [module.num_embeddings - getattr(module, "offset", 0)
+              - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+              for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES]
+    return min(limits, default=None)
 
 
 def _task_of(config: transformers.PretrainedConfig, path: Path) -> str:

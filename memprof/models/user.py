@@ -1,7 +1,8 @@
 """A model from the user's own file: ``path/to/file.py:function``.
 
 The file is imported by path and ``function`` is called inside ``with torch.device(device)``,
-with the ``ModelOptions`` if it takes a positional parameter, else with no argument. It returns:
+with the ``ModelOptions`` if it takes a positional parameter, else with no argument; a failure in
+either (an exception, ``sys.exit``) is one usage-error line naming the file and the error. It returns:
 
 * ``(module, batch, loss_fn)``: ``loss_fn(model, batch)`` gives the scalar training loss;
 * ``(module, batch)``: the default loss below;
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memprof.errors import UsageError, closest
+from memprof.errors import UsageError, closest, user_code
 from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, place
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -50,12 +51,13 @@ def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise UsageError(f"No such file: {path} (from model {spec!r})")
-    module = _import_file(path)
-    function = getattr(module, function_name, None)
+    with user_code(f"model file {path}"):
+        module = _import_file(path)
+        function = getattr(module, function_name, None)
     if not callable(function):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise UsageError(f"{path} has no function {function_name!r}; did you mean {closest(function_name, names)}?")
-    with torch.device(device):
+    with user_code(f"model {spec}"), torch.device(device):
         result = function(options) if _takes_positional(function) else function()
     model, batch, loss_fn = _unpack(result, spec)
     place(model, device, options.torch_dtype).train()
@@ -96,7 +98,11 @@ def _import_file(path: Path) -> Any:
         raise UsageError(f"Cannot import {path} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up here
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 

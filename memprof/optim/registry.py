@@ -17,7 +17,7 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from memprof.errors import UsageError, closest
+from memprof.errors import UsageError, closest, user_code
 from memprof.optim.entry import OptimizerEntry
 from memprof.optim.library import LIBRARY
 from memprof.optim.papers import PAPERS
@@ -82,13 +82,21 @@ def _entry_for_dotted_path(path: str) -> OptimizerEntry:
     import torch
 
     module_name, _, attr = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise UsageError(
-            f"unknown optimizer {path!r}: not a registry name and not importable; "
-            f"registry names: {', '.join(sorted(registry()))}"
-        ) from None
+    unknown = UsageError(f"unknown optimizer {path!r}: not a registry name and not importable; "
+                         f"registry names: {', '.join(sorted(registry()))}")
+    if not all(part.isidentifier() for part in path.split(".")):
+        raise unknown
+    # The module is the user's code: a failure while importing it is one line naming it.
+    with user_code(f"optimizer {path} (importing {module_name})"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+                raise  # the module exists; something it imports does not
+            raise unknown from None
+        obj = getattr(module, attr, None)
+    if obj is None:
+        raise unknown
     if not (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)):
         raise UsageError(f"{path!r} is not a torch.optim.Optimizer subclass")
     return OptimizerEntry(
@@ -115,15 +123,25 @@ def parse_spec(text: str) -> OptimizerSpec:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"optimizer {name}: expected key=value, got {pair!r}")
+        if key.strip() in kwargs:
+            raise UsageError(f"optimizer {name}: {key.strip()} is given twice in {text!r}; give each key once")
         kwargs[key.strip()] = _parse_value(value)
     _check_keys(entry, kwargs)
     return OptimizerSpec(text=text, entry=entry, kwargs=kwargs, inferred_roles=inferred)
 
 
 def parse_specs(text: str) -> list[OptimizerSpec]:
+    """Every spec of a comma-separated list, parsed; the same optimizer twice is a usage error."""
     specs = [parse_spec(item) for item in split_specs(text)]
     if not specs:
         raise UsageError("no optimizer given; try --opt adam (see `memprof optimizers`)")
+    seen: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.name, repr(sorted(spec.kwargs.items())))
+        if key in seen:
+            same = "twice" if seen[key] == spec.text else f"twice ({seen[key]!r} and {spec.text!r})"
+            raise UsageError(f"--opt names {spec.text!r} {same}; give each optimizer once")
+        seen[key] = spec.text
     return specs
 
 
@@ -143,7 +161,8 @@ def _check_keys(entry: OptimizerEntry, kwargs: Mapping[str, Any]) -> None:
 
 
 def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module", *, analytic: bool = False) -> "torch.optim.Optimizer":
-    """Attach the optimizer a spec names to ``model``. Bad values raise ``UsageError``.
+    """Attach the optimizer a spec names to ``model``. Bad values, and any failure of the class
+    (an exception, ``sys.exit``), raise ``UsageError``.
 
     ``analytic``: build the entry's analytic layout instead (an estimate of a CUDA-only optimizer).
     """
@@ -158,7 +177,8 @@ def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module", *, analytic: 
         "named_parameters": lambda: [(n, p) for n, p in model.named_parameters() if p.requires_grad],
         "model": lambda: model,
     }[spec.entry.params]()
-    try:
-        return factory(first, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"optimizer {spec.name}: {exc}") from None
+    with user_code(f"optimizer {spec.name}"):  # a dotted path's class is the user's code
+        try:
+            return factory(first, **kwargs)
+        except (ValueError, TypeError) as exc:  # a hyperparameter the class refuses
+            raise UsageError(f"optimizer {spec.name}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc

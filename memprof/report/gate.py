@@ -16,6 +16,7 @@ Gated by default: on CPU the exact rows ``weights``, ``buffers``, ``gradients``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -70,16 +71,28 @@ class Tolerance:
 
     @classmethod
     def parse(cls, text: str) -> "Tolerance":
+        """``2%`` or a size with its unit (``20KiB``, ``0B``); a bare number is ambiguous and refused."""
         value = text.strip()
         if value.endswith("%"):
             try:
-                fraction = float(value[:-1]) / 100
+                percent = float(value[:-1])
             except ValueError:
                 raise UsageError(f"cannot read tolerance {text!r}; write e.g. 2%, 0% or 1MiB") from None
-            if fraction < 0:
-                raise UsageError(f"tolerance {text!r} is negative")
-            return cls(value, fraction=fraction)
-        return cls(value, nbytes=parse_size(value))
+            if not math.isfinite(percent):
+                raise UsageError(f"tolerance {text!r} is not a finite percentage; write e.g. 2% or 0%")
+            if percent < 0:
+                raise UsageError(f"tolerance {text!r} is negative; write e.g. 2% or 0%")
+            return cls(value, fraction=percent / 100)
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:
+            raise UsageError(f"tolerance {text!r} has no unit: write a percentage (2%) or a size (20KiB)")
+        try:
+            return cls(value, nbytes=parse_size(value))
+        except UsageError as exc:
+            raise UsageError(f"tolerance {text!r}: {exc}") from None
 
     def allowed(self, old: int) -> float:
         return max(self.fraction * old, self.nbytes)
@@ -91,10 +104,14 @@ def parse_tolerances(items: Sequence[str]) -> tuple[Tolerance | None, dict[str, 
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
+            if default is not None:
+                raise UsageError(f"--tolerance {default.text} and --tolerance {item.strip()}: give one default")
             default = Tolerance.parse(item)
             continue
         name = name.strip()
         check_category(name)
+        if name in per_category:
+            raise UsageError(f"--tolerance {name}= is given twice; give each category one tolerance")
         per_category[name] = Tolerance.parse(value)
     return default, per_category
 
@@ -229,6 +246,8 @@ def check(
     default, per_category = parse_tolerances(tolerances)
     for name in categories or ():
         check_category(name)
+    if not baseline:
+        raise UsageError("the baseline has no runs: nothing to check against")
     deltas: list[Delta] = []
     gated_by_device: dict[str, tuple[str, ...]] = {}
     by_key = {_key(r): r for r in current}
@@ -261,6 +280,10 @@ def check(
             else:
                 verdict = "within"
             deltas.append(Delta(model, spec, category, component, before, after, tolerance.text, verdict))
+    if not deltas:
+        gated_text = "; ".join(f"{device}: {', '.join(cats)}" for device, cats in gated_by_device.items())
+        raise UsageError(f"nothing to check: the baseline has no rows in the gated categories ({gated_text}); "
+                         "choose others with --category")
     return GateResult(deltas, gated_by_device)
 
 
@@ -297,6 +320,8 @@ def parse_budgets(budgets: Mapping[str, Any]) -> dict[str, int]:
         if key not in BUDGET_KEYS:
             raise UsageError(f"unknown memprof budget {key!r}; use max_<category> with a category from "
                              f"{', '.join((*CATEGORIES, PEAK))}")
+        if isinstance(value, bool) or isinstance(value, int) and value < 0:
+            raise UsageError(f"memprof budget {key}={value!r} must be a size (20MiB) or bytes, not negative")
         out[BUDGET_KEYS[key]] = value if isinstance(value, int) else parse_size(str(value))
     return out
 

@@ -64,9 +64,13 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
             _delta(state, base.total("optimizer_state"), unit) if base_ok and record is not base else "",
             _delta(peak, base.peaks.allocated, unit) if base_ok and record is not base else "",
         )
-    notes = [r for r in records if r.gradient_component != "grad"]
+    notes = [f"{r.settings.spec}: {note}" for r in records for note in r.notes]
+    grads = [r for r in records if r.gradient_component != "grad"]
+    if grads:
+        notes.append("* " + "; ".join(f"{r.settings.spec}: gradient buffer holds {r.gradient_component}" for r in grads))
     if notes:
-        table.caption = "* " + "; ".join(f"{r.settings.spec}: gradient buffer holds {r.gradient_component}" for r in notes)
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
     return table
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from memprof.errors import UsageError
 
 UNITS: dict[str, int] = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -20,7 +22,7 @@ def fmt(nbytes: int | float | None, unit: str = "MiB", digits: int = 1) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'20MiB' -> 20971520; '1.5 GB' -> 1500000000; '512' -> 512 bytes."""
+    """'20MiB' -> 20971520; '1.5 GB' -> 1500000000; '512' -> 512 bytes. A size is finite and not negative."""
     stripped = text.strip().replace(" ", "")
     for unit in sorted(UNITS, key=len, reverse=True):
         if stripped.endswith(unit):
@@ -29,6 +31,9 @@ def parse_size(text: str) -> int:
     else:
         unit, number = "B", stripped
     try:
-        return int(float(number) * UNITS[unit])
+        value = float(number) * UNITS[unit]
     except ValueError:
         raise UsageError(f"cannot read size {text!r}; write e.g. 20MiB, 1.5GB or 4096") from None
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"size {text!r} must be finite and not negative; write e.g. 20MiB, 1.5GB or 4096")
+    return int(value)
