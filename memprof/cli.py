@@ -133,7 +133,8 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
                       reference: str | None = None) -> list:
     """Measure what the command line (and the config file, if any) asks for, printing a table per request."""
     from memprof import api
-    from memprof.report.table import compare_table
+    from memprof.distributed.launch import reporting
+    from memprof.report.ranks import results_table
 
     records = []
     for request in api.requests(settings, config=config, explicit=_explicit(ctx, list(settings))):
@@ -142,7 +143,8 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
         batch = _measure(request)
         if reference is not None and not any(reference in (r.settings.spec, r.settings.optimizer) for r in batch):
             raise UsageError(f"--reference {reference!r} is not one of the measured optimizers")
-        out.print(compare_table(batch, unit=unit, baseline=reference))
+        if reporting():  # under a user's torchrun: rank 0 prints every rank's rows
+            out.print(results_table(batch, unit=unit, baseline=reference))
         records.extend(batch)
     return records
 
@@ -188,7 +190,7 @@ def _raise_if_failed(records) -> None:
 
 # -- commands ----------------------------------------------------------------------------------------------
 @app.command()
-@run_options("run", "capture")
+@run_options("run", "capture", "distributed")
 def compare(
     ctx: typer.Context,
     settings: dict,
@@ -205,9 +207,12 @@ def compare(
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
+    from memprof.distributed.launch import reporting
+
     _check_outputs(unit, plot)
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
-    _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
+    if reporting():
+        _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
 
 
@@ -304,9 +309,10 @@ def report(
         raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
     records = [record for path in runs for record in runfile.read(path)]
     if format is ReportFormat.table:
-        from memprof.report.table import compare_table, print_tables, profile_tables
+        from memprof.report.ranks import results_table
+        from memprof.report.table import print_tables, profile_tables
 
-        tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [compare_table(records, unit=unit)]
+        tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)]
         print_tables(tables, out)
     else:
         text = {
@@ -324,7 +330,8 @@ def report(
 
 
 @app.command()
-@run_options("run", spec={"default": "adam,adafactor", "help": "Comma-separated optimizer specs, as for compare."})
+@run_options("run", "distributed",
+             spec={"default": "adam,adafactor", "help": "Comma-separated optimizer specs, as for compare."})
 def baseline(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="The baseline file: .csv (tidy rows) or .json (full records).", show_default=False)],
