@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
 
@@ -119,7 +120,7 @@ def _measure(request, estimate: bool = False) -> list:
 
     def on_result(record) -> None:
         status = "ok" if record.status == "ok" else record.failure
-        progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
+        progress.console.print(f"[dim]{escape(f'{record.settings.spec}: {status}')}[/dim]", highlight=False)
 
     try:
         run = api.estimate if estimate else api.measure
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is None or os.environ.get("MEMPROF_DEBUG"):
             raise
         if str(exc):
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return code
     return 0
 

@@ -107,19 +107,26 @@ class FSDP2(_Distributed):
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
         import torch
 
-        if spec.entry.params == "model":
-            raise NotSupported(f"fsdp2: {spec.name} is built from the model itself (hooks on its layers); under "
-                               "FSDP2 the layers hold the gathered parameters only between all-gather and reshard")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        from memprof.optim import protocol
+        from memprof.optim.registry import build_optimizer
+
         with torch.no_grad():  # views of FSDP's sharded storage: the optimizer's updates are the parameters'
-            shards = [(n, p, torch.nn.Parameter(p.to_local().detach())) for n, p in named]
-        first = [(n, s) for n, _, s in shards] if spec.entry.params == "named_parameters" else [s for _, _, s in shards]
-        kwargs = {**spec.entry.defaults, **spec.kwargs}
+            shards = {p: torch.nn.Parameter(p.to_local().detach()) for p in model.parameters() if p.requires_grad}
+        # Built on the model with its parameters swapped for their shards, so that an optimizer that
+        # groups parameters by module or name (GaLore, Muon's split, Adam-mini) groups the shards.
+        swapped = [(m, n, p) for m in model.modules() for n, p in m._parameters.items() if p in shards]
         try:
-            inner = spec.entry.load()(first, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"optimizer {spec.name}: {exc}") from None
-        return LocalShards(inner, [(p, s) for _, p, s in shards])
+            for module, name, param in swapped:
+                module._parameters[name] = shards[param]
+            inner = build_optimizer(spec, model)
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+        if isinstance(inner, protocol.HoldsHooks):
+            inner.remove_hooks()
+            raise NotSupported(f"fsdp2: {spec.name} hooks the model's layers, which compute with the gathered "
+                               "parameters, while the optimizer steps this rank's shards")
+        return LocalShards(inner, list(shards.items()))
 
     def notes(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer") -> list[str]:
         split = sum(1 for p in model.parameters() if tuple(p.to_local().shape) != tuple(p.shape))

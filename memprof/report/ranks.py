@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from memprof.record import RunRecord
@@ -74,7 +75,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
         for record in ranks:
             label = spec + (" (roles inferred)" if record.inferred_roles else "")
             if record.status != "ok":
-                table.add_row(label, str(record.settings.rank), f"[red]{record.failure}[/red]",
+                table.add_row(label, str(record.settings.rank), f"[red]{escape(record.failure or record.status)}[/red]",
                               *([""] * (len(columns) - 3)))
                 continue
             f, other = _figures(record), base.get(record.settings.rank)
