@@ -106,11 +106,13 @@ def measure(
     on_result: Callable[[RunRecord], None] | None = None,
     **settings: Any,
 ) -> list[RunRecord]:
-    """Measure each optimizer on ``model``; one run record per optimizer, in order.
+    """Measure each optimizer on ``model``; one run record per optimizer (per rank), in order.
 
     ``settings`` are ``Settings`` fields (``device="cpu"``, ``batch_size=4``…). On CUDA each
     optimizer runs in its own child process (``isolate`` defaults to True there). An optimizer
     that runs out of memory or crashes yields a record with ``status`` "oom" or "failed".
+    With ``parallel`` (and ``nproc``) each optimizer runs on that many ranks
+    (``memprof.distributed.launch``), one record per rank.
     """
     _expect("model", model, str, "a model name or path (text)")
     _expect("isolate", isolate, (bool, type(None)), "True, False or None")
@@ -127,6 +129,11 @@ def measure(
     if base.snapshot is not None and not device.startswith("cuda"):
         raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
                          "use --device cuda on a GPU machine, or drop --snapshot")
+    from memprof.distributed import launch
+
+    distributed = launch.requested(base)
+    if distributed:
+        base = launch.check(base.replace(device=device))
     command = command_line()
     records = []
     for text in texts:
@@ -137,22 +144,25 @@ def measure(
                            snapshot=_snapshot_path(base.snapshot, text, len(texts)))
         if on_start:
             on_start(run)
-        if base.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
-            record = RunRecord(settings=run, environment={}, status="failed",
+        if distributed:
+            batch = launch.measure(run)  # one record per rank
+        elif base.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
+            batch = [RunRecord(settings=run, environment={}, status="failed",
                                failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
-                                       "kernels, which have no fake-tensor implementation")
+                                       "kernels, which have no fake-tensor implementation")]
         elif isolate:
             from memprof.measure.isolation import measure_in_child
 
-            record = measure_in_child(run)
+            batch = [measure_in_child(run)]
         else:
             from memprof.measure.runner import measure as measure_here
 
-            record = measure_here(run)
-        record.environment["command"] = command
-        records.append(record)
-        if on_result:
-            on_result(record)
+            batch = [measure_here(run)]
+        for record in batch:
+            record.environment["command"] = command
+            records.append(record)
+            if on_result:
+                on_result(record)
     return records
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
 
@@ -123,7 +124,7 @@ def _measure(request, estimate: bool = False) -> list:
 
     def on_result(record) -> None:
         status = "ok" if record.status == "ok" else record.failure
-        progress.console.print(f"[dim]{record.settings.spec}: {status}[/dim]", highlight=False)
+        progress.console.print(f"[dim]{escape(f'{record.settings.spec}: {status}')}[/dim]", highlight=False)
 
     try:
         run = api.estimate if estimate else api.measure
@@ -154,7 +155,8 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
                       reference: str | None = None) -> list:
     """Measure what the command line (and the config file, if any) asks for, printing a table per request."""
     from memprof import api
-    from memprof.report.table import compare_table
+    from memprof.distributed.launch import reporting
+    from memprof.report.ranks import results_table
 
     todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
     if reference is not None:
@@ -164,7 +166,8 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
         if request.description:
             err.print(request.description, style="bold", markup=False, highlight=False)
         batch = _measure(request)
-        out.print(compare_table(batch, unit=unit, baseline=reference))
+        if reporting():  # under a user's torchrun: rank 0 prints every rank's rows
+            out.print(results_table(batch, unit=unit, baseline=reference))
         records.extend(batch)
     return records
 
@@ -225,7 +228,7 @@ def _raise_if_failed(records) -> None:
 
 # -- commands ----------------------------------------------------------------------------------------------
 @app.command()
-@run_options("run", "capture")
+@run_options("run", "capture", "distributed")
 def compare(
     ctx: typer.Context,
     settings: dict,
@@ -242,9 +245,12 @@ def compare(
 
     Example: memprof compare --model gpt2 --opt smmf,adam --csv gpt2.csv --latex gpt2.tex --plot gpt2.pdf
     """
+    from memprof.distributed.launch import reporting
+
     _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
-    _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
+    if reporting():
+        _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
 
 
@@ -356,9 +362,10 @@ def report(
         raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
     records = [record for path in runs for record in runfile.read(path)]
     if format is ReportFormat.table:
-        from memprof.report.table import compare_table, print_tables, profile_tables
+        from memprof.report.ranks import results_table
+        from memprof.report.table import print_tables, profile_tables
 
-        tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [compare_table(records, unit=unit)]
+        tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)]
         print_tables(tables, out)
     else:
         text = {
@@ -376,7 +383,8 @@ def report(
 
 
 @app.command()
-@run_options("run", spec={"default": "adam,adafactor", "help": "Comma-separated optimizer specs, as for compare."})
+@run_options("run", "distributed",
+             spec={"default": "adam,adafactor", "help": "Comma-separated optimizer specs, as for compare."})
 def baseline(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="The baseline file: .csv (tidy rows) or .json (full records).", show_default=False)],

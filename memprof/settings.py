@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 INT64_MAX = 2**63 - 1
+PARALLEL = ("none", "ddp", "fsdp2", "zero1", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
 
 CsvRole = Literal["id", "extra"]
 """``id``: a CSV id column (before the bytes); ``extra``: a setting column after them."""
@@ -36,7 +37,8 @@ class Declared:
     short: str | None = None
     config: str | None = None  # the key in a TOML run configuration
     csv: CsvRole | None = None
-    group: str = "run"  # which commands offer the flag: "run" (every measuring command), "capture"
+    group: str = "run"  # which commands offer the flag: "run" (every measuring command), "capture",
+    # "estimate", "distributed"; "record": set by the measurement itself, never asked for
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[str, ...] | None = None
@@ -106,12 +108,24 @@ class Settings:
                               check=_gpu)
     memory: str | None = setting(None, help="Memory budget to fit in (24GiB, 80GB); default: the --gpu's capacity.",
                                  flag="--memory", csv="extra", group="estimate", check=_size)
+    nproc: int = setting(1, help="Ranks (the world size): launched on this machine with torch.distributed.run, "
+                         "gloo on CPU, NCCL on CUDA (one GPU per rank); under your own torchrun, its WORLD_SIZE.",
+                         flag="--nproc", config="nproc", csv="extra", group="distributed", minimum=1)
+    parallel: str = setting("none", help="How the ranks share the model: ddp, fsdp2 (fully_shard), zero1 "
+                            "(DDP + ZeroRedundancyOptimizer), deepspeed-zero1/2/3 (needs deepspeed).",
+                            flag="--parallel", config="parallel", csv="extra", group="distributed", choices=PARALLEL)
+    rank: int = setting(0, help="The rank this record measured (0 in a single process).", csv="extra",
+                        group="record", minimum=0)
 
     def __post_init__(self) -> None:
         for item in declared_fields():
             problem = _problem(item, getattr(self, item.name))
             if problem:
                 raise UsageError(problem)
+        if self.nproc > 1 and self.parallel == "none":
+            raise UsageError(f"--nproc {self.nproc} needs --parallel: choose {', '.join(PARALLEL[1:])}")
+        if self.rank >= self.nproc:
+            raise UsageError(f"rank {self.rank} is outside --nproc {self.nproc}")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -213,13 +227,15 @@ def request_fields(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of ``memprof.api.measure`` that would measure ``settings`` again
     (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
     return {f.name: getattr(settings, f.name) for f in declared_fields()
-            if f.name not in ("model", "optimizer", "spec") and _meta(f).group != "capture"}
+            if f.name not in ("model", "optimizer", "spec") and _meta(f).group not in ("capture", "record")}
 
 
 def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:
     """The ``memprof compare`` (or ``estimate``) line that measures ``specs`` with ``settings`` again."""
     parts = ["memprof estimate" if settings.estimate else "memprof compare"]
-    for item in [*declared_fields("run"), *(declared_fields("estimate") if settings.estimate else [])]:
+    optional = [*(declared_fields("estimate") if settings.estimate else []),
+                *(declared_fields("distributed") if settings.parallel != "none" else [])]
+    for item in [*declared_fields("run"), *optional]:
         meta = _meta(item)
         value = ",".join(specs) if item.name == "spec" else getattr(settings, item.name)
         if value is None or value is False:
@@ -229,9 +245,11 @@ def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:
 
 
 def group_by_request(settings: Iterable[Settings]) -> list[tuple[Settings, list[str]]]:
-    """Settings that differ only in the optimizer, grouped: (the first's settings, the specs)."""
+    """Settings that differ only in the optimizer (or the rank), grouped: (the first's settings, the specs)."""
     groups: dict[tuple, tuple[Settings, list[str]]] = {}
     for s in settings:
         key = (s.model, *request_fields(s).items())
-        groups.setdefault(key, (s, []))[1].append(s.spec)
+        specs = groups.setdefault(key, (s, []))[1]
+        if s.spec not in specs:
+            specs.append(s.spec)
     return list(groups.values())

@@ -27,9 +27,24 @@ CATEGORIES: tuple[str, ...] = (
 )
 """Every measured byte lands in exactly one of these (DESIGN.md's taxonomy), in display order."""
 
-IDENTITY_PRECEDENCE: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs", "activations")
+IDENTITY_PRECEDENCE: tuple[str, ...] = (
+    "weights", "buffers", "gradients", "optimizer_state", "inputs", "temporaries", "activations",
+)
 """Categories known by identity (a tensor the run can name), in precedence order: an allocation
-tagged twice (a parameter saved for backward) takes the first."""
+tagged twice (a parameter saved for backward) takes the first. ``temporaries`` known by identity
+are the buffers of collectives (``COLLECTIVE_COMPONENTS``): FSDP's unsharded parameters are saved
+for backward, yet freed after the forward and gathered again, so they are no activation."""
+
+COLLECTIVE_COMPONENTS: dict[tuple[str, str], str] = {
+    ("temporaries", "all-gather"): "FSDP's flat all-gather output: every rank's shards of a block, before copy-out",
+    ("temporaries", "unsharded params"): "the full parameters FSDP gathers a block's shards into, live until the "
+                                         "block is resharded (after its forward; again in backward)",
+    ("temporaries", "reduce-scatter"): "FSDP's flat reduce-scatter input: the block's unsharded gradients, padded",
+    ("gradients", "all-reduce bucket"): "what an all-reduce sums: DDP's flat gradient buckets, kept from step to "
+                                        "step beside p.grad",
+}
+"""Components that only distributed runs have (``memprof.measure.attribution.CollectiveBuffers`` tags
+them); their rows give the most bytes live at once during the last step."""
 
 PERSISTENT: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs")
 """Counted exactly from tensors (unique storage bytes): identical on every device, gated at 0 %."""

@@ -15,9 +15,20 @@ import statistics
 from collections import defaultdict
 
 import torch
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass_type,
+)
+from torch.utils._pytree import tree_flatten
 
 from memprof.measure.events import Allocation, PhaseMark, Replay, Tag, replay
-from memprof.measure.state import StateTensor, storage_key, unique_bytes
+from memprof.measure.state import (
+    StateTensor,
+    local,
+    storage_key,
+    storage_tensors,
+    unique_bytes,
+)
 from memprof.measure.trackers import CpuTracker, CudaTracker
 from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
 from memprof.taxonomy import IDENTITY_PRECEDENCE, PHASES, category_of_untagged
@@ -34,6 +45,7 @@ class Capture:
         self.marks: list[PhaseMark] = []
         self.allocated_at_marks: list[int] = []
         self.phase_ms: dict[str, list[float]] = defaultdict(list)
+        self.collective_components: set[tuple[str, str]] = set()
 
     def mark(self, phase: str, step: int) -> None:
         self.tracker.sync()
@@ -55,8 +67,8 @@ class Capture:
 
     def _tag(self, tensors, category: str, component: str) -> None:
         now = self.tracker.now()
-        for tensor in tensors:
-            if tensor is None or tensor.layout != torch.strided:
+        for tensor in (t for outer in tensors if outer is not None for t in storage_tensors(outer)):
+            if tensor.layout != torch.strided:
                 continue
             storage = tensor.untyped_storage()
             self.tags.append(Tag(now, self.tracker.key(storage), category, component, storage.nbytes()))
@@ -71,6 +83,55 @@ class Capture:
             return tensor
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+    def collectives(self) -> "CollectiveBuffers":
+        """A dispatch mode that tags the buffers of torch.distributed's collectives, for a distributed run
+        (where a storage the tracker first meets through a view was made by the backend: new then)."""
+        if isinstance(self.tracker, CpuTracker):
+            self.tracker.unseen_are_new = True
+        return CollectiveBuffers(self)
+
+    def collective_buffer(self, tensors, category: str, component: str) -> None:
+        self.collective_components.add((category, component))
+        self._tag(tensors, category, component)
+
+
+def _collective_buffers() -> dict:
+    """op → (argument index or name, category, component): the buffers a collective's caller made for it
+    (the components are described in ``memprof.taxonomy.COLLECTIVE_COMPONENTS``). A reduce-scatter's
+    output is the gradient shard, tagged as gradients."""
+    c10d, fsdp = torch.ops.c10d, getattr(torch.ops, "fsdp")
+    table = {
+        c10d._allgather_base_.default: (0, "temporaries", "all-gather"),
+        c10d.allgather_into_tensor_coalesced_.default: (0, "temporaries", "all-gather"),
+        c10d._reduce_scatter_base_.default: (1, "temporaries", "reduce-scatter"),
+        c10d.reduce_scatter_tensor_coalesced_.default: (1, "temporaries", "reduce-scatter"),
+        c10d.allreduce_.default: (0, "gradients", "all-reduce bucket"),
+    }
+    if hasattr(fsdp, "split_with_sizes_copy"):
+        table[fsdp.split_with_sizes_copy.default] = ("out", "temporaries", "unsharded params")
+    return table
+
+
+class CollectiveBuffers(TorchDispatchMode):
+    """Tags the buffers of collectives as they run; ops on tensor subclasses (DTensor) are left to the
+    subclass, whose collectives on plain tensors come back here."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__()
+        self.capture = capture
+        self.table = _collective_buffers()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(t) for t in types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self.table:
+            where, category, component = self.table[func]
+            buffers = kwargs.get(where) if isinstance(where, str) else args[where]
+            self.capture.collective_buffer(tree_flatten(buffers)[0], category, component)
+        return out
 
 
 def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark]) -> None:
@@ -123,7 +184,7 @@ def attribute(
     result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0)
     params = list(names)
     rows: list[Row] = []
-    param_storages = {storage_key(p) for p in params}
+    param_storages = {storage_key(t) for p in params for t in storage_tensors(p)}
     rows.append(Row("weights", "param", unique_bytes(params)))
     rows.append(Row("buffers", "buffer", unique_bytes([b for b in buffers if storage_key(b) not in param_storages])))
     rows.append(Row("gradients", record.gradient_component, unique_bytes(gradients)))
@@ -139,6 +200,9 @@ def attribute(
         info = last.get(phase)
         peak_temp = max((v for (c, comp), v in info["peak_by_component"].items() if c == "temporaries" and comp == phase), default=0) if info else 0
         rows.append(Row("temporaries", phase, peak_temp, "allocator"))
+    for category, component in sorted(capture.collective_components):
+        most = max((info["peak_by_component"].get((category, component), 0) for info in last.values()), default=0)
+        rows.append(Row(category, component, most, "allocator"))
     step_info = last.get("step")
     rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
     if device_peaks is not None:
@@ -177,7 +241,7 @@ def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -
     for item in state:
         per_param[item.param_name].append(item)
     factored = any(item.role == "factor" for item in state)
-    shapes = {name: p for p, name in names.items()}
+    shapes = {name: local(p) for p, name in names.items()}  # a sharded parameter: this rank's shard
     table = []
     for name, items in per_param.items():
         param = shapes.get(name)

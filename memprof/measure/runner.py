@@ -3,7 +3,8 @@
 The same code path serves CPU and CUDA; only the tracker differs. Phases are marked on the
 tracker's clock after a device synchronize, identities (parameters, gradients, optimizer state,
 saved activations, inputs) are told to the capture, and one replay attributes every byte
-(``memprof.measure.attribution``).
+(``memprof.measure.attribution``). One rank of a distributed run is the same path: a
+``memprof.distributed.strategy.Strategy`` wraps the model and builds the optimizer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from memprof.distributed.strategy import Strategy
 from memprof.errors import UsageError
 from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
@@ -28,9 +30,12 @@ from memprof.settings import Settings
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def measure(settings: Settings) -> RunRecord:
-    """Measure one optimizer on one model in this process (on fake tensors when ``settings.estimate``)."""
+def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
+    """Measure one optimizer on one model in this process (on fake tensors when ``settings.estimate``);
+    ``strategy``: how this rank shares the model with the others (default: it does not)."""
     from memprof.models import build_model
+
+    strategy = strategy or Strategy()
 
     device = torch.device(settings.device)
     spec = parse_spec(settings.spec)
@@ -40,15 +45,16 @@ def measure(settings: Settings) -> RunRecord:
     capture = Capture(tracker)
     record = RunRecord(settings=settings, environment={})
     torch.manual_seed(settings.seed)
-    with _fake_mode(settings), tracker:
+    with _fake_mode(settings), tracker, strategy.watch(capture):
         capture.mark("warmup", 0)
         _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate)
-        model, batch = built.model, built.batch
+        model, batch = strategy.prepare(built.model), built.batch
         analytic = settings.estimate and spec.entry.requires == "cuda"
-        optimizer = build_optimizer(spec, model, analytic=analytic)
+        optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
+        local = strategy.local_optimizer(optimizer)
         names = {p: n for n, p in model.named_parameters()}
         params = list(names)
         buffers = list(model.buffers())
@@ -89,8 +95,8 @@ def measure(settings: Settings) -> RunRecord:
                 start = time.perf_counter()
                 optimizer.step()
                 capture.phase_ms["step"].append(_elapsed_ms(start, tracker))
-                capture.optimizer_state(walk_state(optimizer, names, roles))
-                record.telemetry.append(protocol.telemetry(optimizer, names))
+                capture.optimizer_state(walk_state(local, names, roles))
+                record.telemetry.append(protocol.telemetry(local, names))
         except torch.OutOfMemoryError:
             record.status, record.failure = "oom", f"OOM in {phase} (step {step})"
         except UsageError:  # the settings cannot train this model (memprof.models' checks)
@@ -99,7 +105,8 @@ def measure(settings: Settings) -> RunRecord:
             record.status, record.failure = "failed", f"failed in {phase} (step {step}): {_first_line(exc)}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
-        state = walk_state(optimizer, names, roles)
+        state = walk_state(local, names, roles)
+        record.notes += strategy.notes(model, local)
         gradients = [p.grad for p in params if p.grad is not None]
         record.hyperparameters = {k: v for k, v in optimizer.defaults.items() if _plain(v)}
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)

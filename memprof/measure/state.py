@@ -33,6 +33,21 @@ class StateTensor:
         return self.tensor.untyped_storage().nbytes()
 
 
+def storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that own ``tensor``'s memory: itself, or a wrapper subclass's inner tensors
+    (a DTensor's local shard, torchao's quantized codes and scales)."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    inner = (getattr(tensor, attr) for attr in tensor.__tensor_flatten__()[0])
+    return [t for item in inner if isinstance(item, torch.Tensor) for t in storage_tensors(item)]
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``tensor``: a DTensor's local shard, else the tensor itself."""
+    inner = storage_tensors(tensor)
+    return inner[0] if len(inner) == 1 else tensor
+
+
 def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     """One key per storage: its address, or for a fake tensor (no address) the storage object's identity."""
     storage = tensor.untyped_storage()
@@ -42,7 +57,7 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 def unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (tied weights count once)."""
     seen: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
+    for tensor in (t for outer in tensors for t in storage_tensors(outer)):
         if tensor.layout == torch.strided and tensor.device.type != "meta":
             seen[storage_key(tensor)] = tensor.untyped_storage().nbytes()
         elif tensor.device.type == "meta":
@@ -52,9 +67,11 @@ def unique_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
 
 def _tensors_in(obj: Any, path: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     if is_traceable_wrapper_subclass(obj):
-        # A wrapper subclass (torchao's OptimState8bit) owns no storage; its inner tensors do.
+        # A wrapper subclass (torchao's OptimState8bit, a DTensor) owns no storage; its inner tensors
+        # do (a DTensor's local shard; its device mesh is no state).
         for attr in obj.__tensor_flatten__()[0]:
-            yield from _tensors_in(getattr(obj, attr), f"{path}.{attr}", depth + 1)
+            if isinstance(getattr(obj, attr), torch.Tensor):
+                yield from _tensors_in(getattr(obj, attr), f"{path}.{attr}", depth + 1)
     elif isinstance(obj, torch.Tensor):
         yield path, obj
     elif depth > 6 or obj is None or isinstance(obj, (int, float, str, bool, bytes)):
@@ -89,7 +106,7 @@ def walk_state(
             state_key = path.split(".")[0].split("[")[0]
             # A role declared for the full path ("exp_avg.codes") wins over the state key's.
             role, inferred = role_of(
-                roles, path if path in roles else state_key, tensor, param if isinstance(param, torch.Tensor) else None
+                roles, path if path in roles else state_key, tensor, local(param) if isinstance(param, torch.Tensor) else None
             )
             out.append(StateTensor(param_name, state_key, path, role, inferred, tensor))
     return out

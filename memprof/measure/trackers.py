@@ -3,7 +3,10 @@
 * ``CpuTracker``: a TorchDispatchMode that sees every op output; a new storage is an
   allocation, and a weakref finalizer on the storage marks its free (as
   ``torch.distributed._tools.mem_tracker`` does). Storages the run did not create
-  (parameters built before the capture) are declared with ``adopt``.
+  (parameters built before the capture) are declared with ``adopt``. A storage resized in place
+  (``UntypedStorage.resize_``, which no dispatch mode sees: FSDP2 frees and re-allocates its
+  unsharded parameters so) is freed and allocated anew. Ops on a tensor subclass (a DTensor) are
+  left to the subclass, so the tracker sees the ops on its local tensors.
 * ``CudaTracker``: the caching allocator's own history (``_record_memory_history`` with no
   stack capture): block address, block size and a host timestamp per alloc/free. The
   replayed total equals ``torch.cuda.memory_allocated`` at every instant.
@@ -17,10 +20,15 @@ import weakref
 from typing import Iterable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass_type,
+)
 from torch.utils._pytree import tree_flatten
 
 from memprof.measure.events import Allocation
+from memprof.measure.state import storage_tensors
 
 
 class CpuTracker(TorchDispatchMode):
@@ -31,6 +39,10 @@ class CpuTracker(TorchDispatchMode):
         self._clock = itertools.count(1)
         self.allocations: list[Allocation] = []
         self._live: dict[int, Allocation] = {}
+        # A storage first met through an in-place or view op existed before the capture (live all
+        # along) unless this is set: in a distributed run gloo makes buffers in its own threads, where
+        # no dispatch mode sees them, and they reach the run through views.
+        self.unseen_are_new = False
 
     def now(self) -> float:
         return float(next(self._clock))
@@ -48,8 +60,26 @@ class CpuTracker(TorchDispatchMode):
 
     def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
         """Declare storages that exist already (the model's, the batch's) as live from time 0."""
-        for tensor in tensors:
+        for tensor in (t for outer in tensors for t in storage_tensors(outer)):
             self._track(tensor.untyped_storage(), start=0.0)
+
+    def __enter__(self) -> "CpuTracker":
+        original = self._resize = torch.UntypedStorage.resize_
+
+        def resize_(storage: torch.UntypedStorage, nbytes: int):
+            old = self._live.get(self.key(storage)) if storage.nbytes() else None
+            out = original(storage, nbytes)
+            if old is not None:
+                self._free(old.ptr, old)
+            self._track(storage, self.now())
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        torch.UntypedStorage.resize_ = self._resize
+        super().__exit__(*exc)
 
     def _track(self, storage: torch.UntypedStorage, start: float) -> None:
         ptr, nbytes = self.key(storage), storage.nbytes()
@@ -61,14 +91,19 @@ class CpuTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, ptr, alloc)
 
     def _free(self, ptr: int, alloc: Allocation) -> None:
+        if alloc.end is not None:
+            return  # freed already by a resize; this is the storage object's death
         alloc.end = self.now()
         if self._live.get(ptr) is alloc:
             del self._live[ptr]
 
     def _sees(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu"
+        # Not the fake tensors of DTensor's sharding propagation: they allocate nothing.
+        return tensor.device.type == "cpu" and not is_fake(tensor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(t) for t in types):
+            return NotImplemented  # the subclass runs and its ops on plain tensors come back here
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and self._sees(item) and item.layout == torch.strided:
@@ -79,7 +114,8 @@ class CpuTracker(TorchDispatchMode):
                 if self.key(storage) not in self._live:
                     # An output storage we have not seen: a new allocation, unless the op mutated
                     # or viewed a tensor that existed before the capture (then it was live all along).
-                    start = 0.0 if func._schema.is_mutable or func.is_view else self.now()
+                    existed = (func._schema.is_mutable or func.is_view) and not self.unseen_are_new
+                    start = 0.0 if existed else self.now()
                     self._track(storage, start)
         return out
 

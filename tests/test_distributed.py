@@ -1,0 +1,167 @@
+"""Distributed runs on torch.distributed with gloo: 2 real ranks per launch (``memprof.distributed``)."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from cli_for_tests import invoke
+
+from memprof import api, runfile
+from memprof.errors import UsageError
+from memprof.measure.trackers import CpuTracker
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+
+MLP_PARAM_BYTES = (32 * 16 + 32 + 4 * 32 + 4) * 4
+
+
+def run(model, opt, parallel, **settings):
+    return api.measure(model, opt, device="cpu", steps=1, nproc=2, parallel=parallel, **settings)
+
+
+def single(model, opt):
+    return api.measure(model, opt, device="cpu", steps=1)[0]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_adam():
+    mlp = f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp"
+    return single(mlp, "adam"), run(mlp, "adam", "fsdp2")
+
+
+def test_fsdp2_each_rank_holds_its_shard_of_adam_state(fsdp2_adam):
+    alone, ranks = fsdp2_adam
+    assert [r.settings.rank for r in ranks] == [0, 1] and all(r.status == "ok" for r in ranks)
+    moments = [r.components("optimizer_state")["moment"] for r in ranks]
+    # exp_avg and exp_avg_sq of each rank's Shard(0) rows: halves (this MLP's rows divide evenly)
+    assert sum(moments) == alone.components("optimizer_state")["moment"] == 2 * MLP_PARAM_BYTES
+    assert moments == [MLP_PARAM_BYTES, MLP_PARAM_BYTES]
+    assert all(r.total("weights") == MLP_PARAM_BYTES // 2 for r in ranks)
+    assert all(r.components("gradients")["grad"] == MLP_PARAM_BYTES // 2 for r in ranks)
+    # each rank keeps a step counter per parameter, as one process does
+    assert all(r.components("optimizer_state")["other"] == alone.components("optimizer_state")["other"] for r in ranks)
+
+
+def test_fsdp2_tags_collective_buffers_and_records_differ_only_by_rank(fsdp2_adam):
+    _, ranks = fsdp2_adam
+    for record in ranks:
+        temporaries = record.components("temporaries")
+        # every rank's shards of a block, all-gathered into one buffer: the whole block
+        assert temporaries["all-gather"] >= MLP_PARAM_BYTES // 2
+        assert temporaries["reduce-scatter"] > 0 and temporaries["unsharded params"] > 0
+        assert record.total("unattributed") <= 64  # the device mesh's rank tensor
+    first, second = (r.settings for r in ranks)
+    assert first.replace(rank=1) == second and first.nproc == 2 and first.parallel == "fsdp2"
+
+
+def test_rank_records_round_trip_through_csv(fsdp2_adam, tmp_path):
+    _, ranks = fsdp2_adam
+    path = tmp_path / "ranks.csv"
+    runfile.write(path, ranks)
+    back = runfile.read(path)
+    assert [(r.settings.rank, r.settings.nproc, r.settings.parallel) for r in back] == [(0, 2, "fsdp2"), (1, 2, "fsdp2")]
+    assert [r.total("optimizer_state") for r in back] == [r.total("optimizer_state") for r in ranks]
+
+
+def test_zero1_partitions_whole_parameters(mlp_spec):
+    alone = single(mlp_spec, "adam")
+    ranks = run(mlp_spec, "adam", "zero1")
+    assert all(r.status == "ok" for r in ranks)
+    states = [r.total("optimizer_state") for r in ranks]
+    assert sum(states) == alone.total("optimizer_state")  # no padding: ZeRO-1 assigns whole parameters
+    assert all(0 < s < alone.total("optimizer_state") for s in states)
+    assert all("structure kept" in " ".join(r.notes) for r in ranks)
+    assert all(r.total("weights") == MLP_PARAM_BYTES for r in ranks)
+
+
+def test_ddp_holds_everything_on_every_rank(mlp_spec):
+    alone = single(mlp_spec, "adam")
+    ranks = run(mlp_spec, "adam", "ddp")
+    assert all(r.status == "ok" for r in ranks)
+    for record in ranks:
+        assert record.components("optimizer_state") == alone.components("optimizer_state")
+        grads = record.components("gradients")
+        assert grads["grad"] == MLP_PARAM_BYTES and grads["all-reduce bucket"] == MLP_PARAM_BYTES
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find leftover ranks")
+def test_a_crashing_rank_fails_its_row_and_leaves_nothing_running(mlp_spec, tmp_path, monkeypatch):
+    token = f"memprof-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MEMPROF_TEST_TOKEN", token)
+    out = tmp_path / "crash.json"
+    result = invoke("compare", "--model", mlp_spec, "--opt", "crash_for_tests.KilledOnRank1", "--device", "cpu",
+                    "--steps", "2", "--nproc", "2", "--parallel", "fsdp2", "--json", out)
+    assert result.exit_code == 3, result.output
+    records = runfile.read(out)
+    assert [(r.settings.rank, r.status) for r in records] == [(0, "failed"), (1, "failed")]
+    assert "rank 1 crashed (killed by SIGKILL)" in records[1].failure
+    assert _processes_with(token) == []  # this process's own environ is the one it started with
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "2"], "--nproc 2 needs --parallel: choose ddp, fsdp2, zero1"),
+    (["--parallel", "megatron"], "unknown parallel 'megatron'; choose none, ddp, fsdp2"),
+])
+def test_bad_distributed_input_is_one_line(mlp_spec, args, message):
+    result = invoke("compare", "--model", mlp_spec, "--opt", "adam", "--device", "cpu", *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_deepspeed_missing_names_the_install(mlp_spec):
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed")
+    except ImportError:
+        pass
+    result = invoke("compare", "--model", mlp_spec, "--opt", "adam", "--device", "cpu", "--nproc", "2",
+                    "--parallel", "deepspeed-zero2")
+    assert result.exit_code == 2 and "pip install deepspeed" in result.stderr
+
+
+def test_more_ranks_than_gpus_is_a_usage_error(mlp_spec, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="--nproc 2 needs 2 GPUs .* this machine has 1"):
+        api.measure(mlp_spec, "adam", device="cuda", nproc=2, parallel="ddp")
+
+
+def test_under_a_users_torchrun_rank_0_reports_every_rank(mlp_spec, tmp_path):
+    out = tmp_path / "ranks.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    memprof = Path(sys.executable).with_name("memprof")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", str(memprof), "compare", "--model", mlp_spec, "--opt", "sgd", "--device", "cpu",
+                           "--steps", "1", "--parallel", "zero1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["settings"]["rank"], r["settings"]["nproc"]) for r in records] == [(0, 2), (1, 2)]
+    assert proc.stdout.count("zero1 × 2 ranks") == 1  # rank 0 prints, rank 1 does not
+
+
+def test_cpu_tracker_sees_a_storage_resized_in_place():
+    """FSDP2 frees and re-allocates unsharded parameters with ``UntypedStorage.resize_``."""
+    with CpuTracker() as tracker:
+        t = torch.empty(256)
+        storage = t.untyped_storage()
+        storage.resize_(0)
+        storage.resize_(1024)
+    sizes = [(a.nbytes, a.end is None) for a in tracker.allocations]
+    assert sizes == [(1024, False), (1024, True)]
