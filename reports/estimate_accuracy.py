@@ -27,7 +27,7 @@ READING = [
     "## Reading",
     "",
     "- The estimate sits below the real peak by 0.0–0.8 % on GPT-2 and T5-small, 0.8–2.8 % on RoBERTa "
-    "(allocator blocks the large pool hands out whole, which the estimate does not model, add to the real runs).",
+    "(most likely the large pool's whole blocks, which the estimate does not model).",
     "- Adapprox picks its rank from the data: the estimate is a range (initial rank – every factor at k_max). The "
     "real state (631.3 MB) lies inside it (499.0–652.1 MB); the real peak is 0.4 % above the upper end's, from the "
     "step transient of the ranks the real run drew.",
