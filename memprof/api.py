@@ -196,7 +196,7 @@ def estimate(
         expanded += [(text, f"lower end of a data-dependent range: {text} at its initial state sizes"),
                      (upper_text, f"upper end of a data-dependent range: {text} with {extra}")]
     records = measure(model, [t for t, _ in expanded], isolate=False, on_start=on_start, on_result=on_result,
-                      **{"device": "cuda", **settings, "estimate": True})
+                      **{"device": "cuda", "steps": 2, **settings, "estimate": True})
     for record, (_, note) in zip(records, expanded):
         if note:
             record.notes.append(note)

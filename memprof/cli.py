@@ -292,7 +292,9 @@ def profile(
 @app.command()
 @run_options("run", "estimate", device={"flags": ("--target", "--device"), "default": "cuda",
                                         "help": "What the estimate is for: cuda (a GPU run, the default; no GPU "
-                                                "needed) or cpu."})
+                                                "needed) or cpu."},
+             steps={"default": 2, "help": "Training steps on fake tensors: the first creates the optimizer state, "
+                                          "the second has it live through forward and backward."})
 def estimate(
     settings: dict,
     reference: ReferenceOpt = None,
