@@ -170,3 +170,24 @@ def test_cpu_tracker_sees_a_storage_resized_in_place():
         storage.resize_(1024)
     sizes = [(a.nbytes, a.end is None) for a in tracker.allocations]
     assert sizes == [(1024, False), (1024, True)]
+
+
+def test_ranks_of_one_run_are_one_request_to_measure_again():
+    from memprof.settings import Settings, group_by_request, reproduce_command, request_fields
+
+    ranks = [Settings(model="gpt2", optimizer="adam", spec="adam", device="cpu", nproc=2, parallel="fsdp2", rank=r)
+             for r in (0, 1)]
+    ((settings, specs),) = group_by_request(ranks)
+    assert specs == ["adam"] and "rank" not in request_fields(settings)
+    assert reproduce_command(settings, specs).endswith("--nproc 2 --parallel fsdp2")
+    with pytest.raises(UsageError, match="rank 2 is outside --nproc 2"):
+        ranks[0].replace(rank=2)
+
+
+def test_flat_partitions_are_reported_as_structure_lost():
+    from memprof.distributed.strategy import structure
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    flat = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in model.parameters()) // 2))  # ZeRO's 1-D partition
+    assert structure(model, torch.optim.Adam([flat])).startswith("structure lost: flat partition")
+    assert structure(model, torch.optim.Adam(model.parameters())).startswith("structure kept")
