@@ -101,16 +101,21 @@ def _processes_with(token: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find leftover ranks")
-def test_a_crashing_rank_fails_its_row_and_leaves_nothing_running(mlp_spec, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer, why", [
+    ("crash_for_tests.KilledOnRank1", "rank 1 crashed (killed by SIGKILL)"),  # no record, no Python
+    ("crash_for_tests.RaisesOnRank1", "failed in step (step 1): RuntimeError: rank 1 gave up"),
+])
+def test_a_crashing_rank_fails_its_row_and_leaves_nothing_running(mlp_spec, tmp_path, monkeypatch, optimizer, why):
     token = f"memprof-test-{uuid.uuid4().hex}"
     monkeypatch.setenv("MEMPROF_TEST_TOKEN", token)
     out = tmp_path / "crash.json"
-    result = invoke("compare", "--model", mlp_spec, "--opt", "crash_for_tests.KilledOnRank1", "--device", "cpu",
+    # rank 0 then waits for rank 1 in step 2's all-gather: gloo fails it, or the launcher stops it
+    result = invoke("compare", "--model", mlp_spec, "--opt", optimizer, "--device", "cpu",
                     "--steps", "2", "--nproc", "2", "--parallel", "fsdp2", "--json", out)
     assert result.exit_code == 3, result.output
     records = runfile.read(out)
     assert [(r.settings.rank, r.status) for r in records] == [(0, "failed"), (1, "failed")]
-    assert "rank 1 crashed (killed by SIGKILL)" in records[1].failure
+    assert why in records[1].failure
     assert _processes_with(token) == []  # this process's own environ is the one it started with
 
 
@@ -165,3 +170,24 @@ def test_cpu_tracker_sees_a_storage_resized_in_place():
         storage.resize_(1024)
     sizes = [(a.nbytes, a.end is None) for a in tracker.allocations]
     assert sizes == [(1024, False), (1024, True)]
+
+
+def test_ranks_of_one_run_are_one_request_to_measure_again():
+    from memprof.settings import Settings, group_by_request, reproduce_command, request_fields
+
+    ranks = [Settings(model="gpt2", optimizer="adam", spec="adam", device="cpu", nproc=2, parallel="fsdp2", rank=r)
+             for r in (0, 1)]
+    ((settings, specs),) = group_by_request(ranks)
+    assert specs == ["adam"] and "rank" not in request_fields(settings)
+    assert reproduce_command(settings, specs).endswith("--nproc 2 --parallel fsdp2")
+    with pytest.raises(UsageError, match="rank 2 is outside --nproc 2"):
+        ranks[0].replace(rank=2)
+
+
+def test_flat_partitions_are_reported_as_structure_lost():
+    from memprof.distributed.strategy import structure
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    flat = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in model.parameters()) // 2))  # ZeRO's 1-D partition
+    assert structure(model, torch.optim.Adam([flat])).startswith("structure lost: flat partition")
+    assert structure(model, torch.optim.Adam(model.parameters())).startswith("structure kept")

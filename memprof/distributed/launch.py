@@ -23,6 +23,7 @@ from memprof import runfile
 from memprof.distributed.strategy import deepspeed_problem
 from memprof.distributed.worker import environment_rank, measure_rank
 from memprof.errors import UsageError
+from memprof.files import write_atomic
 from memprof.record import RunRecord
 from memprof.settings import Settings
 
@@ -93,7 +94,7 @@ def launch(settings: Settings) -> list[RunRecord]:
     """Run ``settings.nproc`` ranks under ``torch.distributed.run`` on this machine and merge their records."""
     with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
         out = Path(tmp)
-        (out / "settings.json").write_text(json.dumps(asdict(settings)))
+        write_atomic(out / "settings.json", json.dumps(asdict(settings)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={settings.nproc}", "--max-restarts=0", f"--log-dir={out / 'logs'}",
                    "--redirects=3", "-m", "memprof.distributed.worker", str(out / "settings.json"), str(out)]

@@ -59,10 +59,11 @@ def measure_rank(settings: Settings) -> RunRecord:
 def _main(settings_path: str, out_dir: str) -> int:
     """Measure this rank and write its record; 0 once the record is written (it may say failed)."""
     from memprof import runfile
+    from memprof.files import write_atomic
 
     rank = int(os.environ["RANK"])
     out = Path(out_dir)
-    (out / f"rank{rank}.pid").write_text(str(os.getpid()))
+    write_atomic(out / f"rank{rank}.pid", str(os.getpid()))
     settings = Settings(**json.loads(Path(settings_path).read_text()))
     record = measure_rank(settings)
     runfile.write(out / f"rank{rank}.json", [record])

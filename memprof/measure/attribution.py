@@ -100,7 +100,7 @@ def _collective_buffers() -> dict:
     """op → (argument index or name, category, component): the buffers a collective's caller made for it
     (the components are described in ``memprof.taxonomy.COLLECTIVE_COMPONENTS``). A reduce-scatter's
     output is the gradient shard, tagged as gradients."""
-    c10d, fsdp = torch.ops.c10d, getattr(torch.ops, "fsdp")
+    c10d, fsdp = torch.ops.c10d, torch.ops.fsdp
     table = {
         c10d._allgather_base_.default: (0, "temporaries", "all-gather"),
         c10d.allgather_into_tensor_coalesced_.default: (0, "temporaries", "all-gather"),

@@ -76,7 +76,7 @@ def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     for r in records:
         parts = r.components("optimizer_state")
         rows.append({
-            "label": r.settings.spec,
+            "label": r.settings.spec + (f" · rank {r.settings.rank}" if r.settings.nproc > 1 else ""),
             "model": r.settings.model,
             "failure": None if r.status == "ok" else (r.failure or r.status),
             "weights": r.total("weights"),
