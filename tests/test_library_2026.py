@@ -348,3 +348,10 @@ def test_ao_fp8_without_torchao_is_a_usage_error(monkeypatch: pytest.MonkeyPatch
 def test_bad_hyperparameter_is_one_line(spec: str, match: str) -> None:
     with pytest.raises(UsageError, match=match):
         build_optimizer(parse_spec(spec), TinyMixed())
+
+
+def test_kron_without_opt_einsum_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without opt_einsum torch.einsum contracts left to right: GPT-2's embedding would build 50257×768×768.
+    monkeypatch.setattr(torch.backends.opt_einsum, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"needs opt_einsum.*pip install opt-einsum"):
+        build_optimizer(parse_spec("kron"), TinyMixed())

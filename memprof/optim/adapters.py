@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from memprof.errors import UsageError
 from memprof.optim.entry import OptimizerEntry
 from memprof.optim.muon_split import ADAMW, MUON, MuonWithAdamW
 
@@ -111,11 +112,18 @@ class _LibraryClass:
     check an option only at their first step (or never): a misspelt hyperparameter or a bad
     choice would be measured silently as the default, or crash mid-run. The signature shown
     here leaves out ``**kwargs``, so the registry's key check refuses unknown keys, and
-    ``choices`` lists the accepted values of the options the class does not check itself.
+    ``choices`` lists the accepted values of the options the class does not check itself;
+    ``check`` raises a UsageError for what the class needs beyond its library.
     """
 
-    def __init__(self, target: str, optimizer: str, choices: dict[str, tuple[Any, ...]] | None = None) -> None:
-        self.target, self.optimizer, self.choices = target, optimizer, choices or {}
+    def __init__(
+        self,
+        target: str,
+        optimizer: str,
+        choices: dict[str, tuple[Any, ...]] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        self.target, self.optimizer, self.choices, self.check = target, optimizer, choices or {}, check
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -125,6 +133,8 @@ class _LibraryClass:
         )
 
     def __call__(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if self.check is not None:
+            self.check()
         for key, allowed in self.choices.items():
             if key in kwargs and kwargs[key] not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {kwargs[key]!r}")
@@ -138,9 +148,21 @@ shampoo = _LibraryClass(
     "pytorch_optimizer:ScalableShampoo", "shampoo", {"graft_type": (0, 1, 2, 3, 4), "pre_conditioner_type": (0, 1, 2)}
 )
 shampoo_dense = _LibraryClass("pytorch_optimizer:Shampoo", "shampoo_dense")
+def _kron_einsum_order() -> None:
+    """Kron's einsums need opt_einsum's contraction order: left to right, a V×d weight builds V×d×d."""
+    if not torch.backends.opt_einsum.is_available():
+        raise UsageError(
+            "optimizer 'kron' needs opt_einsum, which is not installed (pip install opt-einsum); without it "
+            "torch.einsum contracts left to right and builds a V×d×d tensor for a V×d weight"
+        )
+
+
 # Kron checks memory_save_mode only when it first meets a parameter.
 kron = _LibraryClass(
-    "pytorch_optimizer:Kron", "kron", {"memory_save_mode": (None, "one_diag", "smart_one_diag", "all_diag")}
+    "pytorch_optimizer:Kron",
+    "kron",
+    {"memory_save_mode": (None, "one_diag", "smart_one_diag", "all_diag")},
+    check=_kron_einsum_order,
 )
 ademamix = _LibraryClass("pytorch_optimizer:AdEMAMix", "ademamix")
 mars = _LibraryClass("pytorch_optimizer:MARS", "mars")
