@@ -80,6 +80,7 @@ class DDP(_Distributed):
         wrapped = DistributedDataParallel(model, device_ids=ids, init_sync=not self.simulated)
         if self.simulated:
             wrapped.register_comm_hook(None, _simulated_allreduce)
+            wrapped.reducer = _SimulatedReducer(wrapped.reducer)
         return wrapped
 
 
@@ -154,6 +155,22 @@ def _simulated_allreduce(state, bucket):  # unannotated: DDP checks the annotati
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(buffer)
     return future
+
+
+class _SimulatedReducer:
+    """DDP's reducer without the rebuild of its buckets in step 2's forward: the rebuild broadcasts rank 0's
+    bucket order in a tensor that C++ fills, which a fake tensor cannot hold. Rebuilt buckets hold the same
+    gradients in another order (the same size caps), so the bytes are the same; the moment both sets are
+    live during a real rebuild is not simulated."""
+
+    def __init__(self, reducer) -> None:
+        self._reducer = reducer
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._reducer, name)
 
 
 class Zero1(DDP):
