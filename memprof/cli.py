@@ -290,7 +290,11 @@ def profile(
 
 
 @app.command()
-@run_options("run", "estimate", device={"flags": ("--target", "--device"), "default": "cuda",
+@run_options("run", "estimate", "distributed",
+             nproc={"flags": ("--world-size", "--nproc"),
+                    "help": "Ranks to simulate (with --parallel): one process, a fake process group; --rank picks "
+                            "the rank whose figures are given (default 0)."},
+             device={"flags": ("--target", "--device"), "default": "cuda",
                                         "help": "What the estimate is for: cuda (a GPU run, the default; no GPU "
                                                 "needed) or cpu."},
              steps={"default": 2, "help": "Training steps on fake tensors: the first creates the optimizer state, "
@@ -314,8 +318,10 @@ def estimate(
     a100-40gb, l40s, rtx4090 (the H100's workspace and context, marked as assumed).
 
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
+             memprof estimate --model llama-7b --opt adam --world-size 64 --parallel fsdp2 --rank 0
     """
     from memprof import api
+    from memprof.report.ranks import rank_table
     from memprof.report.table import estimate_table, fit_table
 
     _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex)
@@ -335,7 +341,8 @@ def estimate(
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
     records = _measure(request, estimate=True)
-    out.print(estimate_table(records, unit=unit, baseline=reference))
+    simulated = any(r.settings.parallel != "none" for r in records)
+    out.print((rank_table if simulated else estimate_table)(records, unit=unit, baseline=reference))
     _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
     _raise_if_failed(records)
 

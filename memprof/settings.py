@@ -114,18 +114,20 @@ class Settings:
     parallel: str = setting("none", help="How the ranks share the model: ddp, fsdp2 (fully_shard), zero1 "
                             "(DDP + ZeroRedundancyOptimizer), deepspeed-zero1/2/3 (needs deepspeed).",
                             flag="--parallel", config="parallel", csv="extra", group="distributed", choices=PARALLEL)
-    rank: int = setting(0, help="The rank this record measured (0 in a single process).", csv="extra",
-                        group="record", minimum=0)
+    rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
+                        "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",
+                        minimum=0)
 
     def __post_init__(self) -> None:
         for item in declared_fields():
             problem = _problem(item, getattr(self, item.name))
             if problem:
                 raise UsageError(problem)
+        ranks = "--world-size" if self.estimate else "--nproc"  # memprof estimate simulates the ranks
         if self.nproc > 1 and self.parallel == "none":
-            raise UsageError(f"--nproc {self.nproc} needs --parallel: choose {', '.join(PARALLEL[1:])}")
+            raise UsageError(f"{ranks} {self.nproc} needs --parallel: choose {', '.join(PARALLEL[1:])}")
         if self.rank >= self.nproc:
-            raise UsageError(f"rank {self.rank} is outside --nproc {self.nproc}")
+            raise UsageError(f"rank {self.rank} is outside {ranks} {self.nproc}")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -227,7 +229,9 @@ def request_fields(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of ``memprof.api.measure`` that would measure ``settings`` again
     (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
     return {f.name: getattr(settings, f.name) for f in declared_fields()
-            if f.name not in ("model", "optimizer", "spec") and _meta(f).group not in ("capture", "record")}
+            if f.name not in ("model", "optimizer", "spec") and _meta(f).group not in ("capture", "record")
+            # a real run measures every rank at once; a simulation measures the rank it was asked for
+            and (f.name != "rank" or settings.estimate)}
 
 
 def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:

@@ -191,3 +191,79 @@ def test_flat_partitions_are_reported_as_structure_lost():
     flat = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in model.parameters()) // 2))  # ZeRO's 1-D partition
     assert structure(model, torch.optim.Adam([flat])).startswith("structure lost: flat partition")
     assert structure(model, torch.optim.Adam(model.parameters())).startswith("structure kept")
+
+
+# -- simulated ranks: memprof estimate --world-size N (memprof.distributed.simulate) ------------------------
+def simulate(model, opt, parallel, world_size=2, rank=0, **settings):
+    (record,) = api.estimate(model, opt, device="cpu", steps=1, nproc=world_size, parallel=parallel, rank=rank,
+                             **settings)
+    assert record.status == "ok", record.failure
+    return record
+
+
+def _same_rank_figures(simulated, real, peak=True):
+    for category in ("weights", "gradients", "optimizer_state"):
+        assert simulated.components(category) == real.components(category), category
+    if peak:
+        assert abs(simulated.peaks.allocated - real.peaks.allocated) <= 0.05 * real.peaks.allocated
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, rank):
+    _, ranks = fsdp2_adam
+    simulated = simulate(f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp", "adam", "fsdp2", rank=rank)
+    # gloo copies a reduce-scatter's input into a flat buffer of its own, freed when its thread is done: a
+    # few hundred bytes, some of the time, which is more than 5 % of this MLP's peak (tiny_gpt2 below)
+    _same_rank_figures(simulated, ranks[rank], peak=False)
+    assert simulated.peaks.allocated <= ranks[rank].peaks.allocated
+    # FSDP2's own buffers, tagged from the same collectives as on real ranks
+    assert simulated.components("temporaries")["all-gather"] == ranks[rank].components("temporaries")["all-gather"]
+    assert simulated.components("temporaries")["unsharded params"] > 0
+    assert simulated.settings.rank == rank and simulated.settings.estimate
+    assert f"simulated rank {rank} of 2 (fsdp2)" in simulated.environment["distributed"]
+
+
+def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec):
+    real = run(mlp_spec, "adam", "zero1")
+    for rank in (0, 1):
+        _same_rank_figures(simulate(mlp_spec, "adam", "zero1", rank=rank), real[rank])
+    assert real[0].total("optimizer_state") != real[1].total("optimizer_state")  # the ranks differ: rank matters
+
+
+def test_simulated_fsdp2_peak_agrees_with_the_gloo_run_on_tiny_gpt2(gpt2_spec):
+    real = run(gpt2_spec, "adam", "fsdp2")
+    for rank in (0, 1):
+        _same_rank_figures(simulate(gpt2_spec, "adam", "fsdp2", rank=rank), real[rank])
+
+
+def test_simulating_64_ranks_is_one_quick_process(mlp_spec):
+    import time
+
+    start = time.perf_counter()
+    record = simulate(mlp_spec, "adam", "fsdp2", world_size=64, rank=63)
+    assert time.perf_counter() - start < 30
+    # 32- and 4-row parameters over 64 ranks: each rank's padded shard is one row of each, but rank 63's
+    # local shards are empty (torch.chunk gives the rows to the first ranks), so Adam keeps no moments there
+    padded_row = (16 + 1 + 32 + 1) * 4
+    assert record.total("weights") == padded_row and record.components("optimizer_state").get("moment", 0) == 0
+    first = simulate(mlp_spec, "adam", "fsdp2", world_size=64, rank=0)
+    assert first.total("weights") == padded_row and first.components("optimizer_state")["moment"] == 2 * padded_row
+    assert not torch.distributed.is_initialized()  # the fake process group lives for the call only
+
+
+def test_estimate_command_prints_the_simulated_rank(mlp_spec):
+    result = invoke("estimate", "--model", mlp_spec, "--opt", "adam", "--steps", "1", "--world-size", "4",
+                    "--parallel", "zero1", "--rank", "3")
+    assert result.exit_code == 0, result.output
+    assert "zero1 × 4 ranks (simulated)" in result.stdout and "simulated rank 3 of 4 (zero1)" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world-size", "0", "--parallel", "fsdp2"], "--world-size"),
+    (["--world-size", "2", "--parallel", "fsdp2", "--rank", "2"], "rank 2 is outside --world-size 2"),
+    (["--world-size", "4"], "--world-size 4 needs --parallel: choose ddp, fsdp2, zero1"),
+])
+def test_bad_simulation_input_is_one_line(mlp_spec, args, message):
+    result = invoke("estimate", "--model", mlp_spec, "--opt", "adam", "--steps", "1", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

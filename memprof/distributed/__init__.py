@@ -6,4 +6,6 @@
   inside a user's own ``torchrun`` launch.
 * ``launch``: the parent: starts the ranks, merges their run records, makes a failed row for a rank
   that left none, and leaves no rank running.
+* ``simulate``: one rank of any world size in this process (``memprof estimate --world-size``): a fake
+  process group and fake tensors, the same strategies, runner and replay.
 """

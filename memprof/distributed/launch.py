@@ -4,7 +4,8 @@
 user's ``torchrun`` launch (RANK and WORLD_SIZE in the environment) it measures this process's rank and
 gathers every rank's record; otherwise it runs ``python -m torch.distributed.run --standalone`` with
 ``--nproc`` ranks of ``memprof.distributed.worker`` (gloo on CPU, NCCL on CUDA, one GPU per rank), one
-launch per optimizer, as CUDA measurements each get their own process.
+launch per optimizer, as CUDA measurements each get their own process. An estimate simulates the one
+rank it asks for in this process instead (``memprof.distributed.simulate``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def check(settings: Settings) -> Settings:
     problem = deepspeed_problem(settings.parallel)
     if problem:
         raise UsageError(problem)
-    if settings.estimate:
-        raise UsageError("memprof estimate does not simulate --parallel; measure on real ranks with memprof compare")
     launched = environment_rank()
+    if settings.estimate:  # simulated in this process (memprof.distributed.simulate)
+        return settings
     if launched is not None:
         world = launched[1]
         if settings.nproc not in (1, world):
@@ -63,7 +64,12 @@ def check(settings: Settings) -> Settings:
 
 
 def measure(settings: Settings) -> list[RunRecord]:
-    """One record per rank, in rank order (``settings`` as ``check`` returned them)."""
+    """One record per rank, in rank order (``settings`` as ``check`` returned them); for an estimate, the
+    one rank it simulates."""
+    if settings.estimate:
+        from memprof.distributed import simulate
+
+        return [simulate.measure(settings)]
     if environment_rank() is not None:
         return _gather(measure_rank(settings))
     return launch(settings)

@@ -57,6 +57,7 @@ class _Distributed(Strategy):
 
         self.device = device
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.simulated = dist.get_backend() == "fake"  # memprof.distributed.simulate: one rank, no peers
 
     def watch(self, capture: "Capture") -> ContextManager:
         return capture.collectives()
@@ -74,7 +75,13 @@ class DDP(_Distributed):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # A simulation skips the initial check and broadcast of the parameters: C++ code that reads
+        # values, which fake tensors do not have (setup only: its buffers are freed before step 1).
+        wrapped = DistributedDataParallel(model, device_ids=ids, init_sync=not self.simulated)
+        if self.simulated:
+            wrapped.register_comm_hook(None, _simulated_allreduce)
+            wrapped.reducer = _SimulatedReducer(wrapped.reducer)
+        return wrapped
 
 
 class FSDP2(_Distributed):
@@ -91,17 +98,19 @@ class FSDP2(_Distributed):
 
     def __init__(self, device: "torch.device") -> None:
         import torch.distributed.fsdp  # noqa: F401 - defines torch.ops.fsdp, whose copy-out the capture tags
+        from torch.distributed.device_mesh import init_device_mesh
 
         super().__init__(device)
+        # Built here, before the capture: a simulation's capture runs on fake tensors, where the mesh's
+        # rank lookup (``nonzero`` on the rank tensor) has no answer.
+        self.mesh = init_device_mesh(device.type, (self.world_size,))
 
     def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
         for module in shard_units(model):
-            fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
         return model
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
@@ -132,6 +141,36 @@ class FSDP2(_Distributed):
         split = sum(1 for p in model.parameters() if tuple(p.to_local().shape) != tuple(p.shape))
         return [f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
                 f"{sum(1 for _ in model.parameters())} parameters split): a factored optimizer factors the shard"]
+
+
+def _simulated_allreduce(state, bucket):  # unannotated: DDP checks the annotations' objects, not strings
+    """DDP's default comm hook (all-reduce the bucket in place, average), answering with the bucket as a
+    real process group's future does: a fake process group's future holds None, which DDP rejects."""
+    import torch
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer)
+    buffer.div_(dist.get_world_size())
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
+
+
+class _SimulatedReducer:
+    """DDP's reducer without the rebuild of its buckets in step 2's forward: the rebuild broadcasts rank 0's
+    bucket order in a tensor that C++ fills, which a fake tensor cannot hold. Rebuilt buckets hold the same
+    gradients in another order (the same size caps), so the bytes are the same; the moment both sets are
+    live during a real rebuild is not simulated."""
+
+    def __init__(self, reducer) -> None:
+        self._reducer = reducer
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._reducer, name)
 
 
 class Zero1(DDP):
@@ -212,15 +251,16 @@ class NotSupported(Exception):
 STRATEGIES: dict[str, type[_Distributed]] = {"ddp": DDP, "fsdp2": FSDP2, "zero1": Zero1}
 
 
-def for_settings(settings: "Settings") -> Strategy:
-    """The strategy ``settings.parallel`` names, for this rank (the default process group is initialised)."""
+def for_settings(settings: "Settings", device: "torch.device | None" = None) -> Strategy:
+    """The strategy ``settings.parallel`` names, for this rank (the default process group is initialised);
+    ``device``: where the model lives, when not ``settings.device`` (a simulation's fake CPU tensors)."""
     import torch
 
     if settings.parallel == "none":
         return Strategy()
     if settings.parallel not in STRATEGIES:
         raise UsageError(deepspeed_problem(settings.parallel) or f"--parallel {settings.parallel} is not available")
-    device = torch.device(settings.device)
+    device = device or torch.device(settings.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return STRATEGIES[settings.parallel](device)

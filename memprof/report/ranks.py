@@ -58,7 +58,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
     first = records[0].settings
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
              f"{' · amp ' + first.amp if first.amp else ''} · {first.device} · {first.parallel} × {first.nproc} ranks"
-             f" · {first.steps} steps · {unit}")
+             f"{' (simulated)' if first.estimate else ''} · {first.steps} steps · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
     columns = ("optimizer", "rank", "weights", "grads", "state", "state split", "activations", "collectives",
                "step transient", "peak alloc", "step ms", "Δ state", "Δ peak", "imbalance")
@@ -85,7 +85,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
             table.add_row(label, str(record.settings.rank), fmt(f["weights"], unit), fmt(f["grads"], unit),
                           fmt(f["state"], unit), split, fmt(f["activations"], unit), _collectives_split(record, unit),
                           fmt(f["step transient"], unit), fmt(f["peak"], unit) + sim,
-                          f"{record.timings_ms.get('step', float('nan')):.1f}",
+                          f"{record.timings_ms['step']:.1f}" if "step" in record.timings_ms else "",
                           _delta(f["state"], other.total("optimizer_state"), unit) if compared else "",
                           _delta(f["peak"], other.peaks.allocated, unit) if compared else "", "")
         ok = [_figures(r) for r in ranks if r.status == "ok"]
