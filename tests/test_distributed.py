@@ -173,7 +173,12 @@ def test_cpu_tracker_sees_a_storage_resized_in_place():
 
 
 def test_ranks_of_one_run_are_one_request_to_measure_again():
-    from memprof.settings import Settings, group_by_request, reproduce_command, request_fields
+    from memprof.settings import (
+        Settings,
+        group_by_request,
+        reproduce_command,
+        request_fields,
+    )
 
     ranks = [Settings(model="gpt2", optimizer="adam", spec="adam", device="cpu", nproc=2, parallel="fsdp2", rank=r)
              for r in (0, 1)]
