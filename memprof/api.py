@@ -112,41 +112,26 @@ def measure(
     optimizer runs in its own child process (``isolate`` defaults to True there). An optimizer
     that runs out of memory or crashes yields a record with ``status`` "oom" or "failed".
     With ``parallel`` (and ``nproc``) each optimizer runs on that many ranks
-    (``memprof.distributed.launch``), one record per rank.
+    (``memprof.distributed.launch``), one record per rank. Bad input raises ``UsageError``
+    before anything is measured (``validate``).
     """
-    _expect("model", model, str, "a model name or path (text)")
-    _expect("isolate", isolate, (bool, type(None)), "True, False or None")
     for name, callback in (("on_start", on_start), ("on_result", on_result)):
         if callback is not None and not callable(callback):
             raise UsageError(f"{name} must be callable, got {type(callback).__name__}")
-    base = _settings(model, settings)
-    texts = _validate_optimizers(optimizers)
-    # An estimate needs no GPU: its target is CUDA unless it says cpu.
-    device = ("cuda" if base.device == "auto" else base.device) if base.estimate else resolve_device(base.device)
-    isolate = device.startswith("cuda") and not base.estimate if isolate is None else isolate
+    runs, isolate, distributed = _plan(model, optimizers, isolate, settings)
     from memprof.optim.registry import parse_spec
 
-    if base.snapshot is not None and not device.startswith("cuda"):
-        raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
-                         "use --device cuda on a GPU machine, or drop --snapshot")
-    from memprof.distributed import launch
-
-    distributed = launch.requested(base)
-    if distributed:
-        base = launch.check(base.replace(device=device))
     command = command_line()
     records = []
-    for text in texts:
-        spec = parse_spec(text)
-        if spec.entry.requires == "cuda" and not device.startswith("cuda"):
-            raise UsageError(f"optimizer {spec.name} runs only on CUDA; use --device cuda")
-        run = base.replace(optimizer=spec.name, spec=text, device=device,
-                           snapshot=_snapshot_path(base.snapshot, text, len(texts)))
+    for run in runs:
+        spec = parse_spec(run.spec)
         if on_start:
             on_start(run)
         if distributed:
+            from memprof.distributed import launch
+
             batch = launch.measure(run)  # one record per rank
-        elif base.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
+        elif run.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
             batch = [RunRecord(settings=run, environment={}, status="failed",
                                failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
                                        "kernels, which have no fake-tensor implementation")]
@@ -164,6 +149,41 @@ def measure(
             if on_result:
                 on_result(record)
     return records
+
+
+def validate(model: str, optimizers: str | Sequence[str], **settings: Any) -> None:
+    """Every check ``measure`` makes before measuring: ``UsageError`` on bad input, nothing measured."""
+    _plan(model, optimizers, None, settings)
+
+
+def _plan(model: Any, optimizers: Any, isolate: Any,
+          settings: dict[str, Any]) -> tuple[list[Settings], bool, bool]:
+    """The settings of each run (one per spec, device resolved), whether to isolate them and
+    whether they are distributed."""
+    from memprof.distributed import launch
+    from memprof.optim.registry import parse_spec
+
+    _expect("model", model, str, "a model name or path (text)")
+    _expect("isolate", isolate, (bool, type(None)), "True, False or None")
+    base = _settings(model, settings)
+    texts = _validate_optimizers(optimizers)
+    # An estimate needs no GPU: its target is CUDA unless it says cpu.
+    device = ("cuda" if base.device == "auto" else base.device) if base.estimate else resolve_device(base.device)
+    isolate = device.startswith("cuda") and not base.estimate if isolate is None else isolate
+    if base.snapshot is not None and not device.startswith("cuda"):
+        raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
+                         "use --device cuda on a GPU machine, or drop --snapshot")
+    distributed = launch.requested(base)
+    if distributed:
+        base = launch.check(base.replace(device=device))
+    runs = []
+    for text in texts:
+        spec = parse_spec(text)
+        if spec.entry.requires == "cuda" and not device.startswith("cuda"):
+            raise UsageError(f"optimizer {spec.name} runs only on CUDA; use --device cuda")
+        runs.append(base.replace(optimizer=spec.name, spec=text, device=device,
+                                 snapshot=_snapshot_path(base.snapshot, text, len(texts))))
+    return runs, isolate, distributed
 
 
 def estimate(

@@ -159,6 +159,8 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
     from memprof.report.ranks import results_table
 
     todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
+    for request in todo:  # every run of a config file is checked before the first is measured
+        api.validate(request.model, request.optimizers, **request.settings)
     if reference is not None:
         _check_reference(reference, todo)
     records = []
