@@ -287,7 +287,9 @@ def test_a_fifo_is_written_through(tmp_path):
 def test_dev_stdout_streams_the_csv(tmp_path):
     run = tmp_path / "run.json"
     run.write_text(to_json([record()]))
-    command = [sys.executable, "-m", "memprof.cli", "report", str(run), "-f", "csv", "-o", "/dev/stdout"]
+    stdout = tmp_path / "stdout"  # what /dev/stdout is; a bug would replace this link, not the system's
+    stdout.symlink_to("/proc/self/fd/1")
+    command = [sys.executable, "-m", "memprof.cli", "report", str(run), "-f", "csv", "-o", str(stdout)]
     piped = subprocess.run(command, capture_output=True, text=True)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout == to_csv(runfile.read(run))
@@ -298,6 +300,7 @@ def test_dev_stdout_streams_the_csv(tmp_path):
         redirected = subprocess.run(command, stdout=handle, stderr=subprocess.PIPE, text=True)
     assert redirected.returncode == 0, redirected.stderr
     assert (tmp_path / "out.txt").read_text() == "before\n" + to_csv(runfile.read(run))
+    assert stdout.is_symlink()
 
 
 def test_a_temporary_file_of_a_dead_writer_is_removed_by_the_next_write(tmp_path):
