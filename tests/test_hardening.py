@@ -414,7 +414,8 @@ def test_committed_gpu_runs_still_read():
 
 # -- the Python API ----------------------------------------------------------------------------------
 def test_errors_are_exported_from_memprof():
-    from memprof import GateRegression, MeasurementFailed, MemprofError, UsageError as Exported
+    from memprof import GateRegression, MeasurementFailed, MemprofError
+    from memprof import UsageError as Exported
 
     assert Exported is UsageError and issubclass(Exported, MemprofError)
     assert issubclass(GateRegression, MemprofError) and issubclass(MeasurementFailed, MemprofError)
