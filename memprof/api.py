@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from memprof.errors import UsageError, closest
+from memprof.errors import MemprofError, UsageError, closest, describe, out_of_memory
 from memprof.record import RunRecord
 from memprof.settings import (
     Settings,
@@ -140,15 +140,29 @@ def measure(
 
             batch = [measure_in_child(run)]
         else:
-            from memprof.measure.runner import measure as measure_here
-
-            batch = [measure_here(run)]
+            batch = [_measure_here(run)]
         for record in batch:
             record.environment["command"] = command
             records.append(record)
             if on_result:
                 on_result(record)
     return records
+
+
+def _measure_here(run: Settings) -> RunRecord:
+    """The runner in this process. A crash outside its training steps (the model or the optimizer
+    failing to allocate, or failing to build) is a row too, as a crashed child's is."""
+    from memprof.measure.runner import measure as measure_here
+
+    try:
+        return measure_here(run)
+    except MemprofError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a crash is a result
+        oom = out_of_memory(exc)
+        return RunRecord(settings=run, environment={}, status="oom" if oom else "failed",
+                         failure=f"OOM outside the training steps: {describe(exc)}" if oom else
+                         f"failed outside the training steps: {describe(exc)}")
 
 
 def validate(model: str, optimizers: str | Sequence[str], **settings: Any) -> None:

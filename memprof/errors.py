@@ -40,13 +40,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: torch's OutOfMemoryError, or the CPU allocator's."""
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+
+
 @contextlib.contextmanager
 def user_code(what: str) -> Iterator[None]:
     """Run code the user owns (a model file, a dotted-path optimizer): any failure in it, an exit
-    included, becomes one ``UsageError`` line naming ``what`` and the error. Ctrl-C passes through."""
+    included, becomes one ``UsageError`` line naming ``what`` and the error. Ctrl-C and running
+    out of memory (a result, not bad input) pass through."""
     try:
         yield
     except MemprofError:
         raise
     except (Exception, SystemExit) as exc:
+        if out_of_memory(exc):
+            raise
         raise UsageError(f"{what} failed: {describe(exc)}") from exc

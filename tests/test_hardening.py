@@ -95,6 +95,16 @@ def test_a_step_that_calls_sys_exit_is_a_failed_row(mlp_spec):
     assert records[0].failure == "failed in step (step 1): SystemExit: 4"
 
 
+def test_a_model_too_big_to_allocate_is_an_oom_row_and_the_outputs_are_written(tmp_path):
+    config = _tiny_gpt2_config(tmp_path, positions=16)
+    out_csv = tmp_path / "r.csv"
+    result = invoke("compare", "--model", str(config), "--opt", "sgd,adam", "--device", "cpu", "--seq-len", "16",
+                    "--batch-size", str(10**11), "--csv", str(out_csv))  # a 12.8 TB batch
+    assert result.exit_code == 3, result.output
+    assert [r.status for r in runfile.read(out_csv)] == ["oom", "oom"]
+    assert "sgd: OOM outside the training steps: RuntimeError" in result.stderr and "Traceback" not in result.output
+
+
 # -- values typer accepts that the run cannot take -------------------------------------------------
 BATCHNORM = """
 import torch
@@ -414,7 +424,8 @@ def test_committed_gpu_runs_still_read():
 
 # -- the Python API ----------------------------------------------------------------------------------
 def test_errors_are_exported_from_memprof():
-    from memprof import GateRegression, MeasurementFailed, MemprofError, UsageError as Exported
+    from memprof import GateRegression, MeasurementFailed, MemprofError
+    from memprof import UsageError as Exported
 
     assert Exported is UsageError and issubclass(Exported, MemprofError)
     assert issubclass(GateRegression, MemprofError) and issubclass(MeasurementFailed, MemprofError)

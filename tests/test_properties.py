@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cli_for_tests import invoke
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from memprof.errors import UsageError
@@ -33,6 +33,7 @@ TESTS = Path(__file__).parent
 def ok_or_one_line(result, *codes: int) -> None:
     """The contract: exit 0 (or ``codes``), or exit 2 with one line on stderr; never a traceback."""
     assert "Traceback" not in result.output, result.output
+    event(f"exit {result.exit_code}")  # counted by --hypothesis-show-statistics
     if result.exit_code == 2:
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     else:
@@ -91,8 +92,10 @@ def test_any_opt_string_validates_or_raises_a_usage_error(specs):
         try:
             texts = _validate_optimizers(specs)
         except UsageError as exc:
+            event("usage error")
             assert "\n" not in str(exc).strip()
             return
+    event("valid")
     assert texts and len(set(texts)) == len(texts)
 
 
@@ -112,7 +115,9 @@ def test_any_tolerance_parses_to_a_finite_allowance_or_is_a_usage_error(toleranc
     try:
         default, per_category = gate.parse_tolerances([tolerance])
     except UsageError:
+        event("usage error")
         return
+    event("valid")
     for parsed in [default, *per_category.values()]:
         if parsed is not None:
             assert math.isfinite(parsed.fraction) and parsed.fraction >= 0 and parsed.nbytes >= 0
@@ -150,7 +155,9 @@ def test_any_size_is_a_non_negative_count_of_bytes_or_a_usage_error(text):
     try:
         value = parse_size(text)
     except UsageError:
+        event("usage error")
         return
+    event("valid")
     assert isinstance(value, int) and value >= 0
 
 
@@ -289,7 +296,10 @@ def test_any_settings_are_valid_or_a_usage_error(values):
     try:
         Settings(**values)
     except UsageError as exc:
+        event("usage error")
         assert "\n" not in str(exc)
+        return
+    event("valid")
 
 
 def test_the_stub_is_what_the_cli_measures():
