@@ -150,8 +150,17 @@ def measure(
 
 
 def _measure_here(run: Settings) -> RunRecord:
-    """The runner in this process. A crash outside its training steps (the model or the optimizer
-    failing to allocate, or failing to build) is a row too, as a crashed child's is."""
+    """The runner in this process (a deep model's estimate through shallow probes, ``memprof.measure.depth``).
+    A crash outside its training steps (the model or the optimizer failing to allocate, or failing to build)
+    is a row too, as a crashed child's is."""
+    if run.estimate:
+        from memprof.measure import depth
+
+        return depth.estimate(run, _run_here)
+    return _run_here(run)
+
+
+def _run_here(run: Settings) -> RunRecord:
     from memprof.measure.runner import measure as measure_here
 
     try:

@@ -81,6 +81,9 @@ class PhasePeak:
     peak: int
     end: int
     allocator_at_start: int | None = None  # torch.cuda.memory_allocated at the phase mark (CUDA)
+    composition: list[Row] = field(default_factory=list)  # live bytes by (category, component) at the peak
+    blocks: dict[str, int] = field(default_factory=dict)  # a depth probe's: the peak before, in the first and
+    # the last repeated block, and after them (memprof.measure.depth)
 
 
 @dataclass
@@ -171,8 +174,14 @@ def _check_fields(kind: type, data: Any, where: str, skip: tuple[str, ...] = ())
 
 def _typed(kind: type, data: Any, where: str) -> Any:
     """``kind(**data)`` once every value fits its declared type (a shape list becomes a tuple)."""
-    _check_fields(kind, data, where)
-    return kind(**{**data, "shape": tuple(data["shape"])} if kind is ParameterState and "shape" in data else data)
+    _check_fields(kind, data, where, skip=("composition",))
+    if kind is ParameterState and "shape" in data:
+        data = {**data, "shape": tuple(data["shape"])}
+    if kind is PhasePeak and "composition" in data:
+        _expect(data["composition"], list, f"{where}.composition")
+        data = {**data, "composition": [_typed(Row, row, f"{where}.composition[{i}]")
+                                        for i, row in enumerate(data["composition"])]}
+    return kind(**data)
 
 
 def _expect(value: Any, kind: type, where: str) -> None:

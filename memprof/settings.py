@@ -114,6 +114,12 @@ class Settings:
     parallel: str = setting("none", help="How the ranks share the model: ddp, fsdp2 (fully_shard), zero1 "
                             "(DDP + ZeroRedundancyOptimizer), deepspeed-zero1/2/3 (needs deepspeed).",
                             flag="--parallel", config="parallel", csv="extra", group="distributed", choices=PARALLEL)
+    full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
+                               "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",
+                               flag="--full-depth", csv="extra", group="estimate")
+    depth: int | None = setting(None, help="Build only this many of the model's repeated blocks: a probe of a "
+                                "deep model's estimate (memprof.measure.depth), never a record of its own.",
+                                group="record", minimum=1)
     rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
                         "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",
                         minimum=0)

@@ -68,8 +68,9 @@ def measure(settings: Settings) -> list[RunRecord]:
     one rank it simulates."""
     if settings.estimate:
         from memprof.distributed import simulate
+        from memprof.measure import depth
 
-        return [simulate.measure(settings)]
+        return [depth.estimate(settings, simulate.measure)]
     if environment_rank() is not None:
         return _gather(measure_rank(settings))
     return launch(settings)

@@ -11,6 +11,7 @@ per-parameter table. The categories, their precedence and the roles are declared
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import statistics
 from collections import defaultdict
 
@@ -46,6 +47,8 @@ class Capture:
         self.allocated_at_marks: list[int] = []
         self.phase_ms: dict[str, list[float]] = defaultdict(list)
         self.collective_components: set[tuple[str, str]] = set()
+        self.block_marks: list[tuple[float, int]] = []  # (time, block index): a block starts or ends
+        self.depth = 0  # blocks watched (a depth probe's), 0 when none
 
     def mark(self, phase: str, step: int) -> None:
         self.tracker.sync()
@@ -76,6 +79,36 @@ class Capture:
     def optimizer_state(self, state: list[StateTensor]) -> None:
         for item in state:
             self._tag([item.tensor], "optimizer_state", item.role)
+
+    def watch_blocks(self, model: torch.nn.Module, depth: int) -> None:
+        """Mark when each of the model's ``depth`` repeated blocks starts and ends, in forward and in backward
+        (a depth probe's: ``memprof.measure.depth`` reads each phase's peak before, in the first and the last
+        block, and after them). The backward marks are gradient hooks on the blocks' inputs and outputs,
+        which add nothing to the graph; nothing is marked where no one module list holds the blocks."""
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth
+                 and len({type(child) for child in m}) == 1]
+        if len(lists) != 1:
+            return
+        self.depth = depth
+
+        def mark(index: int) -> None:
+            self.block_marks.append((self.tracker.now(), index))
+
+        def on_grad(index: int, tensor) -> None:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(lambda grad: mark(index))
+
+        def before(index: int, args: tuple, kwargs: dict) -> None:
+            mark(index)
+            on_grad(index, args[0] if args else kwargs.get("hidden_states"))
+
+        def after(index: int, output) -> None:
+            mark(index)
+            on_grad(index, next(iter(t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)), None))
+
+        for index, block in enumerate(lists[0]):
+            block.register_forward_pre_hook(lambda m, args, kwargs, i=index: before(i, args, kwargs), with_kwargs=True)
+            block.register_forward_hook(lambda m, args, output, i=index: after(i, output))
 
     def saved_tensor_hooks(self):
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,7 +214,8 @@ def attribute(
     context from the GPU table (``memprof.measure.gpus``).
     """
     assign(allocations, capture.tags, capture.marks)
-    result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0)
+    result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0,
+                    keep_totals=bool(capture.block_marks))
     params = list(names)
     rows: list[Row] = []
     param_storages = {storage_key(t) for p in params for t in storage_tensors(p)}
@@ -218,21 +252,57 @@ def attribute(
     unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
     rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
     record.breakdown = rows
-    record.peak = [Row(c, comp, v, "allocator") for (c, comp), v in sorted(result.peak_composition.items())]
+    record.peak = _rows(result.peak_composition)
     peaks = device_peaks or Peaks()
     peaks.allocated, (peaks.phase, peaks.step) = result.peak_bytes, result.peak_phase
     record.peaks = peaks
     cuda = device_peaks is not None
+    next_times = [p["time"] for p in result.phase_peaks[1:]] + [float("inf")]
     record.phase_peaks = [
         PhasePeak(
             step=p["step"], phase=p["phase"], start=p["start_bytes"], peak=p["peak"], end=p["end_bytes"],
             allocator_at_start=capture.allocated_at_marks[i] if cuda and i < len(capture.allocated_at_marks) else None,
+            composition=_rows(p["composition"]),
+            blocks=_block_peaks(result, capture, p["time"], next_times[i]),
         )
         for i, p in enumerate(result.phase_peaks)
     ]
     record.timings_ms = _medians(capture.phase_ms)
     record.timeline = Timeline(**result.timeline) if result.timeline else Timeline()
     record.parameters = _parameter_table(names, state)
+
+
+def move_global_peak(record: RunRecord, top: PhasePeak) -> None:
+    """Make the phase peak ``top`` the record's global peak, with the rows read at it (a record
+    extrapolated in depth whose global peak changes phase, ``memprof.measure.depth``)."""
+    record.peaks.allocated, record.peaks.phase, record.peaks.step = top.peak, top.phase, top.step
+    record.peak = list(top.composition)
+    at_peak = {("unattributed", "at peak"): "unattributed", ("context", "library workspace"): "context"}
+    record.breakdown = [
+        dataclasses.replace(row, bytes=sum(r.bytes for r in top.composition if r.category == at_peak[key]))
+        if (key := (row.category, row.component)) in at_peak else row
+        for row in record.breakdown
+    ]
+
+
+def _block_peaks(result: Replay, capture: Capture, start: float, end: float) -> dict[str, int]:
+    """A phase's peak before the watched blocks, in the first and in the last block, and after them
+    (from ``start`` to ``end``); empty where no block ran in the phase."""
+    marks = [(t, i) for t, i in capture.block_marks if start <= t < end]
+    if not marks:
+        return {}
+    first = [t for t, i in marks if i == 0]
+    last = [t for t, i in marks if i == capture.depth - 1]
+    if not first or not last:
+        return {}
+    return {"before": result.peak_between(start, marks[0][0]),
+            "first block": result.peak_between(min(first), max(first)),
+            "last block": result.peak_between(min(last), max(last)),
+            "after": result.peak_between(marks[-1][0], end)}
+
+
+def _rows(composition: dict[tuple[str, str], int]) -> list[Row]:
+    return [Row(c, comp, v, "allocator") for (c, comp), v in sorted(composition.items())]
 
 
 def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -> list[ParameterState]:

@@ -49,13 +49,26 @@ class Replay:
     peak_time: float = 0.0
     peak_phase: tuple[str, int] = ("setup", 0)
     peak_composition: dict[tuple[str, str], int] = field(default_factory=dict)
-    # {step, phase, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live}}
+    # {step, phase, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live},
+    #  composition: {(category, component): live at the phase's peak}}
     phase_peaks: list[dict] = field(default_factory=list)
     timeline: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # with keep_totals: each event's time…
+    totals: list[int] = field(default_factory=list)  # …and the live total after it
+
+    def peak_between(self, start: float, end: float) -> int:
+        """The most bytes live at any instant from ``start`` to ``end`` (needs ``keep_totals``)."""
+        import bisect
+
+        first, last = bisect.bisect_left(self.times, start), bisect.bisect_right(self.times, end)
+        entering = self.totals[first - 1] if first > 0 else 0
+        return max([entering, *self.totals[first:last]])
 
 
-def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_points: int = 0) -> Replay:
-    """Walk allocations and frees in time order (allocations must already be assigned)."""
+def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_points: int = 0,
+           keep_totals: bool = False) -> Replay:
+    """Walk allocations and frees in time order (allocations must already be assigned); ``keep_totals``:
+    keep the live total after every event (``Replay.peak_between``)."""
     events: list[tuple[float, int, int, Allocation]] = []
     for i, alloc in enumerate(allocations):
         events.append((alloc.start, 1, i, alloc))
@@ -84,6 +97,7 @@ def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_po
             "start_bytes": total,
             "peak": total,
             "peak_by_component": {k: v for k, v in live.items() if v},
+            "composition": {k: v for k, v in live.items() if v},  # at the phase's peak
         }
 
     for time, is_alloc, idx, alloc in events:
@@ -101,7 +115,8 @@ def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_po
             live_allocs.discard(idx)
             total -= alloc.nbytes
         if current is not None:
-            current["peak"] = max(current["peak"], total)
+            if total > current["peak"]:
+                current["peak"], current["composition"] = total, {k: v for k, v in live.items() if v}
             by = current["peak_by_component"]
             by[key] = max(by.get(key, 0), live[key])
         if total > result.peak_bytes:
@@ -110,6 +125,9 @@ def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_po
             result.peak_composition = {k: v for k, v in live.items() if v}
         if timeline_points:
             samples.append((time, total, _by_category(live)))
+        if keep_totals:
+            result.times.append(time)
+            result.totals.append(total)
     while next_mark is not None:
         close_phase()
         current = open_phase(next_mark)

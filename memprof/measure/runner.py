@@ -52,6 +52,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate)
         model, batch = strategy.prepare(built.model), built.batch
+        if settings.depth is not None:
+            capture.watch_blocks(model, settings.depth)
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
         local = strategy.local_optimizer(optimizer)

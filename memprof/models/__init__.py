@@ -87,6 +87,16 @@ def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel
     return user.build(name, options, device)
 
 
+def stacked_depth(name: str) -> int | None:
+    """How many repeated blocks ``name`` stacks where a probe can build fewer (Hugging Face text models
+    with one stack), else None."""
+    if name in TEXT_MODELS or _is_hf_config(name):
+        from memprof.models import hf
+
+        return hf.stacked_depth(name)
+    return None
+
+
 def is_builtin(name: str) -> bool:
     """A zoo model (no file of the user's is read to build it)."""
     return name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS

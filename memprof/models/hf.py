@@ -60,6 +60,25 @@ def build_builtin(name: str, options: ModelOptions, device: torch.device) -> Bui
     return _build(name, spec.family, config, task, options, device)
 
 
+def stacked_depth(name: str) -> int | None:
+    """How many repeated blocks the text model ``name`` (built-in or a ``config.json``) stacks, or None
+    where its depth is not one number (an encoder-decoder has two stacks)."""
+    if name in TEXT_MODELS:
+        spec = TEXT_MODELS[name]
+        config = FAMILIES[spec.family][0](**spec.config)
+    else:
+        config = _read_config(Path(name).expanduser())
+    depth = getattr(config, "num_hidden_layers", None)
+    return depth if isinstance(depth, int) and not config.is_encoder_decoder else None
+
+
+def _read_config(path: Path) -> transformers.PretrainedConfig:
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
+
+
 def build_from_config_file(path: Path, options: ModelOptions, device: torch.device) -> BuiltModel:
     """Build from a local ``config.json`` (or a folder holding one).
 
@@ -68,10 +87,7 @@ def build_from_config_file(path: Path, options: ModelOptions, device: torch.devi
     LM, model types with a masked-LM head get that, and the rest a causal LM. A ``seq_len`` longer
     than the model's learned absolute positions (``learned_positions``) is a usage error.
     """
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-        raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
+    config = _read_config(path)
     built = _build(str(path), "hf-config", config, _task_of(config, path), options, device)
     limit = learned_positions(built.model)
     if limit is not None and options.seq_len > limit:
@@ -115,6 +131,10 @@ def _build(name: str, family: str, config: transformers.PretrainedConfig, task: 
            options: ModelOptions, device: torch.device) -> BuiltModel:
     auto_class, _ = TASKS[task]
     config.use_cache = False
+    if options.depth is not None:  # a probe of memprof.measure.depth: the first ``depth`` blocks
+        config.num_hidden_layers = options.depth
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[: options.depth]
     with torch.device(device):
         model = auto_class.from_config(config, dtype=options.torch_dtype)
     if task == "causal-lm" and getattr(model, "loss_type", None) is None:

@@ -1,0 +1,203 @@
+"""A deep model's estimate from shallow probes: every figure is affine in the number of blocks.
+
+The blocks of a transformer stack are alike: each adds the same parameters, gradients, optimizer
+state and saved activations, through the same allocations in the same order. So each figure of an
+estimate (bytes per category and component, every phase's peak and its composition, the parameter
+count, the counts in its notes) is ``f(d) = f(0) + d·Δ`` at depth ``d``. ``estimate`` runs probes of
+1, 2 and 3 blocks, requires every figure's second difference to be exactly zero, and extrapolates
+to the configured depth; where some figure is not affine there (the first block differs), it probes
+2, 3 and 4 blocks; where that fails too, it estimates the whole model op by op, as ``--full-depth``
+always does. The global peak is the highest extrapolated phase peak, read with that phase's
+composition: it may fall in another phase than at the probes. The per-parameter table repeats the
+probe's block rows under each block's name.
+
+What probes cannot see, and the tests check against full-depth estimates instead: two points of the
+same phase whose bytes grow at different rates per block and cross beyond the probes' depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+from memprof.record import RunRecord
+from memprof.settings import Settings
+
+PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4))
+MIN_DEPTH = 6
+"""Shallower models are estimated whole: their probes would cost about as much."""
+
+_NUMBER = re.compile(r"\d[\d,]*\d|\d")  # an integer in prose, thousands separators allowed
+
+
+class NotAffine(Exception):
+    """A figure of the probes is not affine in the depth; the message names it."""
+
+
+def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> RunRecord:
+    """``measure(settings)`` for an estimate, through probes of a few blocks where the model stacks more."""
+    from memprof.models import stacked_depth
+
+    depth = None if settings.full_depth or settings.depth is not None else stacked_depth(settings.model)
+    if depth is None or depth < MIN_DEPTH:
+        return measure(settings)
+    probes: dict[int, RunRecord] = {}
+    reasons = []
+    for depths in PROBES:
+        records = [probes[d] if d in probes else probes.setdefault(d, measure(settings.replace(depth=d)))
+                   for d in depths]
+        failed = next(((d, r) for d, r in zip(depths, records) if r.status != "ok"), None)
+        if failed is not None:  # an optimizer that cannot run on a few blocks cannot run on all of them
+            blocks, record = failed
+            record.settings = settings
+            record.notes.append(f"failed on a probe of {blocks} of the model's {depth} blocks")
+            return record
+        try:
+            record = extrapolate(records, depths, depth)
+        except NotAffine as exc:
+            reasons.append(f"probes of {', '.join(map(str, depths))} blocks: {exc}")
+            continue
+        record.settings = settings
+        record.notes.append(f"extrapolated to {depth} blocks from probes of {', '.join(map(str, depths))} blocks "
+                            "(every figure affine in the depth, exactly, at the probes); no timeline: "
+                            "--full-depth estimates op by op")
+        return record
+    record = measure(settings)
+    record.notes.append("estimated op by op at full depth: " + "; ".join(reasons))
+    return record
+
+
+def extrapolate(records: Sequence[RunRecord], depths: Sequence[int], depth: int) -> RunRecord:
+    """The record at ``depth`` blocks from records at consecutive ``depths``; ``NotAffine`` where a figure
+    is not affine in them."""
+    data = [r.to_dict() for r in records]
+    for item in data:
+        item.pop("timeline")
+        item.pop("settings")
+    telemetry = [item.pop("telemetry") for item in data]
+    parameters = _parameters([item.pop("parameters") for item in data], depths, depth)
+    out = _affine(data, depths, depth, "record")
+    out.update(settings=records[-1].to_dict()["settings"], parameters=parameters,
+               telemetry=telemetry[0] if all(t == telemetry[0] for t in telemetry) else [])
+    record = RunRecord.from_dict(out)
+    _check_blocks(records[-1], record, depth)
+    _settle_peak(records[-1], record)
+    record.phase_peaks = [dataclasses.replace(p, blocks={}) for p in record.phase_peaks]  # the probes' alone
+    return record
+
+
+def _check_blocks(probe: RunRecord, record: RunRecord, depth: int) -> None:
+    """Every phase's peak at ``depth`` must be the extrapolated one: no point before, in or after the blocks
+    may outgrow it (the peak of a middle block lies between the first's and the last's)."""
+    if not any(p.blocks for p in probe.phase_peaks):
+        raise NotAffine("no one module list holds the blocks, so the peaks within phases cannot be followed")
+    for phase in record.phase_peaks:
+        where, most = max(phase.blocks.items(), key=lambda item: item[1], default=("", 0))
+        if most > phase.peak:
+            raise NotAffine(f"{phase.phase} (step {phase.step}) peaks {where} at {depth} blocks, not where it "
+                            "peaked at the probes")
+
+
+def _affine(values: list[Any], depths: Sequence[int], depth: int, where: str) -> Any:
+    first = values[0]
+    if all(type(v) is type(first) and v == first for v in values):
+        return first
+    if any(type(v) is not type(first) for v in values):
+        raise NotAffine(f"{where} changes type")
+    if isinstance(first, dict):
+        if any(v.keys() != first.keys() for v in values):
+            raise NotAffine(f"{where} has other keys")
+        return {k: _affine([v[k] for v in values], depths, depth, f"{where}.{k}") for k in first}
+    if isinstance(first, (list, tuple)):
+        if any(len(v) != len(first) for v in values):
+            raise NotAffine(f"{where} has another length")
+        return type(first)(_affine([v[i] for v in values], depths, depth, f"{where}[{i}]")
+                           for i in range(len(first)))
+    if isinstance(first, int) and not isinstance(first, bool):
+        return _line(values, depths, depth, where)
+    if isinstance(first, str):
+        return _prose(values, depths, depth, where)
+    raise NotAffine(f"{where} differs: {values}")
+
+
+def _line(values: Sequence[int], depths: Sequence[int], depth: int, where: str) -> int:
+    """The affine function through ``values`` at ``depths`` (consecutive), at ``depth``."""
+    per_block = values[1] - values[0]
+    if any(b - a != per_block for a, b in zip(values, values[1:])):
+        raise NotAffine(f"{where} is {', '.join(map(str, values))} at {', '.join(map(str, depths))} blocks")
+    return values[-1] + per_block * (depth - depths[-1])
+
+
+def _prose(values: Sequence[str], depths: Sequence[int], depth: int, where: str) -> str:
+    """Text whose integers are affine in the depth and whose words are the same."""
+    words = [_NUMBER.split(v) for v in values]
+    numbers = [_NUMBER.findall(v) for v in values]
+    if any(w != words[0] for w in words) or any(len(n) != len(numbers[0]) for n in numbers):
+        raise NotAffine(f"{where} differs in words: {values[0]!r} / {values[-1]!r}")
+    out = [words[0][0]]
+    for i, word in enumerate(words[0][1:]):
+        found = [n[i] for n in numbers]
+        if all(n == found[0] for n in found):  # a number the depth does not change, written as it was
+            out += [found[0], word]
+            continue
+        value = _line([int(n.replace(",", "")) for n in found], depths, depth, where)
+        out += [f"{value:,}" if "," in found[-1] else str(value), word]
+    return "".join(out)
+
+
+def _parameters(tables: list[list[dict]], depths: Sequence[int], depth: int) -> list[dict]:
+    """The per-parameter table at ``depth``: the deepest probe's, its block rows repeated for every block,
+    in the order a full-depth record has (most state first; ties in the model's parameter order)."""
+    if all(t == tables[0] for t in tables):
+        return tables[0]  # no per-block parameters (ALBERT shares one block's)
+    prefix = _block_prefix([[row["name"] for row in t] for t in tables], depths)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    deepest = tables[-1]
+    blocks: dict[int, list[dict]] = {}
+    for row in deepest:
+        match = pattern.match(row["name"])
+        if match:
+            blocks.setdefault(int(match[1]), []).append({**row, "name": match[2]})
+    if any(rows != blocks[0] for rows in blocks.values()):
+        raise NotAffine(f"the blocks under {prefix} hold different parameters or state")
+    # State created in backward (IO-Adam's hooks) lists the blocks last to first.
+    order = [int(m[1]) for m in map(pattern.match, (r["name"] for r in deepest)) if m and m[2] == blocks[0][0]["name"]]
+    sign = -1 if order != sorted(order) else 1
+    keyed = []
+    for index, row in enumerate(deepest):
+        match = pattern.match(row["name"])
+        if match is None:  # before the blocks in parameter order unless a block row of its size came first
+            after = any(pattern.match(r["name"]) and r["state_bytes"] == row["state_bytes"] for r in deepest[:index])
+            keyed.append(((-row["state_bytes"], 2 if after else 0, 0, index), row))
+        elif match[1] == "0":
+            keyed += [((-row["state_bytes"], 1, sign * b, index), {**row, "name": f"{prefix}.{b}.{match[2]}"})
+                      for b in range(depth)]
+    return [row for _, row in sorted(keyed, key=lambda item: item[0])]
+
+
+def _block_prefix(names: list[list[str]], depths: Sequence[int]) -> str:
+    """The module path under which each probe numbers its blocks 0 … depth−1."""
+    candidates = None
+    for probe, depth in zip(names, depths):
+        indices: dict[str, set[int]] = {}
+        for name in probe:
+            for match in re.finditer(r"\.(\d+)\.", name):
+                indices.setdefault(name[: match.start()], set()).add(int(match[1]))
+        found = {prefix for prefix, seen in indices.items() if seen == set(range(depth))}
+        candidates = found if candidates is None else candidates & found
+    if not candidates or len(candidates) > 1:
+        raise NotAffine("no one module path numbers the blocks")
+    return candidates.pop()
+
+
+def _settle_peak(probe: RunRecord, record: RunRecord) -> None:
+    """The global peak at full depth: the highest extrapolated phase peak, which may lie in another phase
+    than at the probes (a step transient that grows faster per block than the activations)."""
+    from memprof.measure.attribution import move_global_peak
+
+    if not probe.phase_peaks or max(p.peak for p in probe.phase_peaks) != probe.peaks.allocated:
+        return  # the probes' global peak came before the first phase (nothing to compare)
+    top = max(record.phase_peaks, key=lambda p: p.peak)
+    if top.peak > (record.peaks.allocated or 0):
+        move_global_peak(record, top)
