@@ -50,7 +50,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
-                            fake=settings.estimate)
+                            fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         model, batch = strategy.prepare(built.model), built.batch
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)

@@ -75,6 +75,17 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device,
     return {key: moved[id(value)] for key, value in batch.items()}
 
 
+def outside_dispatch_modes(enabled: bool = True):
+    """Set aside the dispatch modes (an estimate's ``FakeTensorMode``, the trackers) while a model is built
+    on the meta device: its tensors stay plain meta tensors, which hold no memory and which no tracker counts
+    (``memprof.models.build_model(weights_on_meta=True)``)."""
+    import contextlib
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes() if enabled else contextlib.nullcontext()
+
+
 def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` on ``device`` with floating tensors in ``dtype``, converted only where something
     changes: fake tensors (an estimate) cannot be converted in place, only swapped."""
