@@ -6,7 +6,7 @@ Kept free of heavy imports (torch only for type checking) so that ``memprof mode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from memprof.errors import UsageError
 
@@ -75,7 +75,7 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device,
     return {key: moved[id(value)] for key, value in batch.items()}
 
 
-def outside_dispatch_modes(enabled: bool = True):
+def outside_dispatch_modes(enabled: bool = True) -> ContextManager:
     """Set aside the dispatch modes (an estimate's ``FakeTensorMode``, the trackers) while a model is built
     on the meta device: its tensors stay plain meta tensors, which hold no memory and which no tracker counts
     (``memprof.models.build_model(weights_on_meta=True)``)."""
