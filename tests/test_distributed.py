@@ -235,10 +235,67 @@ def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec):
     assert real[0].total("optimizer_state") != real[1].total("optimizer_state")  # the ranks differ: rank matters
 
 
-def test_simulated_fsdp2_peak_agrees_with_the_gloo_run_on_tiny_gpt2(gpt2_spec):
-    real = run(gpt2_spec, "adam", "fsdp2")
+@pytest.fixture(scope="module")
+def fsdp2_tiny_gpt2():
+    return run(f"{Path(__file__).with_name('zoo_for_tests.py')}:tiny_gpt2", "adam", "fsdp2")
+
+
+def _shard_bytes(spec: str, ranks: int) -> tuple[int, int]:
+    """(the whole model's parameter bytes, one rank's padded Shard(0) bytes) of an fp32 model."""
+    from memprof.models import ModelOptions, build_model
+
+    params = list(build_model(spec, ModelOptions(batch_size=2), device="meta").model.parameters())
+    whole = sum(p.numel() * 4 for p in params)
+    return whole, sum(-(-p.shape[0] // ranks) * (p.numel() // p.shape[0]) * 4 for p in params)
+
+
+def _setup_peak(record) -> int:
+    return max(p.peak for p in record.phase_peaks if p.phase == "setup")
+
+
+def test_fsdp2_ranks_materialise_only_their_shards(fsdp2_tiny_gpt2, gpt2_spec):
+    whole, shard = _shard_bytes(gpt2_spec, 2)
+    for record in fsdp2_tiny_gpt2:
+        assert record.status == "ok" and not any(n.startswith("loss became") for n in record.notes)
+        assert record.total("weights") == shard  # the materialised local shards' storage, padding included
+        # built on meta and sharded there: the setup never holds the whole model (a full build did)
+        assert _setup_peak(record) < whole
+        assert any("built on the meta device" in n for n in record.notes)
+
+
+def test_simulated_fsdp2_peak_agrees_with_the_gloo_run_on_tiny_gpt2(fsdp2_tiny_gpt2, gpt2_spec):
+    whole, shard = _shard_bytes(gpt2_spec, 2)
     for rank in (0, 1):
-        _same_rank_figures(simulate(gpt2_spec, "adam", "fsdp2", rank=rank), real[rank])
+        simulated = simulate(gpt2_spec, "adam", "fsdp2", rank=rank)
+        _same_rank_figures(simulated, fsdp2_tiny_gpt2[rank])
+        assert simulated.total("weights") == shard and _setup_peak(simulated) < whole
+
+
+def test_meta_builds_keep_the_batch_on_the_device(mlp_spec):
+    from memprof.models import ModelOptions, build_model
+
+    for name in (mlp_spec, "gpt2"):
+        built = build_model(name, ModelOptions(batch_size=2, seq_len=8), "cpu", weights_on_meta=True)
+        assert all(t.is_meta for t in (*built.model.parameters(), *built.model.buffers()))
+        assert all(t.device.type == "cpu" for t in built.batch.values())
+
+
+def test_materialised_llama_recomputes_its_rotary_buffers():
+    import transformers
+
+    from memprof.distributed.strategy import initialise_materialised
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=100)
+    reference = transformers.LlamaForCausalLM(config)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    initialise_materialised(model, seed=0)
+    for (name, buffer), (_, expected) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(buffer, expected), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.model.norm.weight, torch.ones(32))
 
 
 def test_simulating_64_ranks_is_one_quick_process(mlp_spec):

@@ -1,7 +1,8 @@
 """How one rank shares the model with the others: the runner's only hook for distributed training.
 
 The runner (``memprof.measure.runner.measure``) calls, in order: ``watch(capture)`` around the whole
-capture, ``prepare(model)`` after the model is built, ``make_optimizer(spec, model)`` after that,
+capture, ``prepare(model)`` after the model is built (on the meta device where ``builds_on_meta`` says
+so: ``prepare`` then materialises this rank's share), ``make_optimizer(spec, model)`` after that,
 ``local_optimizer(optimizer)`` for the optimizer whose state this rank holds, and ``notes`` at the
 end. ``Strategy`` itself is a single process; ``for_settings`` picks the one ``--parallel`` names.
 Kept free of torch.distributed imports until a distributed strategy is built.
@@ -26,6 +27,9 @@ class Strategy:
     """A single process: the model as built, the registry's optimizer, no collectives."""
 
     name = "none"
+    builds_on_meta = False
+    """Whether the runner builds the model's parameters and buffers on the meta device (no memory) and
+    ``prepare`` materialises what this rank holds; else the model is built whole on the device."""
 
     def watch(self, capture: "Capture") -> ContextManager:
         """Entered around the capture (the model is built inside it)."""
@@ -89,12 +93,17 @@ class FSDP2(_Distributed):
     each leaf module with parameters, then on the root; a 1-D device mesh over all ranks. Parameters and
     gradients become DTensors sharded on dim 0 (``torch.chunk``: uneven, padded).
 
+    As at scale (torchtitan), the model is built on the meta device, sharded there, and only this rank's
+    shards are materialised (``to_empty``) and initialised (``initialise_materialised``): no rank ever
+    holds the whole model.
+
     The optimizer steps each parameter's local shard (``LocalShards``), so every optimizer runs, as it
     would on plain tensors: on this rank's rows. Element-wise ones (Adam, Lion…) compute exactly what
     they would on the whole parameter; a factored or matrix optimizer factors the shard, not the matrix
     (docs/optimizers.md, "Under FSDP2")."""
 
     name = "fsdp2"
+    builds_on_meta = True
 
     def __init__(self, device: "torch.device") -> None:
         import torch.distributed.fsdp  # noqa: F401 - defines torch.ops.fsdp, whose copy-out the capture tags
@@ -108,9 +117,14 @@ class FSDP2(_Distributed):
     def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module":
         from torch.distributed.fsdp import fully_shard
 
-        for module in shard_units(model):
-            fully_shard(module, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
+        from memprof.models.base import outside_dispatch_modes
+
+        with outside_dispatch_modes():  # sharding a meta model: nothing allocated, nothing for a tracker
+            for module in shard_units(model):
+                fully_shard(module, mesh=self.mesh)
+            fully_shard(model, mesh=self.mesh)
+        model.to_empty(device=self.device)  # FSDP2 re-pads each local shard into its own storage
+        initialise_materialised(model, seed=self.rank)
         return model
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
@@ -138,9 +152,11 @@ class FSDP2(_Distributed):
         return LocalShards(inner, list(shards.items()))
 
     def notes(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer") -> list[str]:
+        built = ("built on the meta device, sharded, then only this rank's shards materialised and initialised "
+                 "(matrices N(0, 0.02), biases 0, other vectors 1; buffers by the model's own initialisers)")
         split = sum(1 for p in model.parameters() if tuple(p.to_local().shape) != tuple(p.shape))
-        return [f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
-                f"{sum(1 for _ in model.parameters())} parameters split): a factored optimizer factors the shard"]
+        return [built, f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
+                       f"{sum(1 for _ in model.parameters())} parameters split): a factored optimizer factors the shard"]
 
 
 def _simulated_allreduce(state, bucket):  # unannotated: DDP checks the annotations' objects, not strings
@@ -287,6 +303,51 @@ def shard_units(model: "torch.nn.Module") -> list["torch.nn.Module"]:
         return units
     return [m for m in model.modules()
             if m is not model and not any(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+
+INIT_STD = 0.02
+"""Standard deviation of the normal init of materialised matrices (GPT-2's and LLaMA's initializer_range)."""
+
+
+def initialise_materialised(model: "torch.nn.Module", seed: int) -> None:
+    """Values for a model just materialised with ``to_empty`` (uninitialised memory), finite as a fresh
+    build's: each parameter's local shard gets N(0, ``INIT_STD``) if it is a matrix, 0 if it is a bias, 1
+    otherwise (norm weights), written in place (no copy, no collective). Buffers are zeroed, then
+    re-created by the model's own initialisers where it has them: ``reset_running_stats`` (BatchNorm) and a
+    Hugging Face model's ``_init_weights`` on each module that holds buffers (rotary ``inv_freq``, BERT's
+    ``position_ids``), run with that module's parameters swapped for their local shards."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def local(tensor: "torch.Tensor") -> "torch.Tensor":
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    devices = [t.device.index for t in model.parameters() if t.device.type == "cuda"][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for name, param in model.named_parameters():
+            shard = local(param)
+            if shard.ndim >= 2:
+                shard.normal_(0.0, INIT_STD)
+            else:
+                shard.fill_(0.0 if name.rpartition(".")[2] == "bias" else 1.0)
+        for buffer in model.buffers():
+            buffer.zero_()
+        init_weights = getattr(model, "_init_weights", None)
+        for module in model.modules():
+            if not any(True for _ in module.buffers(recurse=False)):
+                continue
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+            elif init_weights is not None:
+                own = dict(module._parameters)
+                try:
+                    for key, param in own.items():
+                        if param is not None:
+                            module._parameters[key] = torch.nn.Parameter(local(param), param.requires_grad)
+                    init_weights(module)
+                finally:
+                    module._parameters.update(own)
 
 
 def structure(model: "torch.nn.Module", optimizer: "torch.optim.Optimizer") -> str:

@@ -50,7 +50,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
-                            fake=settings.estimate)
+                            fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:
             capture.watch_blocks(model, settings.depth)

@@ -27,10 +27,12 @@ __all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "is_
 
 
 def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu", *,
-                fake: bool = False) -> BuiltModel:
+                fake: bool = False, weights_on_meta: bool = False) -> BuiltModel:
     """Build ``name`` on ``device`` (``"meta"`` works: shapes without memory), in train() mode.
 
     ``fake``: the caller runs a ``FakeTensorMode``; a fake CUDA model needs no GPU.
+    ``weights_on_meta``: the model's parameters and buffers on the meta device, the batch on ``device``
+    (FSDP2 shards the model first and materialises this rank's shards: ``memprof.distributed.strategy``).
     """
     import torch
 
@@ -41,7 +43,7 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
         device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
         torch.manual_seed(SEED)  # the same weights on every build on one device type
-        built = _build(name, options, device)
+        built = _build(name, options, device, weights_on_meta)
     built.config.update(
         name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,
         batch_size=options.batch_size, batch={k: [list(v.shape), str(v.dtype)] for k, v in built.batch.items()},
@@ -68,23 +70,23 @@ def _refuse_one_value_per_channel(model: torch.nn.Module, name: str) -> None:
             module.register_forward_pre_hook(lambda m, args, layer=layer: check(m, args, layer))
 
 
-def _build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
+def _build(name: str, options: ModelOptions, device: torch.device, weights_on_meta: bool) -> BuiltModel:
     if name in TEXT_MODELS:
         from memprof.models import hf
 
-        return hf.build_builtin(name, options, device)
+        return hf.build_builtin(name, options, device, weights_on_meta)
     if name in TORCHVISION_CLASSIFIERS:
         from memprof.models import vision
 
-        return vision.build(name, options, device)
+        return vision.build(name, options, device, weights_on_meta)
     if _is_hf_config(name):
         from memprof.models import hf
 
-        return hf.build_from_config_file(Path(name).expanduser(), options, device)
+        return hf.build_from_config_file(Path(name).expanduser(), options, device, weights_on_meta)
     from memprof.models import user
 
     check_model_name(name)
-    return user.build(name, options, device)
+    return user.build(name, options, device, weights_on_meta)
 
 
 def stacked_depth(name: str) -> int | None:

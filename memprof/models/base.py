@@ -6,7 +6,7 @@ Kept free of heavy imports (torch only for type checking) so that ``memprof mode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from memprof.errors import UsageError
 
@@ -74,6 +74,17 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device,
             dtype = float_dtype if float_dtype is not None and value.is_floating_point() else value.dtype
             moved[id(value)] = value.to(device=device, dtype=dtype)
     return {key: moved[id(value)] for key, value in batch.items()}
+
+
+def outside_dispatch_modes(enabled: bool = True) -> ContextManager:
+    """Set aside the dispatch modes (an estimate's ``FakeTensorMode``, the trackers) while a model is built
+    on the meta device: its tensors stay plain meta tensors, which hold no memory and which no tracker counts
+    (``memprof.models.build_model(weights_on_meta=True)``)."""
+    import contextlib
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes() if enabled else contextlib.nullcontext()
 
 
 def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import transformers
 from transformers.models.auto import modeling_auto
 
 from memprof.errors import UsageError
-from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, outside_dispatch_modes
 from memprof.models.catalog import TEXT_MODELS
 
 # Task -> (Auto class, model-type -> class-name mapping used to recognise `architectures`).
@@ -50,14 +50,15 @@ FAMILIES: dict[str, tuple[type[transformers.PretrainedConfig], str]] = {
 MASK_FRACTION = 0.15  # masked-LM: share of positions replaced by the mask token and scored (BERT's rate)
 
 
-def build_builtin(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
-    """Build a built-in text model (a key of ``TEXT_MODELS``)."""
+def build_builtin(name: str, options: ModelOptions, device: torch.device,
+                  weights_on_meta: bool = False) -> BuiltModel:
+    """Build a built-in text model (a key of ``TEXT_MODELS``); ``weights_on_meta`` as ``build_model``'s."""
     spec = TEXT_MODELS[name]
     if spec.max_seq_len is not None and options.seq_len > spec.max_seq_len:
         raise UsageError(f"Invalid seq_len: {options.seq_len} ({name} has learned positions for {spec.max_seq_len})")
     config_class, task = FAMILIES[spec.family]
     config = config_class(**spec.config)
-    return _build(name, spec.family, config, task, options, device)
+    return _build(name, spec.family, config, task, options, device, weights_on_meta)
 
 
 def stacked_depth(name: str) -> int | None:
@@ -79,7 +80,8 @@ def _read_config(path: Path) -> transformers.PretrainedConfig:
         raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
 
 
-def build_from_config_file(path: Path, options: ModelOptions, device: torch.device) -> BuiltModel:
+def build_from_config_file(path: Path, options: ModelOptions, device: torch.device,
+                           weights_on_meta: bool = False) -> BuiltModel:
     """Build from a local ``config.json`` (or a folder holding one).
 
     The head comes from the config's ``architectures`` when one of them is a causal-LM, seq2seq-LM,
@@ -88,7 +90,7 @@ def build_from_config_file(path: Path, options: ModelOptions, device: torch.devi
     than the model's learned absolute positions (``learned_positions``) is a usage error.
     """
     config = _read_config(path)
-    built = _build(str(path), "hf-config", config, _task_of(config, path), options, device)
+    built = _build(str(path), "hf-config", config, _task_of(config, path), options, device, weights_on_meta)
     limit = learned_positions(built.model)
     if limit is not None and options.seq_len > limit:
         raise UsageError(f"--seq-len {options.seq_len} is longer than {path} allows: its model has learned "
@@ -128,14 +130,14 @@ def _task_of(config: transformers.PretrainedConfig, path: Path) -> str:
 
 
 def _build(name: str, family: str, config: transformers.PretrainedConfig, task: str,
-           options: ModelOptions, device: torch.device) -> BuiltModel:
+           options: ModelOptions, device: torch.device, weights_on_meta: bool) -> BuiltModel:
     auto_class, _ = TASKS[task]
     config.use_cache = False
     if options.depth is not None:  # a probe of memprof.measure.depth: the first ``depth`` blocks
         config.num_hidden_layers = options.depth
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[: options.depth]
-    with torch.device(device):
+    with outside_dispatch_modes(weights_on_meta), torch.device("meta" if weights_on_meta else device):
         model = auto_class.from_config(config, dtype=options.torch_dtype)
     if task == "causal-lm" and getattr(model, "loss_type", None) is None:
         # transformers picks the loss from the class name; GPT2LMHeadModel matches none, so every

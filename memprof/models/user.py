@@ -1,6 +1,7 @@
 """A model from the user's own file: ``path/to/file.py:function``.
 
-The file is imported by path and ``function`` is called inside ``with torch.device(device)``,
+The file is imported by path and ``function`` is called inside ``with torch.device(device)`` (with
+``weights_on_meta``, a module's own code makes meta tensors: ``ModuleTensorsOnMeta``),
 with the ``ModelOptions`` if it takes a positional parameter, else with no argument; a failure in
 either (an exception, ``sys.exit``) is one usage-error line naming the file and the error. It returns:
 
@@ -23,6 +24,7 @@ labels the mean of its squares (a stand-in that gives every used weight a gradie
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -32,9 +34,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from memprof.errors import UsageError, closest, user_code
-from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, place
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, outside_dispatch_modes, place
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -45,8 +48,9 @@ def is_user_spec(name: str) -> bool:
     return bool(sep) and path.endswith(".py") and function.isidentifier()
 
 
-def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
-    """Import the file, call the function, and complete what it returned into a ``BuiltModel``."""
+def build(spec: str, options: ModelOptions, device: torch.device, weights_on_meta: bool = False) -> BuiltModel:
+    """Import the file, call the function, and complete what it returned into a ``BuiltModel``;
+    ``weights_on_meta`` as ``memprof.models.build_model``'s."""
     path_text, _, function_name = spec.rpartition(":")
     path = Path(path_text).expanduser()
     if not path.is_file():
@@ -57,10 +61,12 @@ def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
     if not callable(function):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise UsageError(f"{path} has no function {function_name!r}; did you mean {closest(function_name, names)}?")
-    with user_code(f"model {spec}"), torch.device(device):
+    on_meta = ModuleTensorsOnMeta() if weights_on_meta else contextlib.nullcontext()
+    with user_code(f"model {spec}"), torch.device(device), on_meta:
         result = function(options) if _takes_positional(function) else function()
     model, batch, loss_fn = _unpack(result, spec)
-    place(model, device, options.torch_dtype).train()
+    with outside_dispatch_modes(weights_on_meta):
+        place(model, torch.device("meta") if weights_on_meta else device, options.torch_dtype).train()
     if batch is None:
         batch = {"input": _example_input(model, options, spec)}
     elif isinstance(batch, torch.Tensor):
@@ -71,6 +77,38 @@ def build(spec: str, options: ModelOptions, device: torch.device) -> BuiltModel:
               "loss": "user" if loss_fn is not None else "default"}
     return BuiltModel(name=spec, family="user", model=model, batch=move_batch(batch, device, options.torch_dtype),
                       loss=loss_fn or default_loss, config=record)
+
+
+class ModuleTensorsOnMeta(TorchFunctionMode):
+    """Torch calls made by a module's own code (its ``__init__``, ``reset_parameters``) make meta tensors
+    (factories with no device named go to meta) and run outside the dispatch modes (``outside_dispatch_modes``);
+    the rest of the user's function (the batch) is untouched. A module's code is a frame, between this
+    mode's entry and the call, whose ``self`` is an ``nn.Module``."""
+
+    FACTORIES = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand,
+                           torch.randn, torch.randint, torch.randperm, torch.arange, torch.linspace, torch.eye,
+                           torch.tensor, torch.as_tensor})
+
+    def __enter__(self) -> "ModuleTensorsOnMeta":
+        self._entered_from = sys._getframe(1)
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._in_module_code():
+            return func(*args, **kwargs)
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        with outside_dispatch_modes():
+            return func(*args, **kwargs)
+
+    def _in_module_code(self) -> bool:
+        frame = sys._getframe(2)
+        while frame is not None and frame is not self._entered_from:
+            if isinstance(frame.f_locals.get("self"), nn.Module):
+                return True
+            frame = frame.f_back
+        return False
 
 
 def default_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

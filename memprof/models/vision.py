@@ -16,7 +16,7 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 
 from memprof.errors import UsageError
-from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, place
+from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, outside_dispatch_modes, place
 
 # Auxiliary-classifier loss weights: 0.3 as stated in the GoogLeNet paper (Szegedy et al. 2015);
 # 0.4 as in TF-slim's Inception-v3 training code.
@@ -25,8 +25,9 @@ AUX_WEIGHTS = {"googlenet": 0.3, "inception_v3": 0.4}
 MIN_IMAGE_SIZE = {"inception_v3": 299}
 
 
-def build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
-    """Build torchvision model ``name`` with ``options.num_classes`` (default 1000) classes."""
+def build(name: str, options: ModelOptions, device: torch.device, weights_on_meta: bool = False) -> BuiltModel:
+    """Build torchvision model ``name`` with ``options.num_classes`` (default 1000) classes;
+    ``weights_on_meta`` as ``memprof.models.build_model``'s."""
     if options.image_size < MIN_IMAGE_SIZE.get(name, 1):
         raise UsageError(f"Invalid image_size: {options.image_size} ({name} needs at least {MIN_IMAGE_SIZE[name]})")
     kwargs: dict[str, object] = {"weights": None}
@@ -38,9 +39,11 @@ def build(name: str, options: ModelOptions, device: torch.device) -> BuiltModel:
         kwargs["input_size"] = (options.image_size, options.image_size)
     elif name in AUX_WEIGHTS:  # the current default, said explicitly to silence torchvision's FutureWarning
         kwargs["init_weights"] = True
-    with _EmptyTensorsOnMeta() if device.type == "meta" else torch.device(device):
-        model = torchvision.models.get_model(name, **kwargs)
-    place(model, device, options.torch_dtype).train()
+    model_device = torch.device("meta") if weights_on_meta else device
+    with outside_dispatch_modes(weights_on_meta):
+        with _EmptyTensorsOnMeta() if model_device.type == "meta" else torch.device(device):
+            model = torchvision.models.get_model(name, **kwargs)
+        place(model, model_device, options.torch_dtype).train()
     num_classes = options.num_classes or 1000
     gen = torch.Generator().manual_seed(SEED)
     batch = {
