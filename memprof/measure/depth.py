@@ -109,6 +109,8 @@ def _affine(values: list[Any], depths: Sequence[int], depth: int, where: str) ->
         if any(v.keys() != first.keys() for v in values):
             raise NotAffine(f"{where} has other keys")
         return {k: _affine([v[k] for v in values], depths, depth, f"{where}.{k}") for k in first}
+    if isinstance(first, list) and all(_is_rows(v) for v in values):
+        return _rows(values, depths, depth, where)
     if isinstance(first, (list, tuple)):
         if any(len(v) != len(first) for v in values):
             raise NotAffine(f"{where} has another length")
@@ -119,6 +121,26 @@ def _affine(values: list[Any], depths: Sequence[int], depth: int, where: str) ->
     if isinstance(first, str):
         return _prose(values, depths, depth, where)
     raise NotAffine(f"{where} differs: {values}")
+
+
+def _is_rows(value: list) -> bool:
+    return all(isinstance(row, dict) and row.keys() == {"category", "component", "bytes", "basis"} for row in value)
+
+
+def _rows(values: list[list[dict]], depths: Sequence[int], depth: int, where: str) -> list[dict]:
+    """Rows of bytes by (category, component): a row missing at a probe holds 0 bytes there (a component a
+    shallow model does not have at its peak). Rows that come to 0 bytes are left out where the probes left
+    them out; the deepest probe's order is kept (sorted where it was)."""
+    keyed = [{(r["category"], r["component"], r["basis"]): r["bytes"] for r in rows} for rows in values]
+    keys = list(dict.fromkeys(key for rows in reversed(keyed) for key in rows))
+    if values[-1] == sorted(values[-1], key=lambda r: (r["category"], r["component"])):
+        keys.sort(key=lambda key: key[:2])
+    out = []
+    for key in keys:
+        nbytes = _line([rows.get(key, 0) for rows in keyed], depths, depth, f"{where}[{key[0]}/{key[1]}]")
+        if nbytes or all(key in rows for rows in keyed):
+            out.append(dict(zip(("category", "component", "basis"), key), bytes=nbytes))
+    return out
 
 
 def _line(values: Sequence[int], depths: Sequence[int], depth: int, where: str) -> int:

@@ -141,6 +141,15 @@ class FakeTracker(CpuTracker):
         self.host_reads = 0
         self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._next_id = itertools.count(1)
+        self.paused = False  # DTensor's sharding propagation is running: its tensors are not the run's
+
+    def __enter__(self) -> "FakeTracker":
+        self._unpatch = _outside_sharding_propagation(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._unpatch()
 
     def key(self, storage: torch.UntypedStorage) -> int:
         if storage not in self._ids:
@@ -159,12 +168,41 @@ class FakeTracker(CpuTracker):
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:
+            return func(*args, **(kwargs or {}))
         if func is torch.ops.aten._local_scalar_dense.default:
             self.host_reads += 1
             dtype = args[0].dtype
             return bool(self.placeholder) if dtype == torch.bool else (
                 self.placeholder if dtype.is_floating_point else int(self.placeholder))
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _outside_sharding_propagation(tracker: FakeTracker):
+    """Pause ``tracker`` while DTensor derives an op's global output shape: it runs the op on fake tensors
+    of the global shape under the active fake mode (ours), which a real run never allocates. Returns the
+    undo. Nothing to do where DTensor was never imported."""
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor._sharding_prop")
+    propagator = getattr(module, "ShardingPropagator", None)
+    original = getattr(propagator, "_propagate_tensor_meta_non_cached", None)
+    if original is None:
+        return lambda: None
+
+    def propagate(self, *args, **kwargs):
+        paused, tracker.paused = tracker.paused, True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            tracker.paused = paused
+
+    propagator._propagate_tensor_meta_non_cached = propagate
+
+    def undo() -> None:
+        propagator._propagate_tensor_meta_non_cached = original
+
+    return undo
 
 
 class CudaTracker:
