@@ -1,5 +1,6 @@
 """Distributed runs on torch.distributed with gloo: 2 real ranks per launch (``memprof.distributed``)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -129,15 +130,80 @@ def test_bad_distributed_input_is_one_line(mlp_spec, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_deepspeed_missing_names_the_install(mlp_spec):
-    try:
-        import deepspeed  # noqa: F401
-        pytest.skip("deepspeed is installed")
-    except ImportError:
-        pass
+def test_deepspeed_missing_names_the_install(mlp_spec, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     result = invoke("compare", "--model", mlp_spec, "--opt", "adam", "--device", "cpu", "--nproc", "2",
                     "--parallel", "deepspeed-zero2")
     assert result.exit_code == 2 and "pip install deepspeed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- DeepSpeed's engine on 2 gloo ranks (the optional extra: pip install -e '.[deepspeed]') ----------------
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is an optional extra, not installed: pip install -e '.[deepspeed]'")
+HALF = MLP_PARAM_BYTES // 2  # the MLP's 676 parameters split evenly: no padding in DeepSpeed's partitions
+
+
+@pytest.fixture(scope="module")
+def deepspeed_zero2(tmp_path_factory):
+    """adam, torch's Adafactor and Muon under ZeRO-2 in one compare (Muon fails: it needs 2-D matrices)."""
+    out = tmp_path_factory.mktemp("deepspeed") / "zero2.json"
+    mlp = f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp"
+    result = invoke("compare", "--model", mlp, "--opt", "adam,adafactor,muon", "--device", "cpu", "--steps", "1",
+                    "--nproc", "2", "--parallel", "deepspeed-zero2", "--json", out)
+    return result, {(r.settings.optimizer, r.settings.rank): r for r in runfile.read(out)}
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_ranks_hold_half_of_adam_state_and_a_master_partition(deepspeed_zero2, mlp_spec):
+    alone = single(mlp_spec, "adam").components("optimizer_state")
+    _, records = deepspeed_zero2
+    for rank in (0, 1):
+        record = records["adam", rank]
+        assert record.status == "ok", record.failure
+        state = record.components("optimizer_state")
+        assert state["moment"] == alone["moment"] // 2 == 2 * HALF  # exp_avg and exp_avg_sq of this rank's partition
+        assert state["master"] == HALF and "master" not in alone  # the fp32 master copy of the partition
+        assert record.total("weights") == MLP_PARAM_BYTES  # ZeRO-2 keeps whole parameters on every rank
+        assert record.components("gradients")["all-reduce bucket"] > 0
+        assert "structure lost: flat partition" in " ".join(record.notes)
+        assert record.settings.parallel == "deepspeed-zero2" and record.settings.nproc == 2
+
+
+@needs_deepspeed
+def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(deepspeed_zero2, mlp_spec):
+    result, records = deepspeed_zero2
+    assert result.exit_code == 3, result.output
+    assert "factor" in single(mlp_spec, "adafactor").components("optimizer_state")
+    for rank in (0, 1):
+        adafactor = records["adafactor", rank]
+        assert adafactor.status == "ok", adafactor.failure
+        assert "structure lost: flat partition" in " ".join(adafactor.notes)
+        state = adafactor.components("optimizer_state")
+        assert "factor" not in state and state["moment"] == HALF  # one unfactored variance over the 1-D partition
+        muon = records["muon", rank]
+        assert muon.status == "failed" and "2D matrix" in muon.failure
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_zero1_and_zero3_partition_adam(mlp_spec, stage):
+    ranks = run(mlp_spec, "adam", f"deepspeed-zero{stage}")
+    for record in ranks:
+        assert record.status == "ok", record.failure
+        state = record.components("optimizer_state")
+        assert state["moment"] == 2 * HALF and state["master"] == HALF
+        # ZeRO-3 partitions the parameters and keeps a flat partition of the gradients
+        assert record.total("weights") == (MLP_PARAM_BYTES if stage == 1 else HALF)
+        if stage == 3:
+            assert record.components("gradients")["grad"] == HALF
+
+
+def test_deepspeed_is_not_simulated(mlp_spec):
+    result = invoke("estimate", "--model", mlp_spec, "--opt", "adam", "--world-size", "2", "--parallel",
+                    "deepspeed-zero3")
+    assert result.exit_code == 2 and "deepspeed" in result.stderr.lower(), result.output
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_more_ranks_than_gpus_is_a_usage_error(mlp_spec, monkeypatch):

@@ -279,7 +279,12 @@ class DeepSpeedZero(_Distributed):
     stage = 0
 
     def __init__(self, device: "torch.device", settings: "Settings") -> None:
+        import deepspeed.ops
+
         super().__init__(device)
+        # DeepSpeed's shared-memory kernel serves only its inference all-reduce, and would be compiled (minutes,
+        # with a C++ compiler) on first use: off, so every collective is torch.distributed's (gloo on CPU).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.settings = settings
         self.engine = None
         self.config: dict = {}
