@@ -144,36 +144,33 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 HALF = MLP_PARAM_BYTES // 2  # the MLP's 676 parameters split evenly: no padding in DeepSpeed's partitions
 
 
-@pytest.fixture(scope="module")
-def deepspeed_zero2(tmp_path_factory):
-    """adam, torch's Adafactor and Muon under ZeRO-2 in one compare (Muon fails: it needs 2-D matrices)."""
-    out = tmp_path_factory.mktemp("deepspeed") / "zero2.json"
-    mlp = f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp"
-    result = invoke("compare", "--model", mlp, "--opt", "adam,adafactor,muon", "--device", "cpu", "--steps", "1",
-                    "--nproc", "2", "--parallel", "deepspeed-zero2", "--json", out)
-    return result, {(r.settings.optimizer, r.settings.rank): r for r in runfile.read(out)}
-
-
 @needs_deepspeed
-def test_deepspeed_zero2_ranks_hold_half_of_adam_state_and_a_master_partition(deepspeed_zero2, mlp_spec):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_ranks_hold_half_of_adam_state_and_a_master_partition(mlp_spec, stage):
     alone = single(mlp_spec, "adam").components("optimizer_state")
-    _, records = deepspeed_zero2
-    for rank in (0, 1):
-        record = records["adam", rank]
+    ranks = run(mlp_spec, "adam", f"deepspeed-zero{stage}")
+    assert [r.settings.rank for r in ranks] == [0, 1]
+    for record in ranks:
         assert record.status == "ok", record.failure
         state = record.components("optimizer_state")
         assert state["moment"] == alone["moment"] // 2 == 2 * HALF  # exp_avg and exp_avg_sq of this rank's partition
         assert state["master"] == HALF and "master" not in alone  # the fp32 master copy of the partition
-        assert record.total("weights") == MLP_PARAM_BYTES  # ZeRO-2 keeps whole parameters on every rank
-        assert record.components("gradients")["all-reduce bucket"] > 0
+        # ZeRO-1/2 keep whole parameters on every rank; ZeRO-3 partitions them and keeps a flat gradient partition
+        assert record.total("weights") == (HALF if stage == 3 else MLP_PARAM_BYTES)
+        if stage == 3:
+            assert record.components("gradients")["grad"] == HALF
+        assert record.components("gradients")["all-reduce bucket"] > 0  # DeepSpeed's contiguous gradient bucket
         assert "structure lost: flat partition" in " ".join(record.notes)
-        assert record.settings.parallel == "deepspeed-zero2" and record.settings.nproc == 2
+        assert record.settings.parallel == f"deepspeed-zero{stage}" and record.settings.nproc == 2
 
 
 @needs_deepspeed
-def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(deepspeed_zero2, mlp_spec):
-    result, records = deepspeed_zero2
+def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(mlp_spec, tmp_path):
+    out = tmp_path / "zero2.json"
+    result = invoke("compare", "--model", mlp_spec, "--opt", "adafactor,muon", "--device", "cpu", "--steps", "1",
+                    "--nproc", "2", "--parallel", "deepspeed-zero2", "--json", out)
     assert result.exit_code == 3, result.output
+    records = {(r.settings.optimizer, r.settings.rank): r for r in runfile.read(out)}
     assert "factor" in single(mlp_spec, "adafactor").components("optimizer_state")
     for rank in (0, 1):
         adafactor = records["adafactor", rank]
@@ -183,20 +180,6 @@ def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(deepspeed_ze
         assert "factor" not in state and state["moment"] == HALF  # one unfactored variance over the 1-D partition
         muon = records["muon", rank]
         assert muon.status == "failed" and "2D matrix" in muon.failure
-
-
-@needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 3])
-def test_deepspeed_zero1_and_zero3_partition_adam(mlp_spec, stage):
-    ranks = run(mlp_spec, "adam", f"deepspeed-zero{stage}")
-    for record in ranks:
-        assert record.status == "ok", record.failure
-        state = record.components("optimizer_state")
-        assert state["moment"] == 2 * HALF and state["master"] == HALF
-        # ZeRO-3 partitions the parameters and keeps a flat partition of the gradients
-        assert record.total("weights") == (MLP_PARAM_BYTES if stage == 1 else HALF)
-        if stage == 3:
-            assert record.components("gradients")["grad"] == HALF
 
 
 def test_deepspeed_is_not_simulated(mlp_spec):

@@ -344,10 +344,10 @@ class DeepSpeedZero(_Distributed):
 
         zero = self.config["zero_optimization"]
         precision = "bf16" if self.config["bf16"]["enabled"] else "fp32"
-        return [structure(model, optimizer),
-                f"DeepSpeed {deepspeed.__version__} ZeRO-{self.stage} engine ({precision}; buckets of "
-                f"{zero['reduce_bucket_size']:,} elements): an fp32 master copy of this rank's partition is "
-                "optimizer state (master)"]
+        engine = (f"DeepSpeed {deepspeed.__version__} ZeRO-{self.stage} engine ({precision}; buckets of "
+                  f"{zero['reduce_bucket_size']:,} elements): an fp32 master copy of this rank's partition is "
+                  "optimizer state (master)")
+        return [structure(model, optimizer), engine]
 
 
 class DeepSpeedZero1(DeepSpeedZero):
