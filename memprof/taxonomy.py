@@ -41,7 +41,7 @@ COLLECTIVE_COMPONENTS: dict[tuple[str, str], str] = {
                                          "block is resharded (after its forward; again in backward)",
     ("temporaries", "reduce-scatter"): "FSDP's flat reduce-scatter input: the block's unsharded gradients, padded",
     ("gradients", "all-reduce bucket"): "what an all-reduce sums: DDP's flat gradient buckets, kept from step to "
-                                        "step beside p.grad",
+                                        "step beside p.grad; DeepSpeed's contiguous reduce buckets",
 }
 """Components that only distributed runs have (``memprof.measure.attribution.CollectiveBuffers`` tags
 them); their rows give the most bytes live at once during the last step."""
@@ -67,16 +67,23 @@ def category_of_untagged(phase: str) -> tuple[str, str]:
     return "unattributed", phase
 
 
-Role = Literal["moment", "factor", "preconditioner", "sign", "projection", "quant", "other"]
-ROLES: tuple[str, ...] = ("moment", "factor", "preconditioner", "sign", "projection", "quant", "other")
-"""Components of ``optimizer_state``: full-size moments; row/column factors, per-axis accumulators,
+Role = Literal["master", "moment", "factor", "preconditioner", "sign", "projection", "quant", "other"]
+ROLES: tuple[str, ...] = ("master", "moment", "factor", "preconditioner", "sign", "projection", "quant", "other")
+"""Components of ``optimizer_state``: the fp32 master copy of the weights that an engine steps in
+place of the parameters (DeepSpeed ZeRO's partition; counted as optimizer state, as the ZeRO paper
+does); full-size moments; row/column factors, per-axis accumulators,
 low-rank bases and per-block statistics; per-axis preconditioner matrices (Shampoo's and SOAP's
 Gram statistics, their inverse roots and eigenbases, Kron's Q); sign bitmaps; GaLore/AdaMeM
 projection matrices; quantized codes, scales and code books; step counters, scalars and update
 masks. Display order."""
 
+STRATEGY_STATE_ROLES: dict[str, Role] = {"master": "master"}
+"""State keys that a distributed strategy adds beside the optimizer's own (``memprof.distributed.strategy.
+FlatPartitions``), with their roles."""
+
 ROLE_ABBREVIATIONS: dict[str, str] = {
-    "moment": "mom", "factor": "fac", "preconditioner": "pre", "sign": "sign", "projection": "proj", "quant": "q", "other": "oth",
+    "master": "mst", "moment": "mom", "factor": "fac", "preconditioner": "pre", "sign": "sign", "projection": "proj",
+    "quant": "q", "other": "oth",
 }
 
 
@@ -99,9 +106,12 @@ def infer_role(state_tensor: "torch.Tensor", param: "torch.Tensor | None") -> Ro
 
 def role_of(roles: Mapping[str, Role], key: str, state_tensor: "torch.Tensor",
             param: "torch.Tensor | None") -> tuple[Role, bool]:
-    """The declared role of a state key, or an inferred one (second item True when inferred)."""
+    """The declared role of a state key (the optimizer's, else a strategy's), or an inferred one (second item
+    True when inferred)."""
     if key in roles:
         return roles[key], False
+    if key in STRATEGY_STATE_ROLES:
+        return STRATEGY_STATE_ROLES[key], False
     return infer_role(state_tensor, param), True
 
 

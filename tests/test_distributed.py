@@ -1,5 +1,6 @@
 """Distributed runs on torch.distributed with gloo: 2 real ranks per launch (``memprof.distributed``)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -129,15 +130,63 @@ def test_bad_distributed_input_is_one_line(mlp_spec, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_deepspeed_missing_names_the_install(mlp_spec):
-    try:
-        import deepspeed  # noqa: F401
-        pytest.skip("deepspeed is installed")
-    except ImportError:
-        pass
+def test_deepspeed_missing_names_the_install(mlp_spec, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     result = invoke("compare", "--model", mlp_spec, "--opt", "adam", "--device", "cpu", "--nproc", "2",
                     "--parallel", "deepspeed-zero2")
     assert result.exit_code == 2 and "pip install deepspeed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- DeepSpeed's engine on 2 gloo ranks (the optional extra: pip install -e '.[deepspeed]') ----------------
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is an optional extra, not installed: pip install -e '.[deepspeed]'")
+HALF = MLP_PARAM_BYTES // 2  # the MLP's 676 parameters split evenly: no padding in DeepSpeed's partitions
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_ranks_hold_half_of_adam_state_and_a_master_partition(mlp_spec, stage):
+    alone = single(mlp_spec, "adam").components("optimizer_state")
+    ranks = run(mlp_spec, "adam", f"deepspeed-zero{stage}")
+    assert [r.settings.rank for r in ranks] == [0, 1]
+    for record in ranks:
+        assert record.status == "ok", record.failure
+        state = record.components("optimizer_state")
+        assert state["moment"] == alone["moment"] // 2 == 2 * HALF  # exp_avg and exp_avg_sq of this rank's partition
+        assert state["master"] == HALF and "master" not in alone  # the fp32 master copy of the partition
+        # ZeRO-1/2 keep whole parameters on every rank; ZeRO-3 partitions them and keeps a flat gradient partition
+        assert record.total("weights") == (HALF if stage == 3 else MLP_PARAM_BYTES)
+        if stage == 3:
+            assert record.components("gradients")["grad"] == HALF
+        assert record.components("gradients")["all-reduce bucket"] > 0  # DeepSpeed's contiguous gradient bucket
+        assert "structure lost: flat partition" in " ".join(record.notes)
+        assert record.settings.parallel == f"deepspeed-zero{stage}" and record.settings.nproc == 2
+
+
+@needs_deepspeed
+def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(mlp_spec, tmp_path):
+    out = tmp_path / "zero2.json"
+    result = invoke("compare", "--model", mlp_spec, "--opt", "adafactor,muon", "--device", "cpu", "--steps", "1",
+                    "--nproc", "2", "--parallel", "deepspeed-zero2", "--json", out)
+    assert result.exit_code == 3, result.output
+    records = {(r.settings.optimizer, r.settings.rank): r for r in runfile.read(out)}
+    assert "factor" in single(mlp_spec, "adafactor").components("optimizer_state")
+    for rank in (0, 1):
+        adafactor = records["adafactor", rank]
+        assert adafactor.status == "ok", adafactor.failure
+        assert "structure lost: flat partition" in " ".join(adafactor.notes)
+        state = adafactor.components("optimizer_state")
+        assert "factor" not in state and state["moment"] == HALF  # one unfactored variance over the 1-D partition
+        muon = records["muon", rank]
+        assert muon.status == "failed" and "2D matrix" in muon.failure
+
+
+def test_deepspeed_is_not_simulated(mlp_spec):
+    result = invoke("estimate", "--model", mlp_spec, "--opt", "adam", "--world-size", "2", "--parallel",
+                    "deepspeed-zero3")
+    assert result.exit_code == 2 and "deepspeed" in result.stderr.lower(), result.output
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_more_ranks_than_gpus_is_a_usage_error(mlp_spec, monkeypatch):

@@ -39,7 +39,7 @@ def requested(settings: Settings) -> bool:
 
 def check(settings: Settings) -> Settings:
     """The settings of the run, with ``nproc`` from a user's launch; bad input is one usage error."""
-    problem = deepspeed_problem(settings.parallel)
+    problem = deepspeed_problem(settings)
     if problem:
         raise UsageError(problem)
     launched = environment_rank()

@@ -51,19 +51,19 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.mark("setup", 0)
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
+        record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:
             capture.watch_blocks(model, settings.depth)
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
         local = strategy.local_optimizer(optimizer)
-        names = {p: n for n, p in model.named_parameters()}
+        names = strategy.held_parameters(model)
         params = list(names)
         buffers = list(model.buffers())
         inputs = [t for t in batch.values() if isinstance(t, torch.Tensor)]
         tracker.adopt([*params, *buffers, *inputs])
         record.model_config = built.config
-        record.n_params = sum(p.numel() for p in params)
         record.gradient_component = protocol.gradient_component(optimizer)
         capture.weights(params)
         capture.buffers(buffers)
@@ -87,12 +87,12 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
                 capture.mark(phase, step)
                 capture.phase_ms["forward"].append(_elapsed_ms(start, tracker))
                 start = time.perf_counter()
-                loss.backward()
+                strategy.backward(loss)
                 _note_non_finite(record, loss, step)
                 del loss
                 capture.mark("step", step)
                 capture.phase_ms["backward"].append(_elapsed_ms(start, tracker))
-                capture.gradients((p.grad for p in params), record.gradient_component)
+                capture.gradients(strategy.gradients(params), record.gradient_component)
                 phase = "step"
                 start = time.perf_counter()
                 optimizer.step()
@@ -109,7 +109,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         protocol.release(optimizer)
         state = walk_state(local, names, roles)
         record.notes += strategy.notes(model, local)
-        gradients = [p.grad for p in params if p.grad is not None]
+        gradients = strategy.gradients(params)
         record.hyperparameters = {k: v for k, v in optimizer.defaults.items() if _plain(v)}
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)
         device_peaks = _device_peaks(device, nvml_before) if real_cuda else None

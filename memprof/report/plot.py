@@ -42,6 +42,7 @@ CATEGORY_COLORS = {
 }
 # Optimizer-state components: vermillion, lighter the less central the role, each with its hatch.
 COMPONENT_STYLES = {
+    "master": ("#7A2E00", "ooo"),
     "moment": ("#D55E00", ""),
     "factor": ("#E8875A", "///"),
     "preconditioner": ("#8F3E00", "|||"),

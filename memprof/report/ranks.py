@@ -98,7 +98,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
                                       f"peak {_imbalance([x['peak'] or 0 for x in ok])}", end_section=True)
     notes = dict.fromkeys(f"{r.settings.spec}: {note}" for r in records for note in r.notes)
     notes.update({"collectives: ag = FSDP all-gather buffer, unsh = unsharded parameters, rs = reduce-scatter "
-                  "buffer, bucket = DDP gradient buckets (most live at once in the last step)": None,
+                  "buffer, bucket = DDP (or DeepSpeed) gradient buckets (most live at once in the last step)": None,
                   "imbalance = max/mean − 1 across ranks": None})
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
