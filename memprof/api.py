@@ -10,12 +10,13 @@ also owns what the command line only parses: merging a config file with command-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from memprof.errors import MemprofError, UsageError, closest, describe, out_of_memory
 from memprof.record import RunRecord
@@ -119,34 +120,83 @@ def measure(
         if callback is not None and not callable(callback):
             raise UsageError(f"{name} must be callable, got {type(callback).__name__}")
     runs, isolate, distributed = _plan(model, optimizers, isolate, settings)
-    from memprof.optim.registry import parse_spec
-
     command = command_line()
     records = []
-    for run in runs:
-        spec = parse_spec(run.spec)
-        if on_start:
-            on_start(run)
-        if distributed:
-            from memprof.distributed import launch
-
-            batch = launch.measure(run)  # one record per rank
-        elif run.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
-            batch = [RunRecord(settings=run, environment={}, status="failed",
-                               failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
-                                       "kernels, which have no fake-tensor implementation")]
-        elif isolate:
-            from memprof.measure.isolation import measure_in_child
-
-            batch = [measure_in_child(run)]
-        else:
-            batch = [_measure_here(run)]
-        for record in batch:
-            record.environment["command"] = command
-            records.append(record)
-            if on_result:
-                on_result(record)
+    with _estimating_in_parallel(runs, distributed) as pending:
+        for i, run in enumerate(runs):
+            if on_start:
+                on_start(run)
+            batch = pending[i].result() if pending else _records_of(run, isolate, distributed)
+            for record in batch:
+                record.environment["command"] = command
+                records.append(record)
+                if on_result:
+                    on_result(record)
     return records
+
+
+def _records_of(run: Settings, isolate: bool, distributed: bool) -> list[RunRecord]:
+    """One optimizer's records (one per rank for a distributed run)."""
+    from memprof.optim.registry import parse_spec
+
+    spec = parse_spec(run.spec)
+    if distributed:
+        from memprof.distributed import launch
+
+        return launch.measure(run)
+    if run.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
+        return [RunRecord(settings=run, environment={}, status="failed",
+                          failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
+                                  "kernels, which have no fake-tensor implementation")]
+    if isolate:
+        from memprof.measure.isolation import measure_in_child
+
+        return [measure_in_child(run)]
+    return [_measure_here(run)]
+
+
+@contextlib.contextmanager
+def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator[list["_Outcome"]]:
+    """Futures of each run's records, estimated in forked processes, one per CPU core (an estimate
+    allocates nothing and shares nothing between optimizers); an empty list where runs are measured in
+    order here: a real measurement, a single run, or a system without ``fork``."""
+    from memprof.measure import runner  # imported once here, inherited by every worker
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    # A process that ran a backward pass cannot fork one that runs another (torch's autograd threads).
+    if (len(runs) < 2 or cores < 2 or not all(r.estimate for r in runs) or sys.platform != "linux"
+            or runner.trained_here):
+        yield []
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(cores, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_records_of, run, False, distributed) for run in runs]
+        try:
+            yield [_Outcome(future, run) for future, run in zip(futures, runs)]
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+class _Outcome:
+    """A forked estimate's records; a worker that died is the run's failed row."""
+
+    def __init__(self, future, run: Settings) -> None:
+        self.future, self.run = future, run
+
+    def result(self) -> list[RunRecord]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            records = self.future.result()
+        except BrokenProcessPool as exc:
+            return [RunRecord(settings=self.run, environment={}, status="failed",
+                              failure=f"failed outside the training steps: the estimating process died ({exc})")]
+        if any("Autograd-and-Fork" in (r.failure or "") for r in records):  # this process ran a backward pass
+            return _records_of(self.run, False, self.run.parallel != "none")  # the user's own: estimate it here
+        return records
 
 
 def _measure_here(run: Settings) -> RunRecord:

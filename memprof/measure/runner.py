@@ -28,6 +28,8 @@ from memprof.record import Peaks, RunRecord
 from memprof.settings import Settings
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+trained_here = False
+"""Whether this process has run a training step (autograd's threads started: it cannot fork another)."""
 
 
 def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
@@ -35,6 +37,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
     ``strategy``: how this rank shares the model with the others (default: it does not)."""
     from memprof.models import build_model
 
+    global trained_here
+    trained_here = True
     strategy = strategy or Strategy()
 
     device = torch.device(settings.device)

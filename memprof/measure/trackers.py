@@ -31,6 +31,12 @@ from memprof.measure.events import Allocation
 from memprof.measure.state import storage_tensors
 
 
+_NO_STORAGE_OUT = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
+                             torch.ops.aten.sym_stride.default, torch.ops.aten.sym_numel.default,
+                             torch.ops.aten.sym_storage_offset.default, torch.ops.aten.is_contiguous.default})
+"""Ops that answer a tensor's metadata (a fake tensor's ``.device`` dispatches one): nothing to track."""
+
+
 class CpuTracker(TorchDispatchMode):
     """Sees every op output on CPU; the clock is a sequence number."""
 
@@ -102,10 +108,12 @@ class CpuTracker(TorchDispatchMode):
         return tensor.device.type == "cpu" and not is_fake(tensor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _NO_STORAGE_OUT:
+            return func(*args, **(kwargs or {}))
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented  # the subclass runs and its ops on plain tensors come back here
         out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
+        for item in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and self._sees(item) and item.layout == torch.strided:
                 try:
                     storage = item.untyped_storage()
@@ -134,12 +142,10 @@ class FakeTracker(CpuTracker):
 
     def __init__(self, target: torch.device, placeholder: float = 1.0) -> None:
         super().__init__()
-        from torch.utils.weak import WeakIdKeyDictionary
-
         self.target = target
         self.placeholder = placeholder
         self.host_reads = 0
-        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._key_attribute = f"_memprof_key_{id(self)}"  # one tracker's numbering, not another's
         self._next_id = itertools.count(1)
         self.paused = False  # DTensor's sharding propagation is running: its tensors are not the run's
 
@@ -152,9 +158,13 @@ class FakeTracker(CpuTracker):
         self._unpatch()
 
     def key(self, storage: torch.UntypedStorage) -> int:
-        if storage not in self._ids:
-            self._ids[storage] = next(self._next_id)
-        return self._ids[storage]
+        # An attribute of the storage's Python object, which lives as long as the storage does (the
+        # weakref finalizer that marks the free relies on the same).
+        key = getattr(storage, self._key_attribute, None)
+        if key is None:
+            key = next(self._next_id)
+            setattr(storage, self._key_attribute, key)
+        return key
 
     def block_bytes(self, nbytes: int) -> int:
         return block_size(nbytes, None) if self.target.type == "cuda" else nbytes
