@@ -5,9 +5,10 @@ state and saved activations, through the same allocations in the same order. So 
 estimate (bytes per category and component, every phase's peak and its composition, the parameter
 count, the counts in its notes) is ``f(d) = f(0) + d·Δ`` at depth ``d``. ``estimate`` runs probes of
 1, 2 and 3 blocks, requires every figure's second difference to be exactly zero, and extrapolates
-to the configured depth; where some figure is not affine there (the first block differs), it probes
-2, 3 and 4 blocks; where that fails too, it estimates the whole model op by op, as ``--full-depth``
-always does. The global peak is the highest extrapolated phase peak, read with that phase's
+to the configured depth; where some figure is not affine there (the first block differs, FSDP2's
+prefetch reaches another block), it probes 2, 3 and 4 blocks, then 3, 4 and 5, while the blocks probed
+in all come to no more than the model's; where no set is affine, it estimates the whole model op by op,
+as ``--full-depth`` always does. The global peak is the highest extrapolated phase peak, read with that phase's
 composition: it may fall in another phase than at the probes. The per-parameter table repeats the
 probe's block rows under each block's name.
 
@@ -24,9 +25,9 @@ from typing import Any, Callable, Sequence
 from memprof.record import RunRecord
 from memprof.settings import Settings
 
-PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4))
+PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4), (3, 4, 5))
+"""Tried in order while the blocks probed in all come to no more than the model's (else it is cheaper whole)."""
 MIN_DEPTH = 6
-"""Shallower models are estimated whole: their probes would cost about as much."""
 
 _NUMBER = re.compile(r"\d[\d,]*\d|\d")  # an integer in prose, thousands separators allowed
 
@@ -45,6 +46,8 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
     probes: dict[int, RunRecord] = {}
     reasons = []
     for depths in PROBES:
+        if sum(set(probes) | set(depths)) > depth:
+            break
         records = [probes[d] if d in probes else probes.setdefault(d, measure(settings.replace(depth=d)))
                    for d in depths]
         failed = next(((d, r) for d, r in zip(depths, records) if r.status != "ok"), None)
