@@ -4,6 +4,7 @@ rules (``block_size``, ``blocks_from_trace``), plus every registered optimizer's
 from __future__ import annotations
 
 import pytest
+import torch
 
 from memprof.measure.attribution import assign
 from memprof.measure.events import Allocation, PhaseMark, Tag, replay
@@ -145,3 +146,27 @@ def test_every_registered_optimizer_declares_the_role_of_each_state_tensor(mlp_s
         assert not record.inferred_roles, record.settings.spec
         assert set(record.components("optimizer_state")) <= set(ROLES), record.settings.spec
         assert record.total("optimizer_state") > 0, record.settings.spec
+
+
+def test_the_fake_tracker_does_not_count_dtensor_sharding_propagation(monkeypatch):
+    # DTensor runs each new op once on fake tensors of the global shape, under the active fake mode, to
+    # learn the output's shape: a real rank allocates nothing there, so an estimate must not count it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    from memprof.measure.trackers import FakeTracker
+
+    seen = []
+
+    def propagate(self, op_schema):
+        seen.append(tracker.paused)
+        return torch.empty(1 << 20)  # the global shape's fake output
+
+    monkeypatch.setattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", propagate)
+    tracker = FakeTracker(torch.device("cpu"))
+    with FakeTensorMode(), tracker:
+        ShardingPropagator._propagate_tensor_meta_non_cached(None, None)
+        kept = torch.empty(16)
+    assert seen == [True] and not tracker.paused
+    assert [a.nbytes for a in tracker.allocations] == [kept.untyped_storage().nbytes()]
+    assert ShardingPropagator._propagate_tensor_meta_non_cached is propagate  # put back
