@@ -12,8 +12,12 @@ as ``--full-depth`` always does. The global peak is the highest extrapolated pha
 composition: it may fall in another phase than at the probes. The per-parameter table repeats the
 probe's block rows under each block's name.
 
-What probes cannot see, and the tests check against full-depth estimates instead: two points of the
-same phase whose bytes grow at different rates per block and cross beyond the probes' depth.
+A peak can also move within a phase as the model deepens (two points whose bytes grow at different
+rates per block cross beyond the probes' depth). Each probe therefore marks where its blocks start and
+end (``Capture.watch_blocks``) and records every phase's peak before the blocks, in the first and the
+last block, and after them; these are extrapolated too, and one that outgrows its phase's extrapolated
+peak sends the model to the op-by-op estimate. Unseen still: such a crossing between two points of one
+block. tests/test_depth.py compares extrapolated with full-depth estimates.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from memprof.settings import Settings
 PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4), (3, 4, 5))
 """Tried in order while the blocks probed in all come to no more than the model's (else it is cheaper whole)."""
 MIN_DEPTH = 6
+"""Shallower models are estimated whole: their probes would cost about as much."""
 
 _NUMBER = re.compile(r"\d[\d,]*\d|\d")  # an integer in prose, thousands separators allowed
 
@@ -48,8 +53,10 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
     for depths in PROBES:
         if sum(set(probes) | set(depths)) > depth:
             break
-        records = [probes[d] if d in probes else probes.setdefault(d, measure(settings.replace(depth=d)))
-                   for d in depths]
+        for blocks in depths:
+            if blocks not in probes:  # a probe's timeline would be thrown away
+                probes[blocks] = measure(settings.replace(depth=blocks, timeline=False))
+        records = [probes[blocks] for blocks in depths]
         failed = next(((d, r) for d, r in zip(depths, records) if r.status != "ok"), None)
         if failed is not None:  # an optimizer that cannot run on a few blocks cannot run on all of them
             blocks, record = failed
