@@ -156,3 +156,31 @@ def test_cuda_library_optimizers_estimate_with_their_documented_layout(name, exp
     state = walk_state(optimizer, names, spec.entry.state_roles())
     assert unique_bytes([s.tensor for s in state]) == expected
     assert not any(s.inferred for s in state) and {s.role for s in state} <= {"quant", "moment", "other"}
+
+
+def test_several_optimizers_estimate_in_forked_workers_as_they_would_in_turn(mlp_spec):
+    # A fresh process that has not trained forks one worker per core; this process has trained (other tests),
+    # so here they run in turn: both must give the same records.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("estimates fork workers only on Linux with two cores or more")
+    script = (
+        "import json, sys\n"
+        "from memprof import api\n"
+        "from memprof.measure import runner\n"
+        f"records = api.estimate({mlp_spec!r}, ['adam', 'sgd', 'smmf'], device='cpu', steps=1, timeline=False)\n"
+        "print(json.dumps({'trained_here': runner.trained_here,\n"
+        "                  'peaks': [r.peaks.allocated for r in records],\n"
+        "                  'state': [r.total('optimizer_state') for r in records]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    forked = json.loads(done.stdout.strip().splitlines()[-1])
+    in_turn = estimate(mlp_spec, ["adam", "sgd", "smmf"], device="cpu", steps=1, timeline=False)
+    assert forked["trained_here"] is False  # the parent ran no step: the workers did
+    assert forked["peaks"] == [r.peaks.allocated for r in in_turn]
+    assert forked["state"] == [r.total("optimizer_state") for r in in_turn]
