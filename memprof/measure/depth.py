@@ -23,6 +23,7 @@ block. tests/test_depth.py compares extrapolated with full-depth estimates.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from typing import Any, Callable, Sequence
 
@@ -156,7 +157,7 @@ def _rows(values: list[list[dict]], depths: Sequence[int], depth: int, where: st
 def _line(values: Sequence[int], depths: Sequence[int], depth: int, where: str) -> int:
     """The affine function through ``values`` at ``depths`` (consecutive), at ``depth``."""
     per_block = values[1] - values[0]
-    if any(b - a != per_block for a, b in zip(values, values[1:])):
+    if any(b - a != per_block for a, b in itertools.pairwise(values)):
         raise NotAffine(f"{where} is {', '.join(map(str, values))} at {', '.join(map(str, depths))} blocks")
     return values[-1] + per_block * (depth - depths[-1])
 

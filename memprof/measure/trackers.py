@@ -30,7 +30,6 @@ from torch.utils._pytree import tree_flatten
 from memprof.measure.events import Allocation
 from memprof.measure.state import storage_tensors
 
-
 _NO_STORAGE_OUT = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
                              torch.ops.aten.sym_stride.default, torch.ops.aten.sym_numel.default,
                              torch.ops.aten.sym_storage_offset.default, torch.ops.aten.is_contiguous.default})
