@@ -6,8 +6,8 @@ estimate (bytes per category and component, every phase's peak and its compositi
 count, the counts in its notes) is ``f(d) = f(0) + d·Δ`` at depth ``d``. ``estimate`` runs probes of
 1, 2 and 3 blocks, requires every figure's second difference to be exactly zero, and extrapolates
 to the configured depth; where some figure is not affine there (the first block differs, FSDP2's
-prefetch reaches another block), it probes 2, 3 and 4 blocks, then 3, 4 and 5, while the blocks probed
-in all come to no more than the model's; where no set is affine, it estimates the whole model op by op,
+prefetch reaches another block), it probes 2, 3 and 4 blocks, then 3–5, then 4–6, while the blocks
+probed in all come to no more than the model's; where no set is affine, it estimates the whole model op by op,
 as ``--full-depth`` always does. The global peak is the highest extrapolated phase peak, read with that phase's
 composition: it may fall in another phase than at the probes. The per-parameter table repeats the
 probe's block rows under each block's name.
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from memprof.record import RunRecord
 from memprof.settings import Settings
 
-PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4), (3, 4, 5))
+PROBES: tuple[tuple[int, ...], ...] = ((1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 6))
 """Tried in order while the blocks probed in all come to no more than the model's (else it is cheaper whole)."""
 MIN_DEPTH = 6
 """Shallower models are estimated whole: their probes would cost about as much."""
