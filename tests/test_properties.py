@@ -8,6 +8,7 @@ it was given, so every check the command line and the API make before measuring 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import string
@@ -261,7 +262,9 @@ def mutated_json(draw) -> str:
         if draw(st.integers(0, 4)) == 0 and isinstance(parent, dict):
             del parent[where[-1]]
         else:
-            parent[where[-1]] = draw(CONFUSING)
+            # A copy: CONFUSING's lists and dicts are shared by every example, and a later mutation of
+            # this one would change what the next example draws (hypothesis: FlakyStrategyDefinition).
+            parent[where[-1]] = copy.deepcopy(draw(CONFUSING))
     return json.dumps(data)
 
 
