@@ -174,7 +174,7 @@ def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator
     with ProcessPoolExecutor(min(cores, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [pool.submit(_records_of, run, False, distributed) for run in runs]
         try:
-            yield [_Outcome(future, run) for future, run in zip(futures, runs)]
+            yield [_Outcome(future, run, distributed) for future, run in zip(futures, runs)]
         finally:
             for future in futures:
                 future.cancel()
@@ -183,8 +183,8 @@ def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator
 class _Outcome:
     """A forked estimate's records; a worker that died is the run's failed row."""
 
-    def __init__(self, future, run: Settings) -> None:
-        self.future, self.run = future, run
+    def __init__(self, future, run: Settings, distributed: bool) -> None:
+        self.future, self.run, self.distributed = future, run, distributed
 
     def result(self) -> list[RunRecord]:
         from concurrent.futures.process import BrokenProcessPool
@@ -195,7 +195,7 @@ class _Outcome:
             return [RunRecord(settings=self.run, environment={}, status="failed",
                               failure=f"failed outside the training steps: the estimating process died ({exc})")]
         if any("Autograd-and-Fork" in (r.failure or "") for r in records):  # this process ran a backward pass
-            return _records_of(self.run, False, self.run.parallel != "none")  # the user's own: estimate it here
+            return _records_of(self.run, False, self.distributed)  # the user's own: estimate it here
         return records
 
 

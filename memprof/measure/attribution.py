@@ -241,7 +241,8 @@ def attribute(
     rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
     if device_peaks is not None:
         rows.append(Row("allocator", "reserved-allocated", device_peaks.max_reserved - device_peaks.max_allocated, "allocator"))
-    workspace = sum(v for (c, _), v in result.peak_composition.items() if c == "context")
+    peak_rows = _rows(result.peak_composition)
+    workspace = _at_peak(peak_rows, ("context", "library workspace"))
     if device_peaks is not None or workspace:
         rows.append(Row("context", "library workspace", workspace, "allocator"))
     if device_peaks is not None and device_peaks.nvml is not None:
@@ -249,10 +250,9 @@ def attribute(
         rows.append(Row("context", "driver (nvml-reserved)", max(0, device_peaks.nvml - device_peaks.reserved_end), "nvml"))
     if estimated_driver is not None:
         rows.append(Row("context", "driver (gpu table)", estimated_driver, "gpu table"))
-    unattributed = sum(v for (c, _), v in result.peak_composition.items() if c == "unattributed")
-    rows.append(Row("unattributed", "at peak", unattributed, "allocator"))
+    rows.append(Row("unattributed", "at peak", _at_peak(peak_rows, ("unattributed", "at peak")), "allocator"))
     record.breakdown = rows
-    record.peak = _rows(result.peak_composition)
+    record.peak = peak_rows
     peaks = device_peaks or Peaks()
     peaks.allocated, (peaks.phase, peaks.step) = result.peak_bytes, result.peak_phase
     record.peaks = peaks
@@ -277,12 +277,19 @@ def move_global_peak(record: RunRecord, top: PhasePeak) -> None:
     extrapolated in depth whose global peak changes phase, ``memprof.measure.depth``)."""
     record.peaks.allocated, record.peaks.phase, record.peaks.step = top.peak, top.phase, top.step
     record.peak = list(top.composition)
-    at_peak = {("unattributed", "at peak"): "unattributed", ("context", "library workspace"): "context"}
     record.breakdown = [
-        dataclasses.replace(row, bytes=sum(r.bytes for r in top.composition if r.category == at_peak[key]))
-        if (key := (row.category, row.component)) in at_peak else row
+        dataclasses.replace(row, bytes=_at_peak(record.peak, key))
+        if (key := (row.category, row.component)) in _AT_PEAK else row
         for row in record.breakdown
     ]
+
+
+_AT_PEAK = {("context", "library workspace"): "context", ("unattributed", "at peak"): "unattributed"}
+"""Breakdown rows read at the global peak → the category whose bytes they sum there."""
+
+
+def _at_peak(peak: list[Row], row: tuple[str, str]) -> int:
+    return sum(r.bytes for r in peak if r.category == _AT_PEAK[row])
 
 
 def _block_peaks(result: Replay, capture: Capture, start: float, end: float) -> dict[str, int]:

@@ -85,11 +85,11 @@ def extrapolate(records: Sequence[RunRecord], depths: Sequence[int], depth: int)
     data = [r.to_dict() for r in records]
     for item in data:
         item.pop("timeline")
-        item.pop("settings")
+    settings = [item.pop("settings") for item in data][-1]
     telemetry = [item.pop("telemetry") for item in data]
     parameters = _parameters([item.pop("parameters") for item in data], depths, depth)
     out = _affine(data, depths, depth, "record")
-    out.update(settings=records[-1].to_dict()["settings"], parameters=parameters,
+    out.update(settings=settings, parameters=parameters,
                telemetry=telemetry[0] if all(t == telemetry[0] for t in telemetry) else [])
     record = RunRecord.from_dict(out)
     _check_blocks(records[-1], record, depth)

@@ -10,6 +10,7 @@ peak and the composition at the global peak.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -58,8 +59,6 @@ class Replay:
 
     def peak_between(self, start: float, end: float) -> int:
         """The most bytes live at any instant from ``start`` to ``end`` (needs ``keep_totals``)."""
-        import bisect
-
         first, last = bisect.bisect_left(self.times, start), bisect.bisect_right(self.times, end)
         entering = self.totals[first - 1] if first > 0 else 0
         return max([entering, *self.totals[first:last]])

@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import weakref
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -69,7 +70,7 @@ class CpuTracker(TorchDispatchMode):
             self._track(tensor.untyped_storage(), start=0.0)
 
     def __enter__(self) -> "CpuTracker":
-        original = self._resize = torch.UntypedStorage.resize_
+        original = torch.UntypedStorage.resize_
 
         def resize_(storage: torch.UntypedStorage, nbytes: int):
             old = self._live.get(self.key(storage)) if storage.nbytes() else None
@@ -79,11 +80,12 @@ class CpuTracker(TorchDispatchMode):
             self._track(storage, self.now())
             return out
 
-        torch.UntypedStorage.resize_ = resize_
+        self._patches = contextlib.ExitStack()
+        self._patches.enter_context(_replaced(torch.UntypedStorage, "resize_", resize_))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        torch.UntypedStorage.resize_ = self._resize
+        self._patches.close()
         super().__exit__(*exc)
 
     def _track(self, storage: torch.UntypedStorage, start: float) -> None:
@@ -149,12 +151,9 @@ class FakeTracker(CpuTracker):
         self.paused = False  # DTensor's sharding propagation is running: its tensors are not the run's
 
     def __enter__(self) -> "FakeTracker":
-        self._unpatch = _outside_sharding_propagation(self)
-        return super().__enter__()
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        self._unpatch()
+        super().__enter__()
+        self._patches.enter_context(_outside_sharding_propagation(self))
+        return self
 
     def key(self, storage: torch.UntypedStorage) -> int:
         # An attribute of the storage's Python object, which lives as long as the storage does (the
@@ -187,17 +186,28 @@ class FakeTracker(CpuTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def _outside_sharding_propagation(tracker: FakeTracker):
+@contextlib.contextmanager
+def _replaced(owner: object, name: str, replacement: object) -> Iterator[None]:
+    """``owner.name`` is ``replacement`` for the duration."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _outside_sharding_propagation(tracker: FakeTracker) -> contextlib.AbstractContextManager:
     """Pause ``tracker`` while DTensor derives an op's global output shape: it runs the op on fake tensors
-    of the global shape under the active fake mode (ours), which a real run never allocates. Returns the
-    undo. Nothing to do where DTensor was never imported."""
+    of the global shape under the active fake mode (ours), which a real run never allocates. Nothing to
+    do where DTensor was never imported."""
     import sys
 
     module = sys.modules.get("torch.distributed.tensor._sharding_prop")
     propagator = getattr(module, "ShardingPropagator", None)
     original = getattr(propagator, "_propagate_tensor_meta_non_cached", None)
     if original is None:
-        return lambda: None
+        return contextlib.nullcontext()
 
     def propagate(self, *args, **kwargs):
         paused, tracker.paused = tracker.paused, True
@@ -206,12 +216,7 @@ def _outside_sharding_propagation(tracker: FakeTracker):
         finally:
             tracker.paused = paused
 
-    propagator._propagate_tensor_meta_non_cached = propagate
-
-    def undo() -> None:
-        propagator._propagate_tensor_meta_non_cached = original
-
-    return undo
+    return _replaced(propagator, "_propagate_tensor_meta_non_cached", propagate)
 
 
 class CudaTracker:

@@ -56,19 +56,19 @@ def build_builtin(name: str, options: ModelOptions, device: torch.device,
     spec = TEXT_MODELS[name]
     if spec.max_seq_len is not None and options.seq_len > spec.max_seq_len:
         raise UsageError(f"Invalid seq_len: {options.seq_len} ({name} has learned positions for {spec.max_seq_len})")
-    config_class, task = FAMILIES[spec.family]
-    config = config_class(**spec.config)
-    return _build(name, spec.family, config, task, options, device, weights_on_meta)
+    return _build(name, spec.family, _builtin_config(name), FAMILIES[spec.family][1], options, device,
+                  weights_on_meta)
+
+
+def _builtin_config(name: str) -> transformers.PretrainedConfig:
+    spec = TEXT_MODELS[name]
+    return FAMILIES[spec.family][0](**spec.config)
 
 
 def stacked_depth(name: str) -> int | None:
     """How many repeated blocks the text model ``name`` (built-in or a ``config.json``) stacks, or None
     where its depth is not one number (an encoder-decoder has two stacks)."""
-    if name in TEXT_MODELS:
-        spec = TEXT_MODELS[name]
-        config = FAMILIES[spec.family][0](**spec.config)
-    else:
-        config = _read_config(Path(name).expanduser())
+    config = _builtin_config(name) if name in TEXT_MODELS else _read_config(Path(name).expanduser())
     depth = getattr(config, "num_hidden_layers", None)
     return depth if isinstance(depth, int) and not config.is_encoder_decoder else None
 
