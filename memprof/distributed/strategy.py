@@ -215,10 +215,7 @@ class Zero1(DDP):
     name = "zero1"
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
-        import torch
         from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        from memprof.optim import protocol
 
         if spec.entry.params != "parameters":
             given = {"named_parameters": "named parameters", "model": "the model itself"}[spec.entry.params]
@@ -226,11 +223,7 @@ class Zero1(DDP):
                                "optimizer parameter groups only")
         optimizer = ZeroRedundancyOptimizer([p for p in model.parameters() if p.requires_grad],
                                             optimizer_class=spec.entry.load(), **{**spec.entry.defaults, **spec.kwargs})
-        inner = optimizer.optim
-        if (isinstance(inner, protocol.ScalesLoss) or protocol.gradient_component(inner) != "grad"
-                or type(inner).zero_grad is not torch.optim.Optimizer.zero_grad):
-            raise NotSupported(f"zero1: {spec.name} takes part in the training loop (its own zero_grad/scale_loss, "
-                               "memprof/optim/protocol.py); ZeroRedundancyOptimizer calls neither")
+        _refuse_loop_taking(optimizer.optim, f"zero1: {spec.name}", "ZeroRedundancyOptimizer")
         return optimizer
 
     def local_optimizer(self, optimizer: "torch.optim.Optimizer") -> "torch.optim.Optimizer":
@@ -278,6 +271,18 @@ class LocalShards:
         return getattr(self.inner, name)
 
 
+def _refuse_loop_taking(optimizer: "torch.optim.Optimizer", who: str, engine: str) -> None:
+    """``NotSupported`` for an optimizer that takes part in the training loop, which ``engine`` never calls."""
+    import torch
+
+    from memprof.optim import protocol
+
+    if (isinstance(optimizer, protocol.ScalesLoss) or protocol.gradient_component(optimizer) != "grad"
+            or type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad):
+        raise NotSupported(f"{who} takes part in the training loop (its own zero_grad/scale_loss, "
+                           f"memprof/optim/protocol.py); {engine} calls neither")
+
+
 class NotSupported(Exception):
     """This optimizer cannot run under this strategy; the message says why (the row's failure)."""
 
@@ -312,7 +317,6 @@ class DeepSpeedZero(_Distributed):
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "EngineSteps":
         import deepspeed
-        import torch
 
         from memprof.optim import protocol
         from memprof.optim.registry import build_optimizer
@@ -322,10 +326,7 @@ class DeepSpeedZero(_Distributed):
             optimizer.remove_hooks()
             raise NotSupported(f"{self.settings.parallel}: {spec.name} hooks the model's layers, while DeepSpeed "
                                "hands it flat partitions to step")
-        if (isinstance(optimizer, protocol.ScalesLoss) or protocol.gradient_component(optimizer) != "grad"
-                or type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad):
-            raise NotSupported(f"{self.settings.parallel}: {spec.name} takes part in the training loop (its own "
-                               "zero_grad/scale_loss, memprof/optim/protocol.py); DeepSpeed's engine calls neither")
+        _refuse_loop_taking(optimizer, f"{self.settings.parallel}: {spec.name}", "DeepSpeed's engine")
         self.config = ds_config(self.settings, self.stage, sum(p.numel() for p in model.parameters()))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         return EngineSteps(self.engine, optimizer)
