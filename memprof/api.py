@@ -122,11 +122,11 @@ def measure(
     runs, isolate, distributed = _plan(model, optimizers, isolate, settings)
     command = command_line()
     records = []
-    with _estimating_in_parallel(runs, distributed) as pending:
-        for i, run in enumerate(runs):
+    with _estimating_in_parallel(runs, distributed) as forked:
+        for run in runs:
             if on_start:
                 on_start(run)
-            batch = pending[i].result() if pending else _records_of(run, isolate, distributed)
+            batch = forked.records(run) if forked else _records_of(run, isolate, distributed)
             for record in batch:
                 record.environment["command"] = command
                 records.append(record)
@@ -135,82 +135,121 @@ def measure(
     return records
 
 
-def _records_of(run: Settings, isolate: bool, distributed: bool) -> list[RunRecord]:
-    """One optimizer's records (one per rank for a distributed run)."""
-    from memprof.optim.registry import parse_spec
-
-    spec = parse_spec(run.spec)
+def _records_of(run: Settings, isolate: bool, distributed: bool,
+                measure: Callable[[Settings], RunRecord] | None = None) -> list[RunRecord]:
+    """One optimizer's records (one per rank for a distributed run); ``measure``: how a run (an estimate's
+    probe) is measured (default: here, now)."""
     if distributed:
         from memprof.distributed import launch
 
         return launch.measure(run)
-    if run.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
-        return [RunRecord(settings=run, environment={}, status="failed",
-                          failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
-                                  "kernels, which have no fake-tensor implementation")]
+    refused = _refused(run)
+    if refused is not None:
+        return [refused]
     if isolate:
         from memprof.measure.isolation import measure_in_child
 
         return [measure_in_child(run)]
-    return [_measure_here(run)]
+    return [_measure_here(run, measure or _run_here)]
+
+
+def _refused(run: Settings) -> RunRecord | None:
+    """The failed row of an optimizer that cannot be estimated, else None."""
+    from memprof.optim.registry import parse_spec
+
+    spec = parse_spec(run.spec)
+    if run.estimate and spec.entry.requires == "cuda" and spec.entry.analytic is None:
+        return RunRecord(settings=run, environment={}, status="failed",
+                         failure=f"cannot estimate: {spec.name} runs only in {spec.entry.source}'s CUDA "
+                                 "kernels, which have no fake-tensor implementation")
+    return None
 
 
 @contextlib.contextmanager
-def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator[list["_Outcome"]]:
-    """Futures of each run's records, estimated in forked processes, one per CPU core (an estimate
-    allocates nothing and shares nothing between optimizers); an empty list where runs are measured in
-    order here: a real measurement, a single run, or a system without ``fork``."""
+def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator["_ForkedEstimates | None"]:
+    """The runs' estimates in forked processes, one per CPU core (an estimate allocates nothing and shares
+    nothing between optimizers); None where runs are measured in order here: a real measurement, a single
+    run, or a system without ``fork``."""
     from memprof.measure import runner  # imported once here, inherited by every worker
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     # A process that ran a backward pass cannot fork one that runs another (torch's autograd threads).
     if (len(runs) < 2 or cores < 2 or not all(r.estimate for r in runs) or sys.platform != "linux"
             or runner.trained_here):
-        yield []
+        yield None
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(cores, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(_records_of, run, False, distributed) for run in runs]
+        forked = _ForkedEstimates(pool, distributed)
+        for run in runs:
+            forked.start(run)
         try:
-            yield [_Outcome(future, run, distributed) for future, run in zip(futures, runs)]
+            yield forked
         finally:
-            for future in futures:
-                future.cancel()
+            forked.cancel()
 
 
-class _Outcome:
-    """A forked estimate's records; a worker that died is the run's failed row."""
+class _ForkedEstimates:
+    """Estimates measured by a pool of forked workers: each of a deep model's probes is a job of its own
+    (``depth.first_measurements``, all started ahead, so the workers stay evenly busy); a distributed run is
+    one job. A worker that died gives a failed row."""
 
-    def __init__(self, future, run: Settings, distributed: bool) -> None:
-        self.future, self.run, self.distributed = future, run, distributed
+    def __init__(self, pool, distributed: bool) -> None:
+        self.pool, self.distributed = pool, distributed
+        self.futures: dict[Settings, Any] = {}
 
-    def result(self) -> list[RunRecord]:
+    def start(self, run: Settings) -> None:
+        from memprof.measure import depth
+
+        if self.distributed:
+            self.futures[run] = self.pool.submit(_records_of, run, False, True)
+        elif _refused(run) is None:
+            for measured in depth.first_measurements(run):
+                self.futures.setdefault(measured, self.pool.submit(_run_here, measured))
+
+    def records(self, run: Settings) -> list[RunRecord]:
+        if self.distributed:
+            return self._result(run, lambda: _records_of(run, False, True))
+        return _records_of(run, False, False, measure=self._measure)
+
+    def _measure(self, measured: Settings) -> RunRecord:
+        if measured not in self.futures:  # a later set of probes (the first was not affine)
+            self.futures[measured] = self.pool.submit(_run_here, measured)
+        (record,) = self._result(measured, lambda: [_run_here(measured)])
+        return record
+
+    def _result(self, measured: Settings, here: Callable[[], list[RunRecord]]) -> list[RunRecord]:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            records = self.future.result()
+            result = self.futures.pop(measured).result()
         except BrokenProcessPool as exc:
-            return [RunRecord(settings=self.run, environment={}, status="failed",
+            return [RunRecord(settings=measured, environment={}, status="failed",
                               failure=f"failed outside the training steps: the estimating process died ({exc})")]
+        records = result if isinstance(result, list) else [result]
         if any("Autograd-and-Fork" in (r.failure or "") for r in records):  # this process ran a backward pass
-            return _records_of(self.run, False, self.distributed)  # the user's own: estimate it here
+            return here()  # the user's own: estimate it here
         return records
 
+    def cancel(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
 
-def _measure_here(run: Settings) -> RunRecord:
-    """The runner in this process (a deep model's estimate through shallow probes, ``memprof.measure.depth``).
-    A crash outside its training steps (the model or the optimizer failing to allocate, or failing to build)
-    is a row too, as a crashed child's is."""
+
+def _measure_here(run: Settings, measure: Callable[[Settings], RunRecord]) -> RunRecord:
+    """``measure(run)``, for an estimate through shallow probes of a deep model (``memprof.measure.depth``)."""
     if run.estimate:
         from memprof.measure import depth
 
-        return depth.estimate(run, _run_here)
-    return _run_here(run)
+        return depth.estimate(run, measure)
+    return measure(run)
 
 
 def _run_here(run: Settings) -> RunRecord:
+    """The runner in this process. A crash outside its training steps (the model or the optimizer failing
+    to allocate, or failing to build) is a row too, as a crashed child's is."""
     from memprof.measure.runner import measure as measure_here
 
     try:

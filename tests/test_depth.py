@@ -83,3 +83,47 @@ def test_prose_extrapolates_its_counts_and_keeps_other_numbers():
     assert _prose(texts, (1, 2, 3), 32, "note") == "driver 580.159.04; 16,500 host reads"
     with pytest.raises(NotAffine, match="words"):
         _prose(["3 blocks", "4 layers", "5 blocks"], (1, 2, 3), 32, "note")
+
+
+def test_probes_forked_as_jobs_of_their_own_give_the_records_made_in_turn(deep_config):
+    # A fresh process forks workers and each probe is a job (io_adam's later probes or full-depth estimate
+    # are jobs that the first probes did not foresee); this process has trained, so here they run in turn.
+    import os
+    import subprocess
+    import sys
+
+    if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("estimates fork workers only on Linux with two cores or more")
+    specs = ["adam", "io_adam"]
+    script = (
+        "import json\n"
+        "from memprof import api\n"
+        f"records = api.estimate({deep_config!r}, {specs!r}, **{SETTINGS!r})\n"
+        "print(json.dumps([r.to_dict() for r in records]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    forked = json.loads(done.stdout.strip().splitlines()[-1])
+    in_turn = json.loads(json.dumps([r.to_dict() for r in estimate(deep_config, specs, **SETTINGS)]))
+    for record in forked + in_turn:
+        record["environment"].pop("command")
+    assert forked == in_turn
+
+
+def test_probes_not_started_ahead_are_measured_when_asked_for(deep_config, monkeypatch):
+    # What a later set of probes (the first was not affine) goes through: a job started when asked for.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memprof import api
+    from memprof.measure import depth
+
+    (in_turn,) = estimate(deep_config, ["adam"], **SETTINGS)
+    monkeypatch.setattr(depth, "first_measurements", lambda settings: [])
+    with ThreadPoolExecutor(1) as pool:
+        jobs = api._ForkedEstimates(pool, distributed=False)
+        jobs.start(in_turn.settings)
+        assert not jobs.futures
+        (record,) = jobs.records(in_turn.settings)
+    for each in (record, in_turn):
+        each.environment.pop("command")  # what was typed: estimate() replaces it
+    assert record.to_dict() == in_turn.to_dict() and not jobs.futures

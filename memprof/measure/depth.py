@@ -44,10 +44,8 @@ class NotAffine(Exception):
 
 def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> RunRecord:
     """``measure(settings)`` for an estimate, through probes of a few blocks where the model stacks more."""
-    from memprof.models import stacked_depth
-
-    depth = None if settings.full_depth or settings.depth is not None else stacked_depth(settings.model)
-    if depth is None or depth < MIN_DEPTH:
+    depth = _probed_depth(settings)
+    if depth is None:
         return measure(settings)
     probes: dict[int, RunRecord] = {}
     reasons = []
@@ -55,8 +53,8 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
         if sum(set(probes) | set(depths)) > depth:
             break
         for blocks in depths:
-            if blocks not in probes:  # a probe's timeline would be thrown away
-                probes[blocks] = measure(settings.replace(depth=blocks, timeline=False))
+            if blocks not in probes:
+                probes[blocks] = measure(_probe(settings, blocks))
         records = [probes[blocks] for blocks in depths]
         failed = next(((d, r) for d, r in zip(depths, records) if r.status != "ok"), None)
         if failed is not None:  # an optimizer that cannot run on a few blocks cannot run on all of them
@@ -77,6 +75,26 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
     record = measure(settings)
     record.notes.append("estimated op by op at full depth: " + "; ".join(reasons))
     return record
+
+
+def first_measurements(settings: Settings) -> list[Settings]:
+    """What ``estimate(settings, …)`` measures first (its first probes, or the whole model), so that a caller
+    can start them ahead, in parallel."""
+    if _probed_depth(settings) is None:
+        return [settings]
+    return [_probe(settings, blocks) for blocks in PROBES[0]]
+
+
+def _probed_depth(settings: Settings) -> int | None:
+    """The model's depth where ``estimate`` probes it, else None (estimated whole)."""
+    from memprof.models import stacked_depth
+
+    depth = None if settings.full_depth or settings.depth is not None else stacked_depth(settings.model)
+    return depth if depth is not None and depth >= MIN_DEPTH else None
+
+
+def _probe(settings: Settings, blocks: int) -> Settings:
+    return settings.replace(depth=blocks, timeline=False)  # a probe's timeline would be thrown away
 
 
 def extrapolate(records: Sequence[RunRecord], depths: Sequence[int], depth: int) -> RunRecord:
