@@ -55,6 +55,17 @@ def test_every_registered_optimizer_estimates_a_cpu_run_exactly(mlp_spec, gpt2_s
     assert set(cannot) <= CANNOT_ESTIMATE, cannot
 
 
+def test_smmf_walks_one_row_block_of_fake_tensors_and_peaks_as_the_real_walk_of_all(gpt2_spec, monkeypatch):
+    from memprof.optim import smmf
+
+    monkeypatch.setattr(smmf, "_CHUNK_ELEMENTS", 40)  # many row blocks per parameter, most with a shorter last one
+    ((real, fake, _),) = _pairs(gpt2_spec, ["smmf"], steps=2, batch_size=4)
+    for category in EXACT:
+        assert fake.total(category) == real.total(category), category
+    assert [(p.phase, p.step, p.peak) for p in fake.phase_peaks] == [(p.phase, p.step, p.peak) for p in real.phase_peaks]
+    assert fake.peaks.allocated == real.peaks.allocated
+
+
 def test_resnet18_estimate_equals_the_cpu_run():
     for real, fake, _ in _pairs("resnet18", ["adam", "smmf", "sgd"], steps=1, batch_size=2, image_size=32):
         for category in EXACT:
