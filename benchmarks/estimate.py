@@ -3,9 +3,10 @@
     python benchmarks/estimate.py                          # LLaMA-7B, batch 1 x 2048, six optimizers
     python benchmarks/estimate.py --model reports/configs/llama-2-70b/config.json --opt adam,smmf
 
-Prints: the wall time of the whole command in a fresh interpreter (imports included; the goal for
-LLaMA-7B with the six optimizers is 20 s on a 2-core machine), then, in this process, the time per
-optimizer and the functions that take the most time for one of them (cProfile, own time).
+Prints: the wall time of the whole command in a fresh interpreter, imports included, for each of
+``--repeat`` runs and their median (the goal for LLaMA-7B with the six optimizers is 20 s on a 2-core
+machine), then, in this process, the time per optimizer and the functions that take the most time for
+one of them (cProfile, own time).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import subprocess
 import sys
 import time
@@ -28,18 +30,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs (the median is printed)")
     args = parser.parse_args()
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
               "--steps", str(args.steps)]
 
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "memprof.cli", "estimate", *common, "--opt", args.opt],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    walls = []
+    for _ in range(args.repeat):  # this machine's speed varies from run to run: the median of a few
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "memprof.cli", "estimate", *common, "--opt", args.opt],
+                              capture_output=True, text=True)
+        walls.append(time.perf_counter() - start)
+        if proc.returncode not in (0, 3):
+            print(proc.stderr)
     print(proc.stdout)
-    if proc.returncode not in (0, 3):
-        print(proc.stderr)
-    print(f"end to end (fresh interpreter, imports included): {wall:.1f} s, exit {proc.returncode}\n")
+    print(f"end to end (fresh interpreter, imports included), {args.repeat} runs: "
+          f"{', '.join(f'{w:.1f}' for w in walls)} s; median {statistics.median(walls):.1f} s, exit {proc.returncode}\n")
 
     start = time.perf_counter()
     from memprof import api
