@@ -35,6 +35,7 @@ def main() -> None:
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
               "--steps", str(args.steps)]
 
+    print(f"reference (this machine's speed now): {_reference_cpu():.2f} s of CPU for 10M Python additions")
     walls = []
     for _ in range(args.repeat):  # this machine's speed varies from run to run: the median of a few
         start = time.perf_counter()
@@ -67,6 +68,17 @@ def main() -> None:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
     print(f"\nwhere the time goes for {first} (own time, top 12):")
     print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:4000])
+
+
+
+def _reference_cpu() -> float:
+    """CPU seconds for a fixed pure-Python loop. On a shared machine the same estimate took 21.6 to 38 s of
+    CPU within one evening; this tells a slow hour apart from a slower memprof."""
+    start = time.process_time()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return time.process_time() - start
 
 
 if __name__ == "__main__":
