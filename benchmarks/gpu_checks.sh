@@ -24,4 +24,9 @@ step memprof compare --model llama-350m --opt adam,smmf --amp bf16 --batch-size 
   --json "$OUT/llama-350m-$GPU.json"
 step memprof estimate --model llama-350m --opt adam,smmf --amp bf16 --batch-size 4 --seq-len 512 --steps 2 \
   --json "$OUT/llama-350m-$GPU-estimate.json"
-rm -f "$OUT/snap.pickle"
+# 5. T5-small + transformers' Adafactor: the real step holds one more 62.75 MiB temporary than the estimate
+#    (reports/estimate-accuracy.md, -8.8 %). What is live at the peak, and which frames allocated it:
+step memprof compare --model t5-small --opt hf_adafactor --batch-size 1 --seq-len 128 --steps 2 \
+  --snapshot "$OUT/t5.pickle" --json "$OUT/t5-adafactor-$GPU.json"
+step python3 benchmarks/snapshot_peak.py "$OUT/t5.pickle" --min-mib 8 --frames 6
+rm -f "$OUT/snap.pickle" "$OUT/t5.pickle"
