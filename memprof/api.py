@@ -11,6 +11,7 @@ also owns what the command line only parses: merging a config file with command-
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import sys
@@ -166,22 +167,13 @@ def _refused(run: Settings) -> RunRecord | None:
 
 
 @contextlib.contextmanager
-def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator["_ForkedEstimates | None"]:
-    """The runs' estimates in forked processes, one per CPU core (an estimate allocates nothing and shares
-    nothing between optimizers); None where runs are measured in order here: a real measurement, a single
-    run, or a system without ``fork``."""
-    from memprof.measure import runner  # imported once here, inherited by every worker
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    # A process that ran a backward pass cannot fork one that runs another (torch's autograd threads).
-    if (len(runs) < 2 or cores < 2 or not all(r.estimate for r in runs) or sys.platform != "linux"
-            or runner.trained_here):
-        yield None
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(min(cores, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
+def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator[_ForkedEstimates | None]:
+    """The runs' estimates in forked processes (``_forked_pool``); None where runs are measured in order
+    here: a real measurement or a single run."""
+    with _forked_pool(len(runs) >= 2 and all(r.estimate for r in runs), len(runs)) as pool:
+        if pool is None:
+            yield None
+            return
         forked = _ForkedEstimates(pool, distributed)
         for run in runs:
             forked.start(run)
@@ -189,6 +181,25 @@ def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator
             yield forked
         finally:
             forked.cancel()
+
+
+@contextlib.contextmanager
+def _forked_pool(wanted: bool, jobs: int) -> Iterator[Any]:
+    """A pool of forked processes, one per CPU core, for independent estimates (an estimate allocates
+    nothing and shares nothing with another); None where not ``wanted``, on one core, on a system
+    without ``fork``, or where this process has trained."""
+    from memprof.measure import runner  # imported once here, inherited by every worker
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    # A process that ran a backward pass cannot fork one that runs another (torch's autograd threads).
+    if not wanted or cores < 2 or sys.platform != "linux" or runner.trained_here:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(cores, jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
 
 
 class _ForkedEstimates:
@@ -350,6 +361,7 @@ class Fit:
     record: RunRecord | None  # the estimate at ``value`` that confirms it (None when nothing fits)
     probes: list[tuple[int, int | None]] = field(default_factory=list)  # (value, what the run needs), in order
     failure: str | None = None  # an estimate that failed on the way
+    estimates: list[RunRecord] = field(default_factory=list)  # every estimate made, in order
 
 
 def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
@@ -357,7 +369,7 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
     """For each optimizer, the largest ``dimension`` (``batch-size`` or ``seq-len``) whose estimate fits
     the budget (``memory``, else the ``target_gpu``'s capacity): doubling from the given value, then
     bisecting. Assumes what a run needs grows with the value (true of activations and temporaries)."""
-    from memprof.measure.gpus import budget, need
+    from memprof.measure.gpus import budget
     from memprof.optim.registry import split_specs
 
     if dimension not in FIT_DIMENSIONS:
@@ -369,45 +381,78 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
         raise UsageError("--fit needs a budget: give --memory (e.g. 24GiB) or --gpu (e.g. h100)")
     texts = split_specs(optimizers) if isinstance(optimizers, str) else list(optimizers)
     _validate_optimizers(texts)
-    results = []
-    for text in texts:
-        result = Fit(spec=text, setting=name, budget=limit, value=0, record=None)
-        cache: dict[int, RunRecord] = {}
+    search = functools.partial(_search, model, setting=name, start=getattr(base, name), budget=limit,
+                               settings=settings)
+    with _forked_pool(len(texts) >= 2, len(texts)) as pool:  # one optimizer's search per process
+        if pool is None:
+            return [search(text, on_result=on_result) for text in texts]
+        futures = [pool.submit(search, text) for text in texts]
+        results = []
+        for text, future in zip(texts, futures):
+            result = _searched(future, text, name, limit)
+            if result.failure and "Autograd-and-Fork" in result.failure:  # this process ran a backward pass
+                result = search(text, on_result=on_result)
+            elif on_result:
+                for record in result.estimates:
+                    on_result(record)
+            results.append(result)
+        return results
 
-        def needs(value: int) -> int | None:
-            (record, *_) = estimate(model, [text], **{**settings, name: value})
-            cache[value] = record
-            result.probes.append((value, need(record) if record.status == "ok" else None))
-            if on_result:
-                on_result(record)
-            if record.status != "ok":
-                result.failure = record.failure
-                return None
-            return need(record)
 
-        low, high = 0, None  # low fits (0: nothing yet), high does not
-        value = getattr(base, name)
-        while high is None and value <= FIT_LIMIT:
-            used = needs(value)
+def _search(model: str, text: str, *, setting: str, start: int, budget: int, settings: dict[str, Any],
+            on_result: Callable[[RunRecord], None] | None = None) -> Fit:
+    """One optimizer's ``fit``: doubling ``setting`` from ``start`` while the estimate fits ``budget``,
+    then bisecting."""
+    from memprof.measure.gpus import need
+
+    result = Fit(spec=text, setting=setting, budget=budget, value=0, record=None)
+    cache: dict[int, RunRecord] = {}
+
+    def needs(value: int) -> int | None:
+        (record, *_) = estimate(model, [text], **{**settings, setting: value})
+        cache[value] = record
+        result.estimates.append(record)
+        result.probes.append((value, need(record) if record.status == "ok" else None))
+        if on_result:
+            on_result(record)
+        if record.status != "ok":
+            result.failure = record.failure
+            return None
+        return need(record)
+
+    low, high = 0, None  # low fits (0: nothing yet), high does not
+    value = start
+    while high is None and value <= FIT_LIMIT:
+        used = needs(value)
+        if used is None:
+            break
+        if used <= budget:
+            low, value = value, value * 2
+        else:
+            high = value
+    if result.failure is None and high is not None:
+        lo = low
+        while high - lo > 1:
+            mid = (lo + high) // 2
+            used = needs(mid)
             if used is None:
                 break
-            if used <= limit:
-                low, value = value, value * 2
-            else:
-                high = value
-        if result.failure is None and high is not None:
-            lo = low
-            while high - lo > 1:
-                mid = (lo + high) // 2
-                used = needs(mid)
-                if used is None:
-                    break
-                lo, high = (mid, high) if used <= limit else (lo, mid)
-            low = lo
-        result.value = low
-        result.record = cache.get(low)
-        results.append(result)
-    return results
+            lo, high = (mid, high) if used <= budget else (lo, mid)
+        low = lo
+    result.value = low
+    result.record = cache.get(low)
+    return result
+
+
+def _searched(future, text: str, setting: str, budget: int) -> Fit:
+    """A forked search's result; a worker that died is a failed fit."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        return Fit(spec=text, setting=setting, budget=budget, value=0, record=None,
+                   failure=f"the estimating process died ({exc})")
 
 
 def _snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:

@@ -129,6 +129,35 @@ def test_fit_finds_the_largest_batch_that_fits_and_confirms_it(mlp_spec):
     assert probes[9] > need(at_8) and all(n <= need(at_8) for v, n in probes.items() if v <= 8)
 
 
+def test_several_optimizers_fit_in_forked_workers_as_they_would_in_turn(mlp_spec):
+    # A fresh process that has not trained searches each optimizer in a forked worker; here, in turn.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from memprof.api import fit
+
+    if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("estimates fork workers only on Linux with two cores or more")
+    settings = dict(device="cpu", steps=2, memory="40KiB")
+    script = (
+        "import json\n"
+        "from memprof import api\n"
+        "seen = []\n"
+        f"fits = api.fit({mlp_spec!r}, 'sgd,adam', 'batch-size', on_result=lambda r: seen.append(r.settings.spec), "
+        f"**{settings!r})\n"
+        "print(json.dumps({'fits': [(f.spec, f.value, f.probes, f.failure) for f in fits], 'seen': seen}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    forked = json.loads(done.stdout.strip().splitlines()[-1])
+    in_turn = fit(mlp_spec, "sgd,adam", "batch-size", **settings)
+    assert forked["fits"] == json.loads(json.dumps([(f.spec, f.value, f.probes, f.failure) for f in in_turn]))
+    assert all(f.value > 1 for f in in_turn) and in_turn[0].value > in_turn[1].value  # SGD keeps no state
+    assert forked["seen"] == [f.spec for f in in_turn for _ in f.estimates]  # every estimate reported
+
+
 def test_fit_needs_a_budget_and_a_known_setting(mlp_spec):
     from memprof.api import fit
     from memprof.errors import UsageError
