@@ -24,10 +24,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from memprof.measure.trackers import replaced
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-_ORIGINAL = {"scaled_dot_product_attention": F.scaled_dot_product_attention, "dropout": F.dropout}
+_CPU_DROPOUT = F.dropout
 
 
 @contextlib.contextmanager
@@ -37,17 +39,13 @@ def like_cuda() -> Iterator[None]:
     ``torch.nn.functional``'s two functions are replaced for the duration, where transformers and
     ``nn.Dropout`` look them up at each call (a mode that intercepts every torch function instead costs
     a fifth of an estimate's time); code that bound them by name before keeps the CPU choice."""
-    F.scaled_dot_product_attention, F.dropout = _cuda_attention, _cuda_dropout
-    try:
+    with replaced(F, "scaled_dot_product_attention", _cuda_attention), replaced(F, "dropout", _cuda_dropout):
         yield
-    finally:
-        F.scaled_dot_product_attention = _ORIGINAL["scaled_dot_product_attention"]
-        F.dropout = _ORIGINAL["dropout"]
 
 
 def _cuda_dropout(input, p=0.5, training=True, inplace=False):
     if not training or p == 0.0 or inplace:
-        return _ORIGINAL["dropout"](input, p, training, inplace)
+        return _CPU_DROPOUT(input, p, training, inplace)
     return torch.ops.aten.native_dropout(input, p, True)[0]
 
 
@@ -88,8 +86,8 @@ def masks_read_as_on_real_data() -> Iterator[None]:
         return
     from torch._subclasses.fake_tensor import is_fake
 
-    masking.is_tracing = lambda tensor=None: (original(tensor) and not (tensor is not None and is_fake(tensor)))
-    try:
+    def is_tracing(tensor=None) -> bool:
+        return original(tensor) and not (tensor is not None and is_fake(tensor))
+
+    with replaced(masking, "is_tracing", is_tracing):
         yield
-    finally:
-        masking.is_tracing = original

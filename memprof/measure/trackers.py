@@ -81,7 +81,7 @@ class CpuTracker(TorchDispatchMode):
             return out
 
         self._patches = contextlib.ExitStack()
-        self._patches.enter_context(_replaced(torch.UntypedStorage, "resize_", resize_))
+        self._patches.enter_context(replaced(torch.UntypedStorage, "resize_", resize_))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -187,7 +187,7 @@ class FakeTracker(CpuTracker):
 
 
 @contextlib.contextmanager
-def _replaced(owner: object, name: str, replacement: object) -> Iterator[None]:
+def replaced(owner: object, name: str, replacement: object) -> Iterator[None]:
     """``owner.name`` is ``replacement`` for the duration."""
     original = getattr(owner, name)
     setattr(owner, name, replacement)
@@ -216,7 +216,7 @@ def _outside_sharding_propagation(tracker: FakeTracker) -> contextlib.AbstractCo
         finally:
             tracker.paused = paused
 
-    return _replaced(propagator, "_propagate_tensor_meta_non_cached", propagate)
+    return replaced(propagator, "_propagate_tensor_meta_non_cached", propagate)
 
 
 class CudaTracker:
