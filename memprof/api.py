@@ -222,31 +222,38 @@ class _ForkedEstimates:
 
     def records(self, run: Settings) -> list[RunRecord]:
         if self.distributed:
-            return self._result(run, lambda: _records_of(run, False, True))
+            return _from_worker(self.futures.pop(run), here=lambda: _records_of(run, False, True),
+                                died=lambda why: [_died(run, why)])
         return _records_of(run, False, False, measure=self._measure)
 
     def _measure(self, measured: Settings) -> RunRecord:
         if measured not in self.futures:  # a later set of probes (the first was not affine)
             self.futures[measured] = self.pool.submit(_run_here, measured)
-        (record,) = self._result(measured, lambda: [_run_here(measured)])
-        return record
-
-    def _result(self, measured: Settings, here: Callable[[], list[RunRecord]]) -> list[RunRecord]:
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            result = self.futures.pop(measured).result()
-        except BrokenProcessPool as exc:
-            return [RunRecord(settings=measured, environment={}, status="failed",
-                              failure=f"failed outside the training steps: the estimating process died ({exc})")]
-        records = result if isinstance(result, list) else [result]
-        if any("Autograd-and-Fork" in (r.failure or "") for r in records):  # this process ran a backward pass
-            return here()  # the user's own: estimate it here
-        return records
+        return _from_worker(self.futures.pop(measured), here=lambda: _run_here(measured),
+                            died=lambda why: _died(measured, why))
 
     def cancel(self) -> None:
         for future in self.futures.values():
             future.cancel()
+
+
+def _from_worker(future, *, here: Callable[[], Any], died: Callable[[str], Any]) -> Any:
+    """A forked job's result (a record, a list of them or a ``Fit``); ``died(why)`` where its worker died,
+    ``here()`` where the job met this process's autograd threads (the user ran a backward pass here)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        result = future.result()
+    except BrokenProcessPool as exc:
+        return died(f"the estimating process died ({exc})")
+    records = result.estimates if isinstance(result, Fit) else result if isinstance(result, list) else [result]
+    if any("Autograd-and-Fork" in (r.failure or "") for r in records):
+        return here()  # the user's own: estimate it here
+    return result
+
+
+def _died(run: Settings, why: str) -> RunRecord:
+    return RunRecord(settings=run, environment={}, status="failed", failure=f"failed outside the training steps: {why}")
 
 
 def _measure_here(run: Settings, measure: Callable[[Settings], RunRecord]) -> RunRecord:
@@ -389,10 +396,9 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
         futures = [pool.submit(search, text) for text in texts]
         results = []
         for text, future in zip(texts, futures):
-            result = _searched(future, text, name, limit)
-            if result.failure and "Autograd-and-Fork" in result.failure:  # this process ran a backward pass
-                result = search(text, on_result=on_result)
-            elif on_result:
+            result = _from_worker(future, here=lambda: search(text), died=lambda why: Fit(
+                spec=text, setting=name, budget=limit, value=0, record=None, failure=why))
+            if on_result:
                 for record in result.estimates:
                     on_result(record)
             results.append(result)
@@ -406,11 +412,9 @@ def _search(model: str, text: str, *, setting: str, start: int, budget: int, set
     from memprof.measure.gpus import need
 
     result = Fit(spec=text, setting=setting, budget=budget, value=0, record=None)
-    cache: dict[int, RunRecord] = {}
 
     def needs(value: int) -> int | None:
         (record, *_) = estimate(model, [text], **{**settings, setting: value})
-        cache[value] = record
         result.estimates.append(record)
         result.probes.append((value, need(record) if record.status == "ok" else None))
         if on_result:
@@ -440,19 +444,8 @@ def _search(model: str, text: str, *, setting: str, start: int, budget: int, set
             lo, high = (mid, high) if used <= budget else (lo, mid)
         low = lo
     result.value = low
-    result.record = cache.get(low)
+    result.record = next((r for r in result.estimates if getattr(r.settings, setting) == low), None)
     return result
-
-
-def _searched(future, text: str, setting: str, budget: int) -> Fit:
-    """A forked search's result; a worker that died is a failed fit."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        return future.result()
-    except BrokenProcessPool as exc:
-        return Fit(spec=text, setting=setting, budget=budget, value=0, record=None,
-                   failure=f"the estimating process died ({exc})")
 
 
 def _snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:
