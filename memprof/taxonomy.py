@@ -78,7 +78,7 @@ projection matrices; quantized codes, scales and code books; step counters, scal
 masks. Display order."""
 
 STRATEGY_STATE_ROLES: dict[str, Role] = {"master": "master"}
-"""State keys that a distributed strategy adds beside the optimizer's own (``memprof.distributed.strategy.
+"""State keys that a distributed strategy adds beside the optimizer's own (``memprof.strategies.deepspeed.
 FlatPartitions``), with their roles."""
 
 ROLE_ABBREVIATIONS: dict[str, str] = {

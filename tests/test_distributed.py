@@ -239,7 +239,7 @@ def test_ranks_of_one_run_are_one_request_to_measure_again():
 
 
 def test_flat_partitions_are_reported_as_structure_lost():
-    from memprof.distributed.strategy import structure
+    from memprof.strategies.base import structure
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     flat = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in model.parameters()) // 2))  # ZeRO's 1-D partition
@@ -332,7 +332,7 @@ def test_meta_builds_keep_the_batch_on_the_device(mlp_spec):
 def test_materialised_llama_recomputes_its_rotary_buffers():
     import transformers
 
-    from memprof.distributed.strategy import initialise_materialised
+    from memprof.strategies.fsdp2 import initialise_materialised
 
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, vocab_size=100)

@@ -1,7 +1,7 @@
-"""Distributed runs: N ranks on torch.distributed, each measured by the same runner and replay.
+"""Distributed runs: N ranks on torch.distributed, each measured by the same runner and replay, with
+the strategy ``--parallel`` names (``memprof.strategies``: DDP, FSDP2 ``fully_shard``, ZeRO-1 through
+``ZeroRedundancyOptimizer``, DeepSpeed's ZeRO-1/2/3 engine), which sits below the runner.
 
-* ``strategy``: how a rank shares the model (DDP, FSDP2 ``fully_shard``, ZeRO-1 through
-  ``ZeroRedundancyOptimizer``, DeepSpeed's ZeRO-1/2/3 engine): the runner's only hook.
 * ``worker``: one rank; run by ``python -m torch.distributed.run`` (the launcher memprof starts) or
   inside a user's own ``torchrun`` launch.
 * ``launch``: the parent: starts the ranks, merges their run records, makes a failed row for a rank

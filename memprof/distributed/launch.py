@@ -20,8 +20,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from memprof import runfile
-from memprof.distributed.strategy import deepspeed_problem
+from memprof import runfile, strategies
 from memprof.distributed.worker import environment_rank, measure_rank
 from memprof.errors import UsageError
 from memprof.files import write_atomic
@@ -39,7 +38,7 @@ def requested(settings: Settings) -> bool:
 
 def check(settings: Settings) -> Settings:
     """The settings of the run, with ``nproc`` from a user's launch; bad input is one usage error."""
-    problem = deepspeed_problem(settings)
+    problem = strategies.problem(settings)
     if problem:
         raise UsageError(problem)
     launched = environment_rank()

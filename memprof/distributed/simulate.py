@@ -21,8 +21,8 @@ def measure(settings: Settings) -> RunRecord:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from memprof.distributed.strategy import NotSupported, for_settings
     from memprof.measure import runner
+    from memprof.strategies import NotSupported, for_settings
 
     if dist.is_initialized():
         raise UsageError("memprof estimate simulates its ranks in one process: run it outside torchrun")

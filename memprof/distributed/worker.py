@@ -37,8 +37,8 @@ def measure_rank(settings: Settings) -> RunRecord:
     import torch
     import torch.distributed as dist
 
-    from memprof.distributed.strategy import NotSupported, for_settings
     from memprof.measure.runner import _first_line, measure
+    from memprof.strategies import NotSupported, for_settings
 
     rank, world = environment_rank() or (0, 1)
     settings = settings.replace(rank=rank, nproc=world)

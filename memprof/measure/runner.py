@@ -4,7 +4,7 @@ The same code path serves CPU and CUDA; only the tracker differs. Phases are mar
 tracker's clock after a device synchronize, identities (parameters, gradients, optimizer state,
 saved activations, inputs) are told to the capture, and one replay attributes every byte
 (``memprof.measure.attribution``). One rank of a distributed run is the same path: a
-``memprof.distributed.strategy.Strategy`` wraps the model and builds the optimizer.
+``memprof.strategies.base.Strategy`` wraps the model and builds the optimizer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from memprof.distributed.strategy import Strategy
 from memprof.errors import UsageError
 from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
@@ -26,6 +25,7 @@ from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
 from memprof.record import Peaks, RunRecord
 from memprof.settings import Settings
+from memprof.strategies import Strategy
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 trained_here = False

@@ -32,7 +32,7 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
 
     ``fake``: the caller runs a ``FakeTensorMode``; a fake CUDA model needs no GPU.
     ``weights_on_meta``: the model's parameters and buffers on the meta device, the batch on ``device``
-    (FSDP2 shards the model first and materialises this rank's shards: ``memprof.distributed.strategy``).
+    (FSDP2 shards the model first and materialises this rank's shards: ``memprof.strategies.fsdp2``).
     """
     import torch
 
