@@ -66,6 +66,11 @@ def split_specs(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+def spec_name(text: str) -> str:
+    """The optimizer one spec names, as ``parse_spec`` reads it: a registry name or a dotted path."""
+    return text.split(":")[0].strip()
+
+
 def _parse_value(text: str) -> Any:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -109,7 +114,7 @@ def _entry_for_dotted_path(path: str) -> OptimizerEntry:
 
 def parse_spec(text: str) -> OptimizerSpec:
     """Parse ``NAME[:key=value…]`` into a spec, validating the name and the keys."""
-    name, *pairs = [part.strip() for part in text.split(":")]
+    name, pairs = spec_name(text), [part.strip() for part in text.split(":")[1:]]
     known = registry()
     if name in known:
         entry, inferred = known[name], False
