@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from memprof.errors import UsageError, closest, user_code
+from memprof.limits import check_value
 from memprof.optim.entry import OptimizerEntry
 from memprof.optim.library import LIBRARY
 from memprof.optim.papers import PAPERS
@@ -130,6 +131,7 @@ def parse_spec(text: str) -> OptimizerSpec:
             raise UsageError(f"optimizer {name}: expected key=value, got {pair!r}")
         if key.strip() in kwargs:
             raise UsageError(f"optimizer {name}: {key.strip()} is given twice in {text!r}; give each key once")
+        check_value(value.strip(), f"optimizer {name}: {key.strip()}")
         kwargs[key.strip()] = _parse_value(value)
     _check_keys(entry, kwargs)
     return OptimizerSpec(text=text, entry=entry, kwargs=kwargs, inferred_roles=inferred)
