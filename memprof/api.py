@@ -554,25 +554,11 @@ def check(
     if current is not None:
         runs = runfile.read(current, "current run")
     else:
+        from memprof.trust import refuse_untrusted
+
+        refuse_untrusted(base, trust, baseline)  # every run, before anything is imported or measured
         for settings, specs in group_by_request(r.settings for r in base):
-            _refuse_code_from_data(settings, specs, baseline, set(trust))
             measured.extend(measure(settings.model, specs, on_start=on_start, on_result=on_result,
                                     **request_fields(settings)))
         runs = measured
     return CheckOutcome(gate.check(base, runs, tolerances=tolerances, categories=categories), measured)
-
-
-def _refuse_code_from_data(settings: Settings, specs: Sequence[str], path: str | Path, trust: set[str]) -> None:
-    """A model file or dotted path named only by a data file is never loaded."""
-    from memprof.models import is_builtin
-    from memprof.optim.registry import registry
-
-    known = registry()
-    names = [("model", settings.model, is_builtin(settings.model))]
-    names += [("optimizer", spec.split(":")[0].strip(), spec.split(":")[0].strip() in known) for spec in specs]
-    for what, name, builtin in names:
-        if not builtin and name not in trust:
-            raise UsageError(f"{path} names {what} {name!r}, which is not a built-in {what}; a baseline is data and "
-                             f"never makes memprof run code it names: pass --trust {shlex.quote(name)} to measure it "
-                             "again, or measure it yourself and pass --current")
-

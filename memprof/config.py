@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.errors import UsageError
+from memprof.limits import check_toml
 from memprof.settings import config_keys
 
 if sys.version_info >= (3, 11):
@@ -33,7 +34,9 @@ def load_runs(path: str | Path) -> list[dict[str, Any]]:
     """The measurements a config file asks for, each as a dict keyed by config keys
     (``memprof.settings.config_keys``)."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        check_toml(text, f"config {path}")  # before the parser, which recurses per level
+        data = tomllib.loads(text)
     except OSError as exc:
         raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

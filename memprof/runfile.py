@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from memprof import settings as declared
 from memprof.errors import UsageError
+from memprof.limits import MAX_CSV_LINE, check_json, shorten
 from memprof.record import STATUSES, Peaks, Row, RunRecord
 from memprof.settings import Settings
 
@@ -115,20 +116,25 @@ def read(path: str | Path, what: str = "run file") -> list[RunRecord]:
 
 
 def _implausible(record: RunRecord) -> str | None:
-    """What no measurement writes: an unknown status, negative bytes, a finished run without rows."""
+    """What no measurement writes: an unknown status, negative bytes or more than a 64-bit count
+    holds, a finished run without rows."""
     if record.status not in STATUSES:
         return f"status {record.status!r} is not one of {', '.join(STATUSES)}"
     for row in (*record.breakdown, *record.peak):
-        if row.bytes < 0:
-            return f"{row.category}/{row.component} has {row.bytes} bytes"
+        if not 0 <= row.bytes <= declared.INT64_MAX:
+            return f"{row.category}/{row.component} has {_count(row.bytes)} bytes"
     peaks = record.peaks
     for name in ("allocated", "max_allocated", "max_reserved", "reserved_end", "allocated_end", "nvml"):
         value = getattr(peaks, name)
-        if value is not None and value < 0:
-            return f"peaks.{name} is {value} bytes"
+        if value is not None and not 0 <= value <= declared.INT64_MAX:
+            return f"peaks.{name} is {_count(value)} bytes"
     if record.status == "ok" and not record.breakdown:
         return "status ok but no rows"
     return None
+
+
+def _count(value: int) -> str:
+    return str(value) if value < 0 else f"more than {declared.INT64_MAX:,}"
 
 
 def _truncated(what: str, path: Path, detail: str) -> RunFileTruncated:
@@ -142,6 +148,10 @@ def _malformed(what: str, path: Path, detail: str) -> RunFileMalformed:
 
 
 def _from_json(text: str, path: Path, what: str) -> list[RunRecord]:
+    try:
+        check_json(text, "the file")
+    except UsageError as exc:
+        raise _malformed(what, path, str(exc)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -165,17 +175,24 @@ def _from_json(text: str, path: Path, what: str) -> list[RunRecord]:
 def _from_csv(text: str, path: Path, what: str) -> list[RunRecord]:
     if not text.endswith("\n"):
         raise _truncated(what, path, "the last line is cut off (no final newline)")
+    longest = max(text.splitlines(), key=len)
+    if len(longest) > MAX_CSV_LINE:
+        raise _malformed(what, path, f"a line has {len(longest):,} characters; a memprof CSV line has at most "
+                                     f"{MAX_CSV_LINE:,}")
     reader = csv.reader(io.StringIO(text))
-    header = next(reader)
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise _malformed(what, path, f"not a memprof CSV (missing column(s) {', '.join(missing)})")
-    groups: dict[tuple, list[dict[str, str]]] = {}
-    for line, cells in enumerate(reader, start=2):
-        if len(cells) != len(header):
-            raise _truncated(what, path, f"line {line} has {len(cells)} fields, the header {len(header)}")
-        row = dict(zip(header, cells))
-        groups.setdefault(tuple(row.get(k, "") for k in (*ID_COLUMNS, *SETTINGS_COLUMNS)), []).append(row)
+    try:
+        header = next(reader)
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise _malformed(what, path, f"not a memprof CSV (missing column(s) {', '.join(missing)})")
+        groups: dict[tuple, list[dict[str, str]]] = {}
+        for line, cells in enumerate(reader, start=2):
+            if len(cells) != len(header):
+                raise _truncated(what, path, f"line {line} has {len(cells)} fields, the header {len(header)}")
+            row = dict(zip(header, cells))
+            groups.setdefault(tuple(row.get(k, "") for k in (*ID_COLUMNS, *SETTINGS_COLUMNS)), []).append(row)
+    except csv.Error as exc:  # a quoted field over csv's limit, a NUL byte
+        raise _malformed(what, path, f"line {reader.line_num}: {exc}") from None
     if not groups:
         raise _truncated(what, path, "the file has a header and no rows")
     return [_record_from_rows(rows, path, what) for rows in groups.values()]
@@ -198,7 +215,7 @@ def _record_from_rows(rows: list[dict[str, str]], path: Path, what: str) -> RunR
         try:
             nbytes = int(row["bytes"])
         except ValueError:
-            raise _malformed(what, path, f"{row['spec']} on {row['model']}: bytes {row['bytes']!r} is "
+            raise _malformed(what, path, f"{row['spec']} on {row['model']}: bytes {shorten(row['bytes'])} is "
                                                     "not an integer") from None
         item = Row(row["category"], row["component"], nbytes, row["basis"])
         if row["measure"] == "steady":

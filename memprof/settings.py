@@ -199,6 +199,8 @@ def csv_columns(role: CsvRole) -> tuple[str, ...]:
 
 def from_text(cells: Mapping[str, str]) -> dict[str, Any]:
     """Field values from text cells (a CSV row); empty or missing cells are left out."""
+    from memprof.limits import shorten
+
     values: dict[str, Any] = {}
     for item in declared_fields():
         text = cells.get(item.name)
@@ -209,7 +211,7 @@ def from_text(cells: Mapping[str, str]) -> dict[str, Any]:
             values[item.name] = _integer(item.name, text)
         elif kind is bool:
             if text.lower() not in ("true", "false"):
-                raise UsageError(f"{item.name} {text!r} is not true or false")
+                raise UsageError(f"{item.name} {shorten(text)} is not true or false")
             values[item.name] = text.lower() == "true"
         else:
             values[item.name] = text
@@ -218,6 +220,11 @@ def from_text(cells: Mapping[str, str]) -> dict[str, Any]:
 
 def _integer(name: str, text: str) -> int:
     """An integer cell: ``12``, or ``12.0`` as a spreadsheet may write it."""
+    from memprof.limits import MAX_INTEGER_CHARS, shorten
+
+    if len(text) > MAX_INTEGER_CHARS:
+        raise UsageError(f"{name} {shorten(text)} is not a valid int; an integer has at most {MAX_INTEGER_CHARS} "
+                         "characters")
     try:
         return int(text)
     except ValueError:

@@ -311,3 +311,122 @@ def test_the_stub_is_what_the_cli_measures():
         result = invoke("compare", "--model", "gpt2", "--opt", "adam,sgd", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "adam" in result.stdout and "sgd" in result.stdout
+
+
+# -- parser bombs: input that would exhaust a parser is refused first, in one line -----------------
+def refused(result) -> None:
+    """Exit 2, one line on stderr, no traceback."""
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+
+
+def one_line_usage_error(call) -> str:
+    with pytest.raises(UsageError) as error:
+        call()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+BOMB = settings(FAST, max_examples=15)
+NESTED_VALUE = st.one_of(
+    st.builds(lambda op, n: op * n + "1", st.sampled_from(["-", "+", "~", "not "]), st.integers(200, 100_000)),
+    st.builds(lambda brackets, n: brackets[0] * n + brackets[1] * n, st.sampled_from(["()", "[]", "{}"]),
+              st.integers(9, 100_000)),
+    st.integers(201, 10_000).map(lambda n: "1" * n),
+)
+
+
+@BOMB
+@given(value=NESTED_VALUE, key=st.sampled_from(["lr", "betas", "eps"]))
+def test_a_hyperparameter_value_that_would_exhaust_the_parser_is_one_line(value, key):
+    from memprof.api import _validate_optimizers
+
+    spec = f"adam:{key}={value}"
+    assert "adam:" in one_line_usage_error(lambda: _validate_optimizers(spec))
+    with stubbed_runner():
+        refused(invoke("compare", "--model", "gpt2", "--opt", f"sgd,{spec}", "--device", "cpu"))
+
+
+@BOMB
+@given(name=st.one_of(st.integers(4097, 100_000).map(lambda n: "m" * n),  # longer than a path may be
+                      st.builds(lambda n, end: "m" * n + end, st.integers(256, 4000),  # a file name too long
+                                st.sampled_from([".json", "/config.json", ".py:build", "/m.py:build"]))))
+def test_a_model_name_the_file_system_cannot_hold_is_one_line(name):
+    from memprof.models import ModelOptions, build_model, check_model_name
+
+    one_line_usage_error(lambda: (check_model_name(name), build_model(name, ModelOptions(), "cpu")))
+    refused(invoke("compare", "--model", name, "--opt", "adam", "--device", "cpu", "--steps", "1"))
+
+
+def deep_json(kind: str, depth: int) -> str:
+    return ("[" * depth + "]" * depth) if kind == "array" else ('{"a":' * depth + "1" + "}" * depth)
+
+
+RUN_FILE_BOMB = st.one_of(
+    st.builds(lambda kind, n, inside: (json.dumps({"records": [{"settings": "X"}]}).replace('"X"', deep_json(kind, n))
+                                       if inside else deep_json(kind, n)),
+              st.sampled_from(["array", "object"]), st.integers(65, 100_000), st.booleans()).map(lambda t: ("json", t)),
+    st.builds(lambda n, field: to_json(base_records()).replace(f'"{field}": 2', f'"{field}": ' + "1" * n, 1),
+              st.integers(101, 10_000), st.sampled_from(["batch_size", "steps"])).map(lambda t: ("json", t)),
+    st.builds(lambda n, column: csv_cell(column, "1" * n), st.integers(41, 10_000),
+              st.sampled_from(["batch_size", "seq_len", "bytes"])).map(lambda t: ("csv", t)),
+    st.builds(lambda n, column: csv_cell(column, "x" * n), st.integers(20_001, 300_000),
+              st.sampled_from(["model", "spec", "component"])).map(lambda t: ("csv", t)),
+    st.integers(140_000, 300_000).map(lambda n: ("csv", csv_cell("model", '"' + ("x" * 10_000 + "\n") * (n // 10_000)
+                                                                  + '"'))),
+)
+
+
+def csv_cell(column: str, value: str) -> str:
+    """The tidy CSV of ``base_records()`` with ``column`` set to ``value`` on every row."""
+    header, *rows = to_csv(base_records()).splitlines()
+    at = header.split(",").index(column)
+    changed = [",".join(value if i == at else cell for i, cell in enumerate(row.split(","))) for row in rows]
+    return "\n".join([header, *changed]) + "\n"
+
+
+@settings(BOMB, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bomb=RUN_FILE_BOMB)
+def test_a_run_file_that_would_exhaust_the_parser_is_one_line(tmp_path, bomb):
+    from memprof import runfile
+
+    suffix, text = bomb
+    path = tmp_path / f"run.{suffix}"
+    path.write_text(text)
+    assert str(path) in one_line_usage_error(lambda: runfile.read(path))
+    refused(invoke("check", "--baseline", path, "--current", path))
+    refused(invoke("report", path))
+
+
+CONFIG_BOMB = st.one_of(
+    st.builds(lambda open_, close, n: "x = " + open_ * n + "1" + close * n,
+              st.sampled_from(["[", "{a="]), st.sampled_from(["]", "}"]), st.integers(65, 100_000)),
+    st.builds(lambda key, part, n: f"{key}." + ".".join([part] * n) + " = 1",
+              st.sampled_from(["runs", "description", "model"]), st.sampled_from(["a", '"a"', "'a'", "a . a"]),
+              st.integers(64, 100_000)),
+    st.builds(lambda part, n: "[runs." + ".".join([part] * n) + "]\nx = 1", st.sampled_from(["a", '"a"']),
+              st.integers(64, 100_000)),
+    st.builds(lambda key, prefix, n: f"{key} = {prefix}" + "1" * n, st.sampled_from(["batch_size", "seed", "steps"]),
+              st.sampled_from(["", "-", "0x", "0o", "1.", "1e"]), st.integers(101, 10_000)),
+)
+
+
+@settings(BOMB, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bomb=CONFIG_BOMB)
+def test_a_config_file_that_would_exhaust_the_parser_is_one_line(tmp_path, bomb):
+    from memprof.api import requests
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "gpt2"\nopt = "adam"\n{bomb}\n')
+    assert str(config) in one_line_usage_error(lambda: requests({}, config=config))
+    with stubbed_runner():
+        refused(invoke("compare", "--config", config, "--device", "cpu"))
+
+
+@FAST
+@given(text=st.one_of(st.integers(41, 10_000).map(lambda n: "1" * n), st.text(min_size=41, max_size=60)),
+       name=st.sampled_from(["batch_size", "seq_len", "steps", "seed"]))
+def test_an_integer_cell_of_any_length_is_an_int_or_one_line(text, name):
+    from memprof.settings import from_text
+
+    assert name in one_line_usage_error(lambda: from_text({name: text}))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memprof.errors import UsageError, closest
+from memprof.limits import check_name, shorten
 from memprof.models.base import SEED, BuiltModel, ModelOptions, parameter_count
 from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_names
 
@@ -108,15 +109,23 @@ def check_model_name(name: str) -> None:
     """Raise ``UsageError`` unless ``build_model`` can resolve ``name``; builds nothing."""
     from memprof.models.user import is_user_spec
 
+    check_name(name, "model")
     if name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS or _is_hf_config(name) or is_user_spec(name):
         return
     known = [entry[0] for entry in model_names()]
-    raise UsageError(f"unknown model {name!r}; closest: {closest(name, known)} (see `memprof models`; or give a "
+    raise UsageError(f"unknown model {shorten(name)}; closest: {closest(name, known)} (see `memprof models`; or give a "
                      "local config.json, or path/to/file.py:function)")
 
 
 def _is_hf_config(name: str) -> bool:
     path = Path(name).expanduser()
-    if name.endswith(".json") and not path.is_file():
-        raise UsageError(f"No such file: {path}")
-    return (name.endswith(".json") and path.is_file()) or (path.is_dir() and (path / "config.json").is_file())
+    try:
+        if name.endswith(".json"):
+            if not path.is_file():
+                raise UsageError(f"No such file: {path}")
+            return True
+        return path.is_dir() and (path / "config.json").is_file()
+    except OSError as exc:  # a name the file system cannot hold (too long), a folder it may not read
+        if not name.endswith(".json"):
+            return False  # not a folder: maybe path/to/file.py:function, checked by its own builder
+        raise UsageError(f"model {shorten(name)}: {exc.strerror}") from None

@@ -37,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from memprof.errors import UsageError, closest, user_code
+from memprof.limits import shorten
 from memprof.models.base import SEED, BuiltModel, ModelOptions, move_batch, outside_dispatch_modes, place
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -53,7 +54,11 @@ def build(spec: str, options: ModelOptions, device: torch.device, weights_on_met
     ``weights_on_meta`` as ``memprof.models.build_model``'s."""
     path_text, _, function_name = spec.rpartition(":")
     path = Path(path_text).expanduser()
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name the file system cannot hold (too long)
+        raise UsageError(f"model {shorten(spec)}: {exc.strerror}") from None
+    if not found:
         raise UsageError(f"No such file: {path} (from model {spec!r})")
     with user_code(f"model file {path}"):
         module = _import_file(path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from memprof.errors import UsageError, closest, user_code
+from memprof.limits import check_value
 from memprof.optim.entry import OptimizerEntry
 from memprof.optim.library import LIBRARY
 from memprof.optim.papers import PAPERS
@@ -66,6 +67,11 @@ def split_specs(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+def spec_name(text: str) -> str:
+    """The optimizer one spec names, as ``parse_spec`` reads it: a registry name or a dotted path."""
+    return text.split(":")[0].strip()
+
+
 def _parse_value(text: str) -> Any:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -109,7 +115,7 @@ def _entry_for_dotted_path(path: str) -> OptimizerEntry:
 
 def parse_spec(text: str) -> OptimizerSpec:
     """Parse ``NAME[:key=value…]`` into a spec, validating the name and the keys."""
-    name, *pairs = [part.strip() for part in text.split(":")]
+    name, pairs = spec_name(text), [part.strip() for part in text.split(":")[1:]]
     known = registry()
     if name in known:
         entry, inferred = known[name], False
@@ -125,6 +131,7 @@ def parse_spec(text: str) -> OptimizerSpec:
             raise UsageError(f"optimizer {name}: expected key=value, got {pair!r}")
         if key.strip() in kwargs:
             raise UsageError(f"optimizer {name}: {key.strip()} is given twice in {text!r}; give each key once")
+        check_value(value.strip(), f"optimizer {name}: {key.strip()}")
         kwargs[key.strip()] = _parse_value(value)
     _check_keys(entry, kwargs)
     return OptimizerSpec(text=text, entry=entry, kwargs=kwargs, inferred_roles=inferred)
