@@ -189,7 +189,7 @@ def _check_reference(reference: str, requests: Sequence) -> None:
 def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | None) -> None:
     """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after."""
     from memprof.files import check_writable
-    from memprof.report.units import scale
+    from memprof.units import scale
 
     scale(unit)
     outputs = [(f"--{name}", path) for name, path in paths.items()]

@@ -14,7 +14,7 @@ from memprof.report.export import (
     state_components,
     summary_rows,
 )
-from memprof.report.units import fmt, scale
+from memprof.units import fmt, scale
 
 _ESCAPES = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

@@ -11,8 +11,8 @@ from memprof.report.export import (
     state_components,
     summary_rows,
 )
-from memprof.report.units import fmt, scale
 from memprof.taxonomy import order_roles
+from memprof.units import fmt, scale
 
 
 def escape(text: str) -> str:
