@@ -16,8 +16,7 @@ from cli_for_tests import invoke
 from memprof import runfile
 from memprof.record import ParameterState, Peaks, Row, RunRecord, Timeline
 from memprof.report import latex, markdown, plot
-from memprof.report.export import provenance
-from memprof.runfile import CSV_COLUMNS, to_csv, to_json
+from memprof.runfile import CSV_COLUMNS, provenance, to_csv, to_json
 from memprof.settings import Settings
 
 ENV = {"memprof": "0.1.0", "torch": "2.14.1", "cuda": "13.0", "python": "3.11.7", "platform": "Linux",
