@@ -56,12 +56,6 @@ def _latex(records: Sequence[RunRecord], view: View) -> str:
     return to_latex(records, unit=view.unit, detail=view.detail)
 
 
-def _tsv(records: Sequence[RunRecord], view: View) -> str:
-    from memprof.report.tsv import to_tsv
-
-    return to_tsv(records)
-
-
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("csv", "Write the tidy long table (one row per category/component) to this CSV.", _csv),
     Format("json", "Write the run records with environment metadata to this JSON.", _json),
@@ -69,7 +63,6 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _markdown),
     Format("latex", "Write a booktabs LaTeX table, ready to paste (settings and environment in % comments).",
            _latex),
-    Format("tsv", "Write the tidy long table as tab-separated values.", _tsv),
 )}
 
 
