@@ -214,7 +214,7 @@ def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | No
     if plot is not None:
         from memprof.report.plot import figure_paths
 
-        outputs += [("--plot", path) for path in figure_paths(plot)]
+        outputs += [("--plot", path) for path in figure_paths(plot).values()]
     check_writable(outputs)
 
 

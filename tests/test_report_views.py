@@ -304,3 +304,13 @@ def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
     monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
     assert result.exit_code == 2 and "use .png, .pdf or .svg" in result.stderr
+
+
+def test_a_plot_path_that_cannot_be_written_fails_before_measuring(tmp_path, monkeypatch):
+    import memprof.cli
+
+    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    (tmp_path / "file").write_text("")
+    figure = tmp_path / "file" / "m.png"
+    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(figure)])
+    assert result.exit_code == 2 and f"--plot {figure}: {tmp_path / 'file'} is not a folder" in result.stderr
