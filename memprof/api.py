@@ -376,7 +376,7 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
     """For each optimizer, the largest ``dimension`` (``batch-size`` or ``seq-len``) whose estimate fits
     the budget (``memory``, else the ``target_gpu``'s capacity): doubling from the given value, then
     bisecting. Assumes what a run needs grows with the value (true of activations and temporaries)."""
-    from memprof.measure.gpus import budget
+    from memprof.gpus import budget
     from memprof.optim.registry import split_specs
 
     if dimension not in FIT_DIMENSIONS:
@@ -409,7 +409,7 @@ def _search(model: str, text: str, *, setting: str, start: int, budget: int, set
             on_result: Callable[[RunRecord], None] | None = None) -> Fit:
     """One optimizer's ``fit``: doubling ``setting`` from ``start`` while the estimate fits ``budget``,
     then bisecting."""
-    from memprof.measure.gpus import need
+    from memprof.gpus import need
 
     result = Fit(spec=text, setting=setting, budget=budget, value=0, record=None)
 

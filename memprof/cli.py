@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
+from memprof.gpus import DEFAULT_GPU
+from memprof.report.formats import FORMATS, View, listed
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (GateRegression, 1),
@@ -44,36 +46,42 @@ out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") els
 err = Console(stderr=True)
 
 UnitOpt = Annotated[str, typer.Option(help="Units: B, KiB, MiB, GiB, KB, MB or GB.")]
-CsvOpt = Annotated[Optional[Path], typer.Option(help="Write the tidy long table (one row per category/component) to this CSV.")]
-JsonOpt = Annotated[Optional[Path], typer.Option(help="Write the run records with environment metadata to this JSON.")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option(help="Write a Markdown table (GitHub-flavoured; settings and environment in a comment).")]
-LatexOpt = Annotated[Optional[Path], typer.Option(help="Write a booktabs LaTeX table, ready to paste (settings and environment in % comments).")]
 PlotOpt = Annotated[Optional[Path], typer.Option(help="Write figures (.png, .pdf or .svg): PATH is the breakdown; <stem>-timeline and <stem>-parameters go beside it.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="A TOML run configuration (see reports/*.toml); command-line options win.")]
 ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")]
 TopOpt = Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")]
 
-
-class ReportFormat(str, Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-    markdown = "markdown"
-    latex = "latex"
+ReportFormat = Enum("ReportFormat", {name: name for name in ("table", *FORMATS)}, type=str)
+"""``memprof report --format``: the terminal table or an export format."""
 
 
-# -- the run settings' options, derived from memprof.settings ----------------------------------------------
+# -- options declared elsewhere: the run settings (memprof.settings), the exports (memprof.report.formats) --
+def _collecting(command: Callable, name: str, added: list[inspect.Parameter], *, in_place: bool) -> Callable:
+    """``command`` with the options ``added`` in its signature, where its parameter ``name`` was
+    (``in_place``) or last; it receives their values as one dict, ``name``."""
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    at = [p.name for p in own].index(name) if in_place else len(own)
+    params = [p for p in (*own[:at], *added, *own[at:]) if p.name != name]
+    names = [p.name for p in added]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, **{name: {n: kwargs.pop(n) for n in names}}, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
 def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable], Callable]:
-    """Give a command the declared settings' options of ``groups`` (``memprof.settings``); it receives
-    their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``,
+    """Give a command the declared settings' options of ``groups`` (``memprof.settings``), last; it
+    receives their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``,
     ``help`` or ``flags`` for this command (``spec={"default": "adam", "help": "One optimizer spec."}``)."""
     from memprof.settings import declaration, declared_fields
 
     def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command)
-        hints = typing.get_type_hints(command, include_extras=True)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
-               if p.name != "settings"]
         added = []
         for group in groups:
             for item in declared_fields(group):
@@ -86,16 +94,26 @@ def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable
                 added.append(inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY,
                                                default=change.get("default", item.default),
                                                annotation=Annotated[kind, option]))
-        names = [p.name for p in added]
+        return _collecting(command, "settings", added, in_place=False)
 
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return command(*args, settings={name: kwargs.pop(name) for name in names}, **kwargs)
+    return decorate
 
-        params = [*own, *added]
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        return wrapper
+
+def export_options(command: Callable) -> Callable:
+    """Give a command ``--NAME PATH`` for every export format (``memprof.report.formats``) and ``--plot``,
+    where its parameter ``exports`` is; it receives their paths as ``exports: dict`` (by name)."""
+    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=Annotated[Optional[Path], typer.Option(help=f.help)])
+             for f in FORMATS.values()]
+    added.append(inspect.Parameter("plot", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=PlotOpt))
+    return _collecting(command, "exports", added, in_place=True)
+
+
+def _filled(**fields: str) -> Callable[[Callable], Callable]:
+    """Fill the ``{fields}`` of a command's docstring (its help) with values declared elsewhere."""
+    def decorate(command: Callable) -> Callable:
+        command.__doc__ = (command.__doc__ or "").format(**fields)
+        return command
 
     return decorate
 
@@ -189,29 +207,25 @@ def _check_reference(reference: str, requests: Sequence) -> None:
 def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | None) -> None:
     """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after."""
     from memprof.files import check_writable
-    from memprof.report.units import scale
+    from memprof.units import scale
 
     scale(unit)
     outputs = [(f"--{name}", path) for name, path in paths.items()]
     if plot is not None:
         from memprof.report.plot import figure_paths
 
-        outputs += [("--plot", path) for path in figure_paths(plot)]
+        outputs += [("--plot", path) for path in figure_paths(plot).values()]
     check_writable(outputs)
 
 
-def _write_exports(records, *, csv: Path | None = None, json: Path | None = None, markdown: Path | None = None,
-                   latex: Path | None = None, plot: Path | None = None, unit: str = "MiB", detail: bool = False) -> None:
-    """Render every export, then write them: a render that fails leaves no file half the set."""
+def _write_exports(records, *, plot: Path | None = None, unit: str = "MiB", detail: bool = False,
+                   **paths: Path | None) -> None:
+    """Render every export (``paths`` by format name), then write them: a render that fails leaves no
+    file half the set."""
     from memprof.files import write_atomic
-    from memprof.report.latex import to_latex
-    from memprof.report.markdown import to_markdown
-    from memprof.runfile import to_csv, to_json
 
-    renders = ((csv, lambda: to_csv(records)), (json, lambda: to_json(records)),
-               (markdown, lambda: to_markdown(records, unit=unit, detail=detail)),
-               (latex, lambda: to_latex(records, unit=unit, detail=detail)))
-    texts = [(path, render()) for path, render in renders if path is not None]
+    view = View(unit=unit, detail=detail)
+    texts = [(path, FORMATS[name].render(records, view)) for name, path in paths.items() if path is not None]
     for path, text in texts:
         write_atomic(path, text)
         err.print(f"wrote {path}", highlight=False, markup=False)
@@ -232,16 +246,14 @@ def _raise_if_failed(records) -> None:
 # -- commands ----------------------------------------------------------------------------------------------
 @app.command()
 @run_options("run", "capture", "distributed")
+@export_options
 def compare(
     ctx: typer.Context,
     settings: dict,
     reference: ReferenceOpt = None,
     unit: UnitOpt = "MiB",
-    csv: CsvOpt = None,
-    json: JsonOpt = None,
-    markdown: MarkdownOpt = None,
-    latex: LatexOpt = None,
-    plot: PlotOpt = None,
+    *,
+    exports: dict,
     config: ConfigOpt = None,
 ) -> None:
     """Measure several optimizers on one model, side by side.
@@ -250,24 +262,22 @@ def compare(
     """
     from memprof.distributed.launch import reporting
 
-    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
+    _check_outputs(unit, **exports, snapshot=settings["snapshot"])
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
     if reporting():
-        _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
+        _write_exports(records, **exports, unit=unit)
     _raise_if_failed(records)
 
 
 @app.command()
 @run_options("run", "capture", spec={"default": "adam", "help": "One optimizer spec."})
+@export_options
 def profile(
     settings: dict,
     top: TopOpt = 20,
     unit: UnitOpt = "MiB",
-    csv: CsvOpt = None,
-    json: JsonOpt = None,
-    markdown: MarkdownOpt = None,
-    latex: LatexOpt = None,
-    plot: PlotOpt = None,
+    *,
+    exports: dict,
     estimate: Annotated[bool, typer.Option("--estimate", help="On fake tensors, as `memprof estimate` does: for a model that does not fit here (target: --device, cuda when auto).")] = False,
 ) -> None:
     """One optimizer in depth: every category, the composition at the peak, state per parameter.
@@ -279,7 +289,7 @@ def profile(
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
 
-    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex, snapshot=settings["snapshot"])
+    _check_outputs(unit, **exports, snapshot=settings["snapshot"])
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
@@ -288,7 +298,7 @@ def profile(
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
     print_tables(profile_tables(record, unit=unit, top=top), out)
-    _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit, detail=True)
+    _write_exports(records, **exports, unit=unit, detail=True)
     _raise_if_failed(records)
 
 
@@ -302,22 +312,21 @@ def profile(
                                                 "needed) or cpu."},
              steps={"default": 2, "help": "Training steps on fake tensors: the first creates the optimizer state, "
                                           "the second has it live through forward and backward."})
+@export_options
+@_filled(default_gpu=DEFAULT_GPU)
 def estimate(
     settings: dict,
     reference: ReferenceOpt = None,
     unit: UnitOpt = "GiB",
-    csv: CsvOpt = None,
-    json: JsonOpt = None,
-    markdown: MarkdownOpt = None,
-    latex: LatexOpt = None,
-    plot: PlotOpt = None,
+    *,
+    exports: dict,
     fit: Annotated[Optional[str], typer.Option(metavar="SETTING", help="Find the largest batch-size or seq-len that fits the budget (--memory or --gpu), per optimizer; --plot then draws what each needs against it.")] = None,
 ) -> None:
     """Estimate a model that need not fit this machine: every byte per optimizer, on fake tensors.
 
     The same runner and replay as compare, with nothing allocated: exact weights, gradients and
     optimizer state, and the peak a GPU run would reach (512-B allocator blocks, and the library
-    workspace and CUDA context of --gpu, default h100). GPUs: h100 (measured), h200, a100-80gb,
+    workspace and CUDA context of --gpu, default {default_gpu}). GPUs: h100 (measured), h200, a100-80gb,
     a100-40gb, l40s, rtx4090 (the H100's workspace and context, marked as assumed).
 
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
@@ -327,7 +336,8 @@ def estimate(
     from memprof.report.ranks import rank_table
     from memprof.report.table import estimate_table, fit_table
 
-    _check_outputs(unit, plot, csv=csv, json=json, markdown=markdown, latex=latex)
+    plot = exports.pop("plot")
+    _check_outputs(unit, plot, **exports)
     (request,) = api.requests(settings)
     if reference is not None:
         _check_reference(reference, [request])
@@ -335,7 +345,7 @@ def estimate(
         fits = _fit(request, fit)
         out.print(fit_table(fits, unit=unit))
         records = [f.record for f in fits if f.record is not None]
-        _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, unit=unit)
+        _write_exports(records, **exports, unit=unit)
         if plot is not None:
             from memprof.report.plot import save_fit_figure
 
@@ -346,14 +356,14 @@ def estimate(
     records = _measure(request, estimate=True)
     simulated = any(r.settings.parallel != "none" for r in records)
     out.print((rank_table if simulated else estimate_table)(records, unit=unit, baseline=reference))
-    _write_exports(records, csv=csv, json=json, markdown=markdown, latex=latex, plot=plot, unit=unit)
+    _write_exports(records, **exports, plot=plot, unit=unit)
     _raise_if_failed(records)
 
 
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run files written by --json (one or more).", show_default=False)],
-    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="table (terminal), csv, json, markdown or latex.")] = ReportFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help=f"table (terminal), {listed(FORMATS)}.")] = ReportFormat.table,
     unit: UnitOpt = "MiB",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     plot: PlotOpt = None,
@@ -366,12 +376,10 @@ def report(
     """
     from memprof import runfile
     from memprof.files import write_atomic
-    from memprof.report.latex import to_latex
-    from memprof.report.markdown import to_markdown
 
     _check_outputs(unit, plot, output=output)
     if format is ReportFormat.table and output is not None:
-        raise UsageError("--format table prints to the terminal; with -o choose csv, json, markdown or latex")
+        raise UsageError(f"--format table prints to the terminal; with -o choose {listed(FORMATS)}")
     records = [record for path in runs for record in runfile.read(path)]
     if format is ReportFormat.table:
         from memprof.report.ranks import results_table
@@ -380,12 +388,7 @@ def report(
         tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)]
         print_tables(tables, out)
     else:
-        text = {
-            ReportFormat.csv: lambda: runfile.to_csv(records),
-            ReportFormat.json: lambda: runfile.to_json(records),
-            ReportFormat.markdown: lambda: to_markdown(records, unit=unit, detail=detail, top=top),
-            ReportFormat.latex: lambda: to_latex(records, unit=unit, detail=detail),
-        }[format]()
+        text = FORMATS[format.value].render(records, View(unit=unit, detail=detail, top=top))
         if output is None:
             sys.stdout.write(text)
         else:

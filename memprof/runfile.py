@@ -1,4 +1,5 @@
-"""Run files: the one place run records are read and written, as JSON (``--json``) or tidy CSV (``--csv``).
+"""Run files: the one place run records are read and written, as JSON (``--json``) or tidy CSV (``--csv``),
+and the provenance every export carries (the settings, environment and commands that reproduce a number).
 
 A run file is data: reading one builds records and never imports or runs anything it names.
 A missing, empty, truncated or malformed file (a value of the wrong type, negative bytes, an
@@ -18,7 +19,7 @@ from memprof import settings as declared
 from memprof.errors import UsageError
 from memprof.limits import MAX_CSV_LINE, check_json, shorten
 from memprof.record import STATUSES, Peaks, Row, RunRecord
-from memprof.settings import Settings
+from memprof.settings import Settings, declared_fields, group_by_request, reproduce_command
 
 ID_COLUMNS = declared.csv_columns("id")
 SETTINGS_COLUMNS = declared.csv_columns("extra")
@@ -76,8 +77,6 @@ def to_csv(records: Sequence[RunRecord]) -> str:
 
 
 def to_json(records: Sequence[RunRecord]) -> str:
-    from memprof.report.export import joined, reproduce_commands
-
     header = {"memprof": joined(r.environment.get("memprof") for r in records), "reproduce": reproduce_commands(records)}
     return json.dumps({**header, "records": [r.to_dict() for r in records]}, indent=1, default=str)
 
@@ -91,6 +90,41 @@ def write(path: str | Path, records: Sequence[RunRecord]) -> None:
     from memprof.files import write_atomic
 
     write_atomic(path, render(path, records))
+
+
+# -- provenance: what a reader needs to reproduce a number ------------------------------------------
+def joined(values) -> str:
+    """The distinct values, in first-seen order, as one string ("n/a" when none is known)."""
+    seen = list(dict.fromkeys("" if v is None else str(v) for v in values))
+    seen = [v for v in seen if v]
+    return ", ".join(seen) if seen else "n/a"
+
+
+def provenance_keys() -> tuple[str, ...]:
+    """The settings a reader needs (those with a flag; ``optimizers`` for the specs), then the environment."""
+    settings = [f.name for f in declared_fields("run") if f.name != "spec"]
+    return (settings[0], "optimizers", *settings[1:], *ENV_COLUMNS, "python", "platform")
+
+
+def provenance(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Settings and environment of the records, key by key; differing values are listed together."""
+    def values(key: str):
+        for r in records:
+            if key == "optimizers":
+                yield r.settings.spec
+            elif hasattr(r.settings, key):
+                yield getattr(r.settings, key)
+            elif key == "gpu" and not r.settings.device.startswith("cuda"):
+                yield "none (cpu run)"
+            else:
+                yield r.environment.get(key)
+
+    return {key: joined(values(key)) for key in provenance_keys()}
+
+
+def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
+    """One ``memprof compare`` (or ``estimate``) command per group of records measured with the same settings."""
+    return [reproduce_command(settings, specs) for settings, specs in group_by_request(r.settings for r in records)]
 
 
 # -- reading ----------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from memprof import strategies
 from memprof.errors import UsageError
+from memprof.gpus import GPUS
+from memprof.units import parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
@@ -58,14 +60,10 @@ def _device(value: str) -> str | None:
 
 
 def _gpu(value: str) -> str | None:
-    from memprof.measure.gpus import GPUS
-
     return None if value in GPUS else f"unknown --gpu {value!r}; choose from {', '.join(GPUS)}"
 
 
 def _size(value: str) -> str | None:
-    from memprof.report.units import parse_size
-
     try:
         return None if parse_size(value) > 0 else f"--memory {value!r} must be positive"
     except UsageError as exc:

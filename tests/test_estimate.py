@@ -6,7 +6,7 @@ import pytest
 from cli_for_tests import invoke
 
 from memprof.api import estimate, measure
-from memprof.measure.gpus import GPUS, H100_DRIVER, H100_WORKSPACE
+from memprof.gpus import GPUS, H100_DRIVER, H100_WORKSPACE
 from memprof.optim.registry import registry
 from memprof.taxonomy import PERSISTENT
 
@@ -120,7 +120,7 @@ def test_gpu_table_says_where_each_figure_comes_from():
 
 def test_fit_finds_the_largest_batch_that_fits_and_confirms_it(mlp_spec):
     from memprof.api import fit
-    from memprof.measure.gpus import need
+    from memprof.gpus import need
 
     (at_8,) = estimate(mlp_spec, "sgd", device="cpu", steps=2, batch_size=8)
     (result,) = fit(mlp_spec, "sgd", "batch-size", device="cpu", steps=2, memory=f"{need(at_8)}B")

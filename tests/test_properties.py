@@ -23,9 +23,9 @@ from memprof.errors import UsageError
 from memprof.optim.registry import registry
 from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
 from memprof.report import gate
-from memprof.report.units import UNITS, parse_size
 from memprof.runfile import to_csv, to_json
 from memprof.settings import Settings, config_keys
+from memprof.units import UNITS, parse_size
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TESTS = Path(__file__).parent

@@ -16,8 +16,7 @@ from cli_for_tests import invoke
 from memprof import runfile
 from memprof.record import ParameterState, Peaks, Row, RunRecord, Timeline
 from memprof.report import latex, markdown, plot
-from memprof.report.export import provenance
-from memprof.runfile import CSV_COLUMNS, to_csv, to_json
+from memprof.runfile import CSV_COLUMNS, provenance, to_csv, to_json
 from memprof.settings import Settings
 
 ENV = {"memprof": "0.1.0", "torch": "2.14.1", "cuda": "13.0", "python": "3.11.7", "platform": "Linux",
@@ -305,3 +304,13 @@ def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
     monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
     assert result.exit_code == 2 and "use .png, .pdf or .svg" in result.stderr
+
+
+def test_a_plot_path_that_cannot_be_written_fails_before_measuring(tmp_path, monkeypatch):
+    import memprof.cli
+
+    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    (tmp_path / "file").write_text("")
+    figure = tmp_path / "file" / "m.png"
+    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(figure)])
+    assert result.exit_code == 2 and f"--plot {figure}: {tmp_path / 'file'} is not a folder" in result.stderr

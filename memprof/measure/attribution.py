@@ -211,7 +211,7 @@ def attribute(
 
     ``device_peaks`` is what the CUDA allocator and NVML reported (None on CPU and in estimates,
     where the peak is simulated from live tensors); ``estimated_driver`` is an estimate's CUDA
-    context from the GPU table (``memprof.measure.gpus``).
+    context from the GPU table (``memprof.gpus``).
     """
     assign(allocations, capture.tags, capture.marks)
     result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0,

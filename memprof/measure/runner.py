@@ -198,9 +198,9 @@ def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settin
 
 def _gpu(settings: Settings):
     """The GPU an estimate is for (the H100, the one measured, when none is named)."""
-    from memprof.measure.gpus import GPUS
+    from memprof.gpus import DEFAULT_GPU, GPUS
 
-    return GPUS[settings.target_gpu or "h100"]
+    return GPUS[settings.target_gpu or DEFAULT_GPU]
 
 
 def _note_non_finite(record: RunRecord, loss: torch.Tensor, step: int) -> None:

@@ -1,6 +1,6 @@
-"""What every export shares: the tidy DataFrame, the provenance (settings and environment a reader
-needs to reproduce a number, with the exact command) and the per-optimizer summary rows that the
-Markdown and LaTeX tables render. Reading and writing run files is ``memprof.runfile``'s.
+"""What the views share: the tidy DataFrame and the per-optimizer summary rows that the Markdown and
+LaTeX tables render. Reading and writing run files, and the provenance every export carries, are
+``memprof.runfile``'s.
 """
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from memprof.record import RunRecord
-from memprof.runfile import CSV_COLUMNS, ENV_COLUMNS, record_rows
-from memprof.settings import declared_fields, group_by_request, reproduce_command
+from memprof.runfile import CSV_COLUMNS, record_rows
 from memprof.taxonomy import order_roles
 
 if TYPE_CHECKING:
@@ -24,41 +23,6 @@ def records_to_frame(records: Sequence[RunRecord]) -> "pd.DataFrame":
     for column in ("bytes", "num_classes"):  # integers even where a failed run or a default leaves a gap
         frame[column] = frame[column].astype("Int64")
     return frame
-
-
-# -- what every export carries -------------------------------------------------------------
-def joined(values) -> str:
-    """The distinct values, in first-seen order, as one string ("n/a" when none is known)."""
-    seen = list(dict.fromkeys("" if v is None else str(v) for v in values))
-    seen = [v for v in seen if v]
-    return ", ".join(seen) if seen else "n/a"
-
-
-def provenance_keys() -> tuple[str, ...]:
-    """The settings a reader needs (those with a flag; ``optimizers`` for the specs), then the environment."""
-    settings = [f.name for f in declared_fields("run") if f.name != "spec"]
-    return (settings[0], "optimizers", *settings[1:], *ENV_COLUMNS, "python", "platform")
-
-
-def provenance(records: Sequence[RunRecord]) -> dict[str, str]:
-    """Settings and environment of the records, key by key; differing values are listed together."""
-    def values(key: str):
-        for r in records:
-            if key == "optimizers":
-                yield r.settings.spec
-            elif hasattr(r.settings, key):
-                yield getattr(r.settings, key)
-            elif key == "gpu" and not r.settings.device.startswith("cuda"):
-                yield "none (cpu run)"
-            else:
-                yield r.environment.get(key)
-
-    return {key: joined(values(key)) for key in provenance_keys()}
-
-
-def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
-    """One ``memprof compare`` (or ``estimate``) command per group of records measured with the same settings."""
-    return [reproduce_command(settings, specs) for settings, specs in group_by_request(r.settings for r in records)]
 
 
 # -- the per-optimizer summary that Markdown and LaTeX render -----------------------------

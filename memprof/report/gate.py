@@ -22,9 +22,9 @@ from typing import Any, Mapping, Sequence
 
 from memprof.errors import UsageError
 from memprof.record import RunRecord
-from memprof.report.units import UNITS, fmt, parse_size
 from memprof.runfile import ID_COLUMNS, SETTINGS_COLUMNS
 from memprof.taxonomy import CATEGORIES, PERSISTENT
+from memprof.units import UNITS, fmt, parse_size
 
 PEAK = "peak"
 """Pseudo-category of the gate: the global peak of allocated bytes (component ``allocated``)."""

@@ -5,14 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from memprof.record import RunRecord
-from memprof.report.export import (
-    provenance,
-    reproduce_commands,
-    state_components,
-    summary_rows,
-)
-from memprof.report.units import fmt, scale
+from memprof.report.export import state_components, summary_rows
+from memprof.runfile import provenance, reproduce_commands
 from memprof.taxonomy import order_roles
+from memprof.units import fmt, scale
 
 
 def escape(text: str) -> str:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Sequence
 from memprof.errors import UsageError
 from memprof.files import write_atomic
 from memprof.record import RunRecord
-from memprof.report.units import fmt, scale
 from memprof.taxonomy import CATEGORIES, order_roles
+from memprof.units import fmt, scale
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

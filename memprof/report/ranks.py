@@ -10,8 +10,8 @@ from rich.table import Table
 
 from memprof.record import RunRecord
 from memprof.report.table import compare_table
-from memprof.report.units import fmt
 from memprof.taxonomy import COLLECTIVE_COMPONENTS, ROLE_ABBREVIATIONS
+from memprof.units import fmt
 
 SHORT = {"all-gather": "ag", "unsharded params": "unsh", "reduce-scatter": "rs", "all-reduce bucket": "bucket"}
 

@@ -7,9 +7,10 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from memprof.gpus import DEFAULT_GPU, budget, need
 from memprof.record import RunRecord
-from memprof.report.units import fmt
 from memprof.taxonomy import PHASES, ROLE_ABBREVIATIONS
+from memprof.units import fmt
 
 
 def _state_split(record: RunRecord, unit: str) -> str:
@@ -77,13 +78,11 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
 def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline: str | None = None) -> Table:
     """One row per estimated optimizer: bytes by category, the peak, what the device needs, and
     whether it fits the budget (``--memory`` or the ``--gpu``'s capacity)."""
-    from memprof.measure.gpus import budget, need
-
     first = records[0].settings
     limit = budget(first)
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
              f"{' · amp ' + first.amp if first.amp else ''} · estimate for {first.device}"
-             f"{' (' + (first.target_gpu or 'h100') + ')' if first.device.startswith('cuda') else ''}"
+             f"{' (' + (first.target_gpu or DEFAULT_GPU) + ')' if first.device.startswith('cuda') else ''}"
              f"{' · budget ' + fmt(limit, unit, 2) if limit else ''} · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
     names = ["optimizer", "weights", "grads", "state", "state split", "activations", "step transient", "peak alloc",

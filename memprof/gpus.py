@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memprof.errors import UsageError, closest
+from memprof.units import parse_size
 
 GB = 10**9
 
@@ -50,6 +51,8 @@ GPUS: dict[str, Gpu] = {g.name: g for g in (
     Gpu("rtx4090", "NVIDIA GeForce RTX 4090", 24 * GB, "nominal: 24 GB GDDR6X (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER,
         ASSUMED_H100),
 )}
+DEFAULT_GPU = "h100"
+"""The GPU an estimate is for when ``--gpu`` names none: the one measured."""
 
 
 def gpu(name: str) -> Gpu:
@@ -60,8 +63,6 @@ def gpu(name: str) -> Gpu:
 
 def budget(settings) -> int | None:
     """The memory an estimate must fit in: ``--memory``, else the ``--gpu``'s capacity (None: no budget)."""
-    from memprof.report.units import parse_size
-
     if settings.memory:
         return parse_size(settings.memory)
     return GPUS[settings.target_gpu].capacity if settings.target_gpu else None
