@@ -125,9 +125,9 @@ def _explicit(ctx: typer.Context, names: Sequence[str]) -> set[str]:
 
 
 # -- measuring, with progress on stderr ----------------------------------------------------------------
-def _measure(request, estimate: bool = False) -> list:
-    """Run one API request with a spinner; the spinner starts at the first measurement, so that
-    bad input fails as one clean line before it."""
+def _measure(request, estimate: bool = False, plan=None) -> list:
+    """Run one API request (its ``plan`` where ``api.validate`` checked it) with a spinner; the spinner
+    starts at the first measurement, so that bad input fails as one clean line before it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from memprof import api
@@ -146,6 +146,8 @@ def _measure(request, estimate: bool = False) -> list:
         progress.console.print(f"[dim]{escape(f'{record.settings.spec}: {status}')}[/dim]", highlight=False)
 
     try:
+        if plan is not None:
+            return api.run(plan, on_start=on_start, on_result=on_result)
         run = api.estimate if estimate else api.measure
         return run(request.model, request.optimizers, on_start=on_start, on_result=on_result, **request.settings)
     finally:
@@ -178,15 +180,15 @@ def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path
     from memprof.report.ranks import results_table
 
     todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
-    for request in todo:  # every run of a config file is checked before the first is measured
-        api.validate(request.model, request.optimizers, **request.settings)
+    # every run of a config file is checked before the first is measured
+    plans = [api.validate(request.model, request.optimizers, **request.settings) for request in todo]
     if reference is not None:
         _check_reference(reference, todo)
     records = []
-    for request in todo:
+    for request, plan in zip(todo, plans):
         if request.description:
             err.print(request.description, style="bold", markup=False, highlight=False)
-        batch = _measure(request)
+        batch = _measure(request, plan=plan)
         if reporting():  # under a user's torchrun: rank 0 prints every rank's rows
             out.print(results_table(batch, unit=unit, baseline=reference))
         records.extend(batch)

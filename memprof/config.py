@@ -11,18 +11,19 @@ Top-level keys are the command's options (``model``, ``opt``, ``batch_size``…)
     model = "mobilenet_v2"
     num_classes = 100
 
-Options given on the command line win over the file.
+Options given on the command line win over the file (``requests``).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memprof.errors import UsageError
 from memprof.limits import check_toml
-from memprof.settings import config_keys
+from memprof.settings import Settings, config_keys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,4 +55,43 @@ def load_runs(path: str | Path) -> list[dict[str, Any]]:
             raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(keys)}")
         merged.setdefault("description", run.get("description", description))
         out.append(merged)
+    return out
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``measure`` call: a model, its optimizer specs and the other settings."""
+
+    model: str
+    optimizers: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+
+
+def requests(given: dict[str, Any], *, config: str | Path | None = None,
+             explicit: set[str] = frozenset()) -> list[Request]:
+    """What to measure: ``given`` settings (by field name, ``spec`` holding the comma-separated
+    specs), or one request per run of a config file, where the settings in ``explicit`` (typed on
+    the command line) win over the file."""
+    if config is None:
+        runs = [dict(given)]
+    else:
+        keys = config_keys()
+        runs = []
+        for run in load_runs(config):
+            from_file = {keys[k]: v for k, v in run.items() if k in keys}
+            merged = {**given, **{k: v for k, v in from_file.items() if k not in explicit}}
+            runs.append({**merged, "description": run.get("description")})
+    out = []
+    for run in runs:
+        description = run.pop("description", None)
+        if config is not None:  # what the file says is checked here, so that errors name the file
+            try:
+                Settings(**run)
+            except UsageError as exc:
+                raise UsageError(f"config {config}: {exc}") from None
+            if description is not None and not isinstance(description, str):
+                raise UsageError(f"config {config}: description must be text, got {description!r}")
+        model, specs = run.pop("model"), run.pop("spec")
+        out.append(Request(model=model, optimizers=specs, settings=run, description=description))
     return out

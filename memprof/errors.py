@@ -32,9 +32,10 @@ def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
     return ", ".join(picks) + more
 
 
-def describe(exc: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message (``sys.exit(n)`` said so)."""
-    if isinstance(exc, SystemExit):
+def describe(exc: BaseException, *, exit_as_call: bool = True) -> str:
+    """An exception in one line: its type and the first line of its message (``sys.exit(n)`` said so,
+    unless not ``exit_as_call``: then it is ``SystemExit: n``, as any other exception)."""
+    if isinstance(exc, SystemExit) and exit_as_call:
         return f"called sys.exit({exc.code!r})" if exc.code is not None else "called sys.exit()"
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -118,6 +118,11 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)  # how a figure was obtained, where that is not obvious
     schema: int = SCHEMA_VERSION
 
+    @classmethod
+    def failed(cls, settings: Settings, failure: str, status: str = "failed") -> "RunRecord":
+        """The record of a run that measured nothing: ``status`` ("failed" or "oom") and why."""
+        return cls(settings=settings, environment={}, status=status, failure=failure)
+
     # -- derived views of the rows -------------------------------------------------------
     def total(self, category: str, *, at_peak: bool = False) -> int:
         rows = self.peak if at_peak else self.breakdown

@@ -114,13 +114,13 @@ def test_probes_not_started_ahead_are_measured_when_asked_for(deep_config, monke
     # What a later set of probes (the first was not affine) goes through: a job started when asked for.
     from concurrent.futures import ThreadPoolExecutor
 
-    from memprof import api
+    from memprof import execute
     from memprof.measure import depth
 
     (in_turn,) = estimate(deep_config, ["adam"], **SETTINGS)
     monkeypatch.setattr(depth, "first_measurements", lambda settings: [])
     with ThreadPoolExecutor(1) as pool:
-        jobs = api._ForkedEstimates(pool, distributed=False)
+        jobs = execute._ForkedEstimates(pool, distributed=False)
         jobs.start(in_turn.settings)
         assert not jobs.futures
         (record,) = jobs.records(in_turn.settings)

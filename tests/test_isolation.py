@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR
 # The parent: measure one sleeping optimizer in a child, as a CUDA run does (isolate=True), through
 # the command line (its SIGTERM handler) or the Python API (no handler).
 CLI_PARENT = """
-import sys
+import dataclasses, sys
 from memprof import api
 from memprof.cli import main
-measure = api.measure
-api.measure = lambda *args, **kwargs: measure(*args, isolate=True, **kwargs)
+validate = api.validate
+api.validate = lambda *args, **kwargs: dataclasses.replace(validate(*args, **kwargs), isolate=True)
 sys.exit(main(["compare", "--model", sys.argv[1], "--opt", "optim_for_tests.SleepySGD", "--device", "cpu",
                "--steps", "1"]))
 """

@@ -87,7 +87,7 @@ def test_any_opt_string_is_measured_or_one_line(specs):
 @FAST
 @given(specs=SPECS)
 def test_any_opt_string_validates_or_raises_a_usage_error(specs):
-    from memprof.api import _validate_optimizers
+    from memprof.execute import validate_optimizers as _validate_optimizers
 
     with stubbed_runner():
         try:

@@ -1,6 +1,6 @@
 """The parent of a distributed run: start the ranks, merge their records, leave no rank running.
 
-``measure`` is what ``memprof.api.measure`` calls for one optimizer when ``--parallel`` is set. Inside a
+``measure`` is what ``memprof.execute`` calls for one optimizer when ``--parallel`` is set. Inside a
 user's ``torchrun`` launch (RANK and WORLD_SIZE in the environment) it measures this process's rank and
 gathers every rank's record; otherwise it runs ``python -m torch.distributed.run --standalone`` with
 ``--nproc`` ranks of ``memprof.distributed.worker`` (gloo on CPU, NCCL on CUDA, one GPU per rank), one
@@ -121,8 +121,7 @@ def _rank_record(settings: Settings, rank: int, out: Path, launcher_stderr: str)
     path = out / f"rank{rank}.json"
     if path.exists():
         return runfile.read(path, f"rank {rank}'s record")[0]
-    return RunRecord(settings=settings.replace(rank=rank), environment={}, status="failed",
-                     failure=_why_no_record(rank, out, launcher_stderr))
+    return RunRecord.failed(settings.replace(rank=rank), _why_no_record(rank, out, launcher_stderr))
 
 
 def _why_no_record(rank: int, out: Path, launcher_stderr: str) -> str:

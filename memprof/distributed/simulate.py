@@ -34,7 +34,7 @@ def measure(settings: Settings) -> RunRecord:
         try:
             record = runner.measure(settings, for_settings(settings, device))
         except NotSupported as exc:
-            record = RunRecord(settings=settings, environment={}, status="failed", failure=f"cannot run: {exc}")
+            record = RunRecord.failed(settings, f"cannot run: {exc}")
     finally:
         dist.destroy_process_group()
     how = (f"simulated rank {settings.rank} of {settings.nproc} ({settings.parallel}): one process, torch's fake "

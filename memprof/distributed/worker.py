@@ -37,7 +37,8 @@ def measure_rank(settings: Settings) -> RunRecord:
     import torch
     import torch.distributed as dist
 
-    from memprof.measure.runner import _first_line, measure
+    from memprof.errors import describe
+    from memprof.measure.runner import measure
     from memprof.strategies import NotSupported, for_settings
 
     rank, world = environment_rank() or (0, 1)
@@ -50,10 +51,9 @@ def measure_rank(settings: Settings) -> RunRecord:
     try:
         return measure(settings, for_settings(settings))
     except NotSupported as exc:
-        return RunRecord(settings=settings, environment={}, status="failed", failure=f"cannot run: {exc}")
+        return RunRecord.failed(settings, f"cannot run: {exc}")
     except Exception as exc:  # noqa: BLE001 - a rank that cannot even start is a row saying why
-        return RunRecord(settings=settings, environment={}, status="failed",
-                         failure=f"failed in setup: {_first_line(exc)}")
+        return RunRecord.failed(settings, f"failed in setup: {describe(exc)}")
 
 
 def _main(settings_path: str, out_dir: str) -> int:

@@ -58,7 +58,7 @@ def measure_in_child(settings: Settings) -> RunRecord:
 
             raise UsageError(stderr.strip().splitlines()[-1])
         tail = "\n".join(stderr.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
-        return RunRecord(settings=settings, environment={}, status="failed", failure=f"child crashed: {tail}")
+        return RunRecord.failed(settings, f"child crashed: {tail}")
 
 
 def die_with_parent(parent: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, describe
 from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
@@ -108,7 +108,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         except UsageError:  # the settings cannot train this model (memprof.models' checks)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
-            record.status, record.failure = "failed", f"failed in {phase} (step {step}): {_first_line(exc)}"
+            record.status, record.failure = "failed", f"failed in {phase} (step {step}): {describe(exc, exit_as_call=False)}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
         state = walk_state(local, names, roles)
@@ -212,11 +212,6 @@ def _note_non_finite(record: RunRecord, loss: torch.Tensor, step: int) -> None:
     value = loss.item()  # a host copy: nothing allocated on the device
     if not math.isfinite(value):
         record.notes.append(f"loss became {value} at step {step}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _warm_up_libraries(device: torch.device, tracker: CpuTracker | CudaTracker, settings: Settings) -> None:
