@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memprof._version import __version__
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
 
-__version__ = "0.1.0"
 __all__ = ["compare", "profile", "RunRecord", "MemprofError", "UsageError", "MeasurementFailed", "GateRegression"]
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from memprof import strategies
+from memprof import parallel
 from memprof.errors import UsageError
 from memprof.gpus import GPUS
 from memprof.units import parse_size
@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 INT64_MAX = 2**63 - 1
-PARALLEL = tuple(strategies.STRATEGIES)
+PARALLEL = tuple(parallel.STRATEGIES)
 
 CsvRole = Literal["id", "extra"]
 """``id``: a CSV id column (before the bytes); ``extra``: a setting column after them."""
@@ -110,7 +110,7 @@ class Settings:
     nproc: int = setting(1, help="Ranks (the world size): launched on this machine with torch.distributed.run, "
                          "gloo on CPU, NCCL on CUDA (one GPU per rank); under your own torchrun, its WORLD_SIZE.",
                          flag="--nproc", config="nproc", csv="extra", group="distributed", minimum=1)
-    parallel: str = setting("none", help=strategies.HELP,
+    parallel: str = setting("none", help=parallel.HELP,
                             flag="--parallel", config="parallel", csv="extra", group="distributed", choices=PARALLEL)
     full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
                                "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",

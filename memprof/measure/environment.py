@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from memprof import __version__
+from memprof._version import __version__
 
 
 def _version(package: str) -> str | None:

@@ -1,18 +1,18 @@
 """How one rank shares the model with the others (``--parallel``): the runner's only hook for
 distributed training.
 
-``STRATEGIES`` is the one list of them: each name, the class that implements it (one module per
-backend, behind the hooks of ``memprof.strategies.base.Strategy``) and how ``--parallel``'s help names
-it; ``memprof.settings`` takes the choices and the help from it. Adding a strategy is its module and one
-line here. This module imports neither torch nor a backend (``memprof --help`` reads it): ``for_settings``
-imports the one a run asks for.
+``memprof.parallel.STRATEGIES`` is the one list of them (each name, the class that implements it, one
+module per backend behind the hooks of ``memprof.strategies.base.Strategy``); adding a strategy is its
+module and one line there. This module imports neither torch nor a backend: ``for_settings`` imports
+the one a run asks for.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
+from memprof.parallel import HELP, STRATEGIES, Choice
 from memprof.strategies.base import NotSupported, Strategy
 
 if TYPE_CHECKING:
@@ -23,27 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "HELP", "Choice", "NotSupported", "Strategy", "for_settings", "problem", "strategy_class"]
 
 
-class Choice(NamedTuple):
-    """One ``--parallel`` choice."""
-
-    path: str
-    """``module:Class`` of the strategy."""
-    help: str
-    """How ``--parallel``'s help names it; empty where an earlier choice's words cover it (or for none)."""
-
-
-STRATEGIES: dict[str, Choice] = {
-    "none": Choice("memprof.strategies.base:Strategy", ""),
-    "ddp": Choice("memprof.strategies.ddp:DDP", "ddp"),
-    "fsdp2": Choice("memprof.strategies.fsdp2:FSDP2", "fsdp2 (fully_shard)"),
-    "zero1": Choice("memprof.strategies.zero1:Zero1", "zero1 (DDP + ZeroRedundancyOptimizer)"),
-    "deepspeed-zero1": Choice("memprof.strategies.deepspeed:DeepSpeedZero1", "deepspeed-zero1/2/3 (needs deepspeed)"),
-    "deepspeed-zero2": Choice("memprof.strategies.deepspeed:DeepSpeedZero2", ""),
-    "deepspeed-zero3": Choice("memprof.strategies.deepspeed:DeepSpeedZero3", ""),
-}
-
-HELP = "How the ranks share the model: " + ", ".join(c.help for c in STRATEGIES.values() if c.help) + "."
-"""``--parallel``'s help."""
 
 
 def strategy_class(name: str) -> "type[Strategy]":
