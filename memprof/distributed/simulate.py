@@ -35,6 +35,11 @@ def measure(settings: Settings) -> RunRecord:
             record = runner.measure(settings, for_settings(settings, device))
         except NotSupported as exc:
             record = RunRecord(settings=settings, environment={}, status="failed", failure=f"cannot run: {exc}")
+        except UsageError:  # bad input: one line and exit 2, as everywhere
+            raise
+        except Exception as exc:  # noqa: BLE001 - a simulated rank's crash is its row, as a real rank's is
+            record = RunRecord(settings=settings, environment={}, status="failed",
+                               failure=f"failed: {runner._first_line(exc)}")
     finally:
         dist.destroy_process_group()
     how = (f"simulated rank {settings.rank} of {settings.nproc} ({settings.parallel}): one process, torch's fake "

@@ -161,10 +161,12 @@ def _fake_mode(settings: Settings) -> contextlib.AbstractContextManager:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprof.measure.cuda_choices import masks_read_as_on_real_data
+    from memprof.measure.fake_kernels import fake_kernels_as_real
 
     stack = contextlib.ExitStack()
     stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
     stack.enter_context(masks_read_as_on_real_data())
+    stack.enter_context(fake_kernels_as_real())
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         from memprof.measure.cuda_choices import like_cuda
         from memprof.optim.adapters import resolving_for
