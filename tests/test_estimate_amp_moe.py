@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from cli_for_tests import invoke
+from torch import nn
 
 from memprof.api import estimate, measure
+from memprof.measure.cuda_autocast import (
+    BANNED,
+    FP32,
+    FP32_APPEND_DTYPE,
+    FP32_SET_OPT_DTYPE,
+    KEPT_AS_CPU,
+    LOWER_PRECISION,
+    PROMOTE,
+    CudaAutocast,
+)
 from memprof.taxonomy import PERSISTENT
 
 CLOSE, SLACK = 0.005, 256  # as tests/test_estimate.py: a real CPU run can lose a small storage to address reuse
@@ -100,3 +114,86 @@ def test_any_crash_in_a_simulated_rank_is_its_failed_row(mlp_spec, monkeypatch):
     (record,) = estimate(mlp_spec, "adam", steps=1, nproc=4, parallel="fsdp2", rank=1)
     assert record.status == "failed" and record.failure == "failed: ValueError: the replay broke"
     assert record.settings.rank == 1 and record.notes[0].startswith("simulated rank 1 of 4")
+
+
+# -- --amp ---------------------------------------------------------------------------------------------------
+ROWS, WIDTH, HIDDEN = 256, 64, 256
+
+
+def two_linears(options):
+    """Linear, GELU, Linear, MSE: ops CPU and CUDA autocast treat alike (linear in bf16, mse_loss in fp32)."""
+    model = nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, WIDTH))
+    return model, {"input": torch.randn(ROWS, WIDTH), "labels": torch.randn(ROWS, WIDTH)}
+
+
+def with_layer_norm(options):
+    """A LayerNorm between the linears: CUDA autocast runs it in fp32, CPU autocast in the input's bf16."""
+    model = nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, WIDTH))
+    return model, {"input": torch.randn(ROWS, WIDTH), "labels": torch.randn(ROWS, WIDTH)}
+
+
+def test_a_cuda_estimate_with_amp_saves_matmul_outputs_in_bf16():
+    model = f"{__file__}:two_linears"
+    (fp32,), (bf16,) = (estimate(model, "sgd", steps=1, amp=amp) for amp in (None, "bf16"))
+    (cpu,) = measure(model, "sgd", device="cpu", steps=1, amp="bf16")
+    assert bf16.settings.device == "cuda" and "cast as CUDA autocast casts" in bf16.environment["estimate"]
+    # fp32: both linears' outputs (the GELU's input and the second linear's) in 4 bytes, the prediction for MSE
+    assert fp32.total("activations") == (2 * ROWS * HIDDEN + ROWS * WIDTH) * 4
+    # bf16: those two in 2 bytes, the bf16 copies of the input and of the second weight, the fp32 prediction
+    assert bf16.total("activations") == (2 * ROWS * HIDDEN + ROWS * WIDTH + HIDDEN * WIDTH) * 2 + ROWS * WIDTH * 4
+    assert bf16.total("activations") == cpu.total("activations")  # the op lists agree on these ops
+    assert bf16.total("weights") == fp32.total("weights") and bf16.peaks.allocated < fp32.peaks.allocated
+
+
+def test_a_cuda_estimate_runs_layer_norm_in_fp32_where_cpu_autocast_does_not():
+    model = f"{__file__}:with_layer_norm"
+    (cuda,) = estimate(model, "sgd", steps=1, amp="bf16")
+    (cpu,) = measure(model, "sgd", device="cpu", steps=1, amp="bf16")
+    # CUDA saves the norm's fp32 copy of its input (4 B) where CPU saves the bf16 input (2 B); the next
+    # linear saves a bf16 copy of the norm's fp32 output where CPU saves the bf16 output itself
+    assert cuda.total("activations") - cpu.total("activations") == ROWS * HIDDEN * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_casts_as_cuda_lists_say(dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = nn.Linear(8, 8)
+    region = CudaAutocast(dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True), region:
+        x = torch.randn(4, 8)
+        y = layer(x)
+        assert y.dtype == dtype  # lower_precision_fp
+        assert nn.functional.layer_norm(y, (8,)).dtype == y.exp().dtype == torch.float32  # fp32 (CPU: dtype)
+        assert y.softmax(-1).dtype == y.sum().dtype == torch.float32  # fp32_set_opt_dtype
+        assert y.sum(dtype=torch.float64).dtype == torch.float64  # a dtype the call names is kept
+        assert torch.norm(y).dtype == torch.float32 and torch.addcmul(y, y, x).dtype == torch.float32
+        assert torch._addmm_activation(x[:, 0], x, x.T).dtype == torch.float32  # CPU-only lower_precision_fp: not cast
+        assert region.cast(layer.weight, dtype) is region.cast(layer.weight, dtype)  # a weight is cast once
+        with pytest.raises(RuntimeError, match="unsafe to autocast"):
+            nn.functional.binary_cross_entropy(y.sigmoid(), torch.rand(4, 8))
+    with torch.autocast("cpu", dtype=dtype):  # CPU autocast's own kernels are back
+        assert nn.functional.layer_norm(torch.randn(4, 8).to(dtype), (8,)).dtype == dtype
+
+
+def test_cuda_autocast_lists_are_the_ones_torch_registers_for_cuda():
+    listed = {*LOWER_PRECISION, *FP32, *FP32_SET_OPT_DTYPE, *FP32_APPEND_DTYPE, *PROMOTE, *BANNED, *KEPT_AS_CPU}
+    cuda_only = {"cudnn_convolution", "cudnn_convolution_transpose", "_cudnn_rnn"}  # never reached by CPU tensors
+    registrations = torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")
+    registered = {name.removeprefix("aten::") for name in registrations if name.startswith("aten::")}
+    assert listed | cuda_only == registered
+
+
+def test_amp_that_cannot_take_effect_is_a_usage_error(mlp_spec, monkeypatch):
+    class Unsupported(torch.autocast):  # as torch.autocast does for a dtype the device cannot run
+        def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+            warnings.warn(f"In {device_type.upper()} autocast, but the target dtype is not supported. "
+                          "Disabling autocast.")
+            super().__init__(device_type, dtype=dtype, enabled=False, cache_enabled=cache_enabled)
+
+    monkeypatch.setattr(torch, "autocast", Unsupported)
+    result = invoke("compare", "--model", mlp_spec, "--opt", "sgd", "--device", "cpu", "--steps", "1", "--amp", "fp16")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: --amp fp16 cannot take effect on cpu: In CPU autocast, but the target dtype is not supported. "
+        "Disabling autocast. (try --amp bf16, or no --amp)"]
