@@ -190,9 +190,11 @@ class FSDP2(_Distributed):
         for name, p in uneven.items():
             rows, row_bytes = p.shape[0], p.numel() // p.shape[0] * p.element_size()
             per_rank = -(-rows // self.world_size)
+            padding = (per_rank * self.world_size - rows) * row_bytes
             here += (per_rank - p.to_local().shape[0]) * row_bytes
-            gathered += (per_rank * self.world_size - rows) * row_bytes
-            worst = max(worst, ((per_rank * self.world_size - rows) * row_bytes, name, rows, per_rank))
+            gathered += padding
+            if padding > worst[0]:  # the first of equals (block 0's): the same name at any depth
+                worst = (padding, name, rows, per_rank)
         _, name, rows, per_rank = worst
         return (f"fsdp2 pads each rank's shard to ceil(rows / {self.world_size}) rows: {len(uneven)} of {total} "
                 f"parameters have a first dimension {self.world_size} ranks do not divide (most padding: {name}, "
