@@ -77,13 +77,16 @@ class CudaAutocast:
         return self
 
     def _policies(self) -> dict[str, tuple[torch._ops.OpOverload, Callable]]:
-        """Each op CUDA lists: the op its kernel calls (``norm``: the overload with a dtype) and its policy."""
-        return {**{name: (_overload(name), self._lower_precision) for name in LOWER_PRECISION},
-                **{name: (_overload(name), self._fp32) for name in FP32},
-                **{name: (_overload(name), self._fp32_set_opt_dtype) for name in FP32_SET_OPT_DTYPE},
-                **{name: (_overload(target), _fp32_append_dtype) for name, target in FP32_APPEND_DTYPE.items()},
-                **{name: (_overload(name), self._promote) for name in PROMOTE},
-                **{name: (_overload(name), _banned) for name in BANNED}}
+        """Each op CUDA lists: the op its kernel calls (``norm``: the overload with a dtype) and its policy
+        (an op this torch does not have is left out)."""
+        policies = {**{name: (name, self._lower_precision) for name in LOWER_PRECISION},
+                    **{name: (name, self._fp32) for name in FP32},
+                    **{name: (name, self._fp32_set_opt_dtype) for name in FP32_SET_OPT_DTYPE},
+                    **{name: (target, _fp32_append_dtype) for name, target in FP32_APPEND_DTYPE.items()},
+                    **{name: (name, self._promote) for name in PROMOTE},
+                    **{name: (name, _banned) for name in BANNED}}
+        return {name: (_overload(calls), policy) for name, (calls, policy) in policies.items()
+                if _overload(name) is not None}
 
     def __exit__(self, *exc: Any) -> None:
         self._region.__exit__(*exc)
@@ -157,9 +160,12 @@ def _kernel(op: torch._ops.OpOverload, policy: Callable) -> Callable:
     return kernel
 
 
-def _overload(name: str) -> torch._ops.OpOverload:
+def _overload(name: str) -> torch._ops.OpOverload | None:
     op, _, overload = name.partition(".")
-    return getattr(getattr(torch.ops.aten, op), overload or "default")
+    try:
+        return getattr(getattr(torch.ops.aten, op), overload or "default")
+    except AttributeError:
+        return None
 
 
 def _eligible(arg: Any) -> bool:

@@ -18,6 +18,11 @@ from typing import Iterator
 
 import torch
 
+try:
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+except ImportError:  # a torch without _grouped_mm's meta helper (before 2.9): its own meta kernel stays
+    _create_grouped_mm_output_tensor = None
+
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -26,7 +31,8 @@ def fake_kernels_as_real() -> Iterator[None]:
     """Meta kernels that accept what the real kernels accept (the Meta key's registration, restored after)."""
     library = torch.library.Library("aten", "IMPL")
     try:
-        library.impl("_grouped_mm", _grouped_mm_meta, "Meta")
+        if _create_grouped_mm_output_tensor is not None:
+            library.impl("_grouped_mm", _grouped_mm_meta, "Meta")
         yield
     finally:
         library._destroy()  # the earlier (torch's) Meta kernel is the op's again
@@ -36,8 +42,6 @@ def _grouped_mm_meta(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tenso
                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``_grouped_mm_validate_inputs`` and ``_resolve_grouped_mm_out_dtype`` (GroupedMMUtils.h), then torch's
     own output layout."""
-    from torch._meta_registrations import _create_grouped_mm_output_tensor
-
     for name, mat in (("mat_a", mat_a), ("mat_b", mat_b)):
         torch._check(mat.dtype in GROUPED_MM_DTYPES,
                      lambda: f"Expected {name} to be Float32, BFloat16 or Float16 matrix, got {mat.dtype}")

@@ -158,7 +158,7 @@ def _build(name: str, family: str, config: transformers.PretrainedConfig, task: 
         "seq_len": options.seq_len,
         "hf_config": json.loads(model.config.to_json_string(use_diff=False)),
     }
-    if model._can_set_experts_implementation():  # a mixture of experts: how its experts compute
+    if getattr(model, "_can_set_experts_implementation", lambda: False)():  # a mixture of experts (transformers 5)
         record["experts_implementation"] = model.config._experts_implementation
     return BuiltModel(name=name, family=family, model=model, batch=batch, loss=hf_loss, config=record)
 
