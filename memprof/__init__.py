@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memprof._version import __version__
+from memprof._version import __version__  # noqa: F401 - the package's version, read by users
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
 
 __all__ = ["compare", "profile", "RunRecord", "MemprofError", "UsageError", "MeasurementFailed", "GateRegression"]

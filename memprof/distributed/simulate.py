@@ -10,7 +10,7 @@ are a real rank's.
 
 from __future__ import annotations
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, describe
 from memprof.record import RunRecord
 from memprof.settings import Settings
 
@@ -35,6 +35,10 @@ def measure(settings: Settings) -> RunRecord:
             record = runner.measure(settings, for_settings(settings, device))
         except NotSupported as exc:
             record = RunRecord.failed(settings, f"cannot run: {exc}")
+        except UsageError:  # bad input: one line and exit 2, as everywhere
+            raise
+        except Exception as exc:  # noqa: BLE001 - a simulated rank's crash is its row, as a real rank's is
+            record = RunRecord.failed(settings, f"failed: {describe(exc, exit_as_call=False)}")
     finally:
         dist.destroy_process_group()
     how = (f"simulated rank {settings.rank} of {settings.nproc} ({settings.parallel}): one process, torch's fake "

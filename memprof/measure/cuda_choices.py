@@ -6,7 +6,8 @@ Three choices change what a training step allocates, and all are made from the t
   memory-efficient kernel (fp32 or a mask), which save the output and a log-sum-exp for backward;
   on CPU with dropout it falls back to the math path, which saves the attention matrix and its
   dropout mask (GPT-2 batch 4 × 512: 1.8 GiB more). ``like_cuda`` routes the call to
-  the CUDA kernels' own ops, whose meta implementations give their shapes on fake CPU tensors.
+  the CUDA kernels' own ops, whose meta implementations give their shapes on fake CPU tensors; under
+  ``--amp`` it first casts the call's tensors as CUDA autocast does (``memprof.measure.cuda_autocast``).
 * ``F.dropout`` in training: CUDA runs the fused ``native_dropout``, which saves a 1-byte mask;
   CPU multiplies by a noise tensor of the input's dtype and saves it (4 bytes per element in fp32;
   GPT-2 batch 4 × 512: 118 MiB more). ``like_cuda`` routes it to ``native_dropout``.
@@ -24,6 +25,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from memprof.measure.cuda_autocast import in_lower_precision
 from memprof.measure.trackers import replaced
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,6 +53,8 @@ def _cuda_dropout(input, p=0.5, training=True, inplace=False):
 
 def _cuda_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
+    if torch.is_autocast_enabled(query.device.type):  # under --amp: CUDA autocast's cast of the call's tensors
+        query, key, value, attn_mask = in_lower_precision(query, key, value, attn_mask)
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)

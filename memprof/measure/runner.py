@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
     real_cuda = device.type == "cuda" and not settings.estimate
     nvml_before = environment.nvml_device_used() if real_cuda else {}
     tracker = _tracker(settings, device)
+    autocast = _mixed_precision(settings, device)
     capture = Capture(tracker)
     record = RunRecord(settings=settings, environment={})
     torch.manual_seed(settings.seed)
@@ -73,9 +75,6 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.buffers(buffers)
         capture.inputs(inputs)
         roles = spec.entry.state_roles()
-        autocast = (
-            torch.autocast(device.type, dtype=AMP[settings.amp]) if settings.amp else contextlib.nullcontext()
-        )
         # The loop keeps no references of its own to gradients or state between phases:
         # holding them would change what is live and when it is freed.
         phase, step = "forward", 0
@@ -144,6 +143,31 @@ def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTrack
     return CpuTracker()
 
 
+def _mixed_precision(settings: Settings, device: torch.device) -> contextlib.AbstractContextManager:
+    """``--amp``: the forward's autocast as the target device runs it, or a UsageError where it cannot take
+    effect (torch disables autocast with only a warning). A CUDA estimate on fake CPU tensors runs CUDA's op
+    lists and casts through the CPU key (``memprof.measure.cuda_autocast``)."""
+    if not settings.amp:
+        return contextlib.nullcontext()
+    dtype, where = AMP[settings.amp], _build_device(settings, device).type
+    if where != device.type:
+        from memprof.measure.cuda_autocast import CudaAutocast
+
+        return CudaAutocast(dtype)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            region = torch.autocast(where, dtype=dtype)
+        why = None if region._enabled else str(caught[-1].message) if caught else "torch disabled autocast"
+    except RuntimeError as exc:  # a GPU without bfloat16 (before sm80)
+        why = str(exc)
+    if why:
+        other = "fp16" if settings.amp == "bf16" else "bf16"
+        raise UsageError(f"--amp {settings.amp} cannot take effect on {where}: {why.strip().splitlines()[0]} "
+                         f"(try --amp {other}, or no --amp)")
+    return region
+
+
 def _build_device(settings: Settings, device: torch.device) -> torch.device:
     """Where the model lives. An estimate for CUDA runs on fake CUDA tensors only where a GPU is
     present: without one, torch's autograd engine refuses a backward pass on them (it checks the
@@ -161,10 +185,12 @@ def _fake_mode(settings: Settings) -> contextlib.AbstractContextManager:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprof.measure.cuda_choices import masks_read_as_on_real_data
+    from memprof.measure.fake_kernels import fake_kernels_as_real
 
     stack = contextlib.ExitStack()
     stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
     stack.enter_context(masks_read_as_on_real_data())
+    stack.enter_context(fake_kernels_as_real())
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         from memprof.measure.cuda_choices import like_cuda
         from memprof.optim.adapters import resolving_for
@@ -183,6 +209,9 @@ def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settin
         how.append("fake CPU tensors with a CUDA run's kernel choices (memory-efficient/flash attention, "
                    "fused dropout, torch.optim's foreach default): torch's autograd refuses backward on fake CUDA tensors "
                    "without a GPU")
+        if settings.amp:
+            how.append(f"--amp {settings.amp} cast as CUDA autocast casts (its op lists and policies, "
+                       "ATen/autocast_mode.h), run through the CPU autocast key")
     if target == "cuda":
         gpu = _gpu(settings)
         how.append("each allocation rounded to the caching allocator's 512-B blocks (large-pool whole-block "

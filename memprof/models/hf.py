@@ -7,6 +7,9 @@ Choices, the same for every HF model memprof builds:
   ``dtype=``), so a large model never passes through CPU memory or through fp32.
 * Attention: transformers' own default, ``"sdpa"`` where the class supports it (the realistic
   training default), else ``"eager"``; recorded in ``config["attn_implementation"]``.
+* Mixture-of-experts layers: transformers' default experts implementation, ``"grouped_mm"`` (one
+  ``torch._grouped_mm`` per projection, as on CPU and on CUDA from sm80; an estimate's fake tensors get
+  its shape from ``memprof.measure.fake_kernels``); recorded in ``config["experts_implementation"]``.
 * Dropout stays at the library/config defaults; ``use_cache=False`` (no KV cache in training).
 * Tied weights stay tied (GPT-2 ``wte``/``lm_head``, T5 and the masked-LM decoders).
 * BERT, RoBERTa and ALBERT use their masked-LM heads (the pre-training objective; every weight of
@@ -155,6 +158,8 @@ def _build(name: str, family: str, config: transformers.PretrainedConfig, task: 
         "seq_len": options.seq_len,
         "hf_config": json.loads(model.config.to_json_string(use_diff=False)),
     }
+    if getattr(model, "_can_set_experts_implementation", lambda: False)():  # a mixture of experts (transformers 5)
+        record["experts_implementation"] = model.config._experts_implementation
     return BuiltModel(name=name, family=family, model=model, batch=batch, loss=hf_loss, config=record)
 
 

@@ -80,11 +80,36 @@ class FSDP2(Distributed):
         return LocalShards(inner, list(shards.items()))
 
     def notes(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer") -> list[str]:
+        from torch.distributed.tensor import DTensor
+
         built = ("built on the meta device, sharded, then only this rank's shards materialised and initialised "
                  "(matrices N(0, 0.02), biases 0, other vectors 1; buffers by the model's own initialisers)")
-        split = sum(1 for p in model.parameters() if tuple(p.to_local().shape) != tuple(p.shape))
-        return [built, f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
-                       f"{sum(1 for _ in model.parameters())} parameters split): a factored optimizer factors the shard"]
+        named = dict(model.named_parameters())
+        sharded = {n: p for n, p in named.items() if isinstance(p, DTensor)}  # a failed step leaves some gathered
+        split = sum(1 for p in sharded.values() if tuple(p.to_local().shape) != tuple(p.shape))
+        notes = [built, f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
+                        f"{len(named)} parameters split): a factored optimizer factors the shard"]
+        uneven = {n: p for n, p in sharded.items() if p.dim() and p.shape[0] % self.world_size}
+        return notes + ([self._padding(uneven, len(named))] if uneven else [])
+
+    def _padding(self, uneven: dict[str, "torch.Tensor"], total: int) -> str:
+        """What FSDP2 pads where ``world_size`` does not divide a parameter's rows: every rank's shard holds
+        ceil(rows / world_size) rows (``torch.chunk``), and the all-gathered buffer world_size times that."""
+        here = gathered = 0
+        worst = (0, "", 0, 0)
+        for name, p in uneven.items():
+            rows, row_bytes = p.shape[0], p.numel() // p.shape[0] * p.element_size()
+            per_rank = -(-rows // self.world_size)
+            padding = (per_rank * self.world_size - rows) * row_bytes
+            here += (per_rank - p.to_local().shape[0]) * row_bytes
+            gathered += padding
+            if padding > worst[0]:  # the first of equals (block 0's): the same name at any depth
+                worst = (padding, name, rows, per_rank)
+        _, name, rows, per_rank = worst
+        return (f"fsdp2 pads each rank's shard to ceil(rows / {self.world_size}) rows: {len(uneven)} of {total} "
+                f"parameters have a first dimension {self.world_size} ranks do not divide (most padding: {name}, "
+                f"{rows} rows, {per_rank} per rank); {here} B of this rank's shards are padding (as much again in "
+                f"their gradients), and their all-gathered buffers hold {gathered} B of padding")
 
 
 class LocalShards:
