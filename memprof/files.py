@@ -40,6 +40,7 @@ class _Staged:
     temporary: Path | None = None
     backup: Path | None = None  # a hard link to the old file while the renames run
     placed: bool = False
+    made: list[Path] | None = None  # the folders made for it, deepest first
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> None:
@@ -50,15 +51,16 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
 def write_all(outputs: Sequence[tuple[str | Path, str | bytes]]) -> None:
     """Write every ``(path, content)``, or change none of the files: see the module docstring.
     Raises ``OutputsNotWritten`` naming the file and the reason when one cannot be written."""
-    staged, streams = [], []
-    for path, content in outputs:
-        info = _stat_or_none(Path(path))
-        if info is not None and (_standard_stream(info) is not None or not stat.S_ISREG(info.st_mode)):
-            streams.append((Path(path), info, content))
-        else:
-            staged.append((_Staged(Path(path), Path(os.path.realpath(path))), content))
+    staged: list[tuple[_Staged, str | bytes]] = []
+    streams: list[tuple[Path, os.stat_result, str | bytes]] = []
     current: Path | None = None
     try:
+        for current, content in ((Path(p), c) for p, c in outputs):
+            info = _stat_or_none(current)
+            if info is not None and (_standard_stream(info) is not None or not stat.S_ISREG(info.st_mode)):
+                streams.append((current, info, content))
+            else:
+                staged.append((_Staged(current, Path(os.path.realpath(current))), content))
         for entry, content in staged:
             current = entry.shown
             _stage(entry, _bytes(content))
@@ -66,21 +68,36 @@ def write_all(outputs: Sequence[tuple[str | Path, str | bytes]]) -> None:
             _write_through(current, info, content)
         current = None
         _commit([entry for entry, _ in staged])
-    except OSError as exc:
+    except BaseException as exc:
+        _discard([entry for entry, _ in staged])
+        if not isinstance(exc, OSError):
+            raise
         where = current if current is not None else exc.filename
-        raise OutputsNotWritten(f"cannot write {where}: {exc.strerror or exc}; no output file was changed") from None
+        raise OutputsNotWritten(f"cannot write {where}: {exc.strerror or exc}; no output file was changed") from exc
     finally:
         for entry, _ in staged:
-            _remove(entry.temporary)
             _remove(entry.backup)
 
 
+def _discard(entries: list[_Staged]) -> None:
+    """Remove what staging left: the temporaries, then the folders made for them that stayed empty."""
+    for entry in entries:
+        _remove(entry.temporary)
+    for entry in entries:
+        for folder in entry.made or ():
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+
 def _bytes(content: str | bytes) -> bytes:
-    return content if isinstance(content, bytes) else content.encode("utf-8")
+    return content if isinstance(content, bytes) else content.encode("utf-8", "surrogateescape")
 
 
 def _stage(entry: _Staged, data: bytes) -> None:
     """Write ``data`` to a new temporary file beside the target, with the target's mode, and fsync it."""
+    entry.made = [folder for folder in (entry.target.parent, *entry.target.parent.parents) if not folder.exists()]
     entry.target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(entry.target)
     fd, entry.temporary = _create_temporary(entry.target)

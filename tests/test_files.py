@@ -111,6 +111,12 @@ def test_a_write_that_fails_at_any_step_changes_no_file(tmp_path, mlp_spec, monk
     assert contents(tmp_path) == before
 
 
+def test_folders_made_for_outputs_that_were_not_written_are_removed(tmp_path):
+    with pytest.raises(OutputsNotWritten, match="cannot write /dev/full: No space left on device"):
+        files.write_all([(tmp_path / "new" / "sub" / "run.csv", "a,b\n"), ("/dev/full", "a,b\n")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_that_cannot_be_linked_is_renamed_last(tmp_path, monkeypatch):
     """An immutable file can be neither linked (to put it back) nor replaced: renamed last, its
     failure undoes the renames before it."""
