@@ -1,7 +1,8 @@
 """The memprof command line: parse, call the API, render. Heavy imports happen inside commands.
 
 Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate regression,
-2 bad input, 3 a measurement failed (its row is still written).
+2 bad input, 3 a measurement failed (its row is still written), 4 measured but the outputs could
+not be written (none was changed).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
+from memprof.errors import GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, UsageError
 from memprof.gpus import DEFAULT_GPU
 from memprof.report.formats import FORMATS, View, listed
 
@@ -30,6 +31,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (GateRegression, 1),
     (UsageError, 2),
     (MeasurementFailed, 3),
+    (OutputsNotWritten, 4),
 )
 """The first matching type decides the exit code (0 when nothing was raised)."""
 
@@ -206,13 +208,24 @@ def _check_reference(reference: str, requests: Sequence) -> None:
                              f"choose from {', '.join(texts)}")
 
 
-def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | None) -> None:
-    """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after."""
+def _check_outputs(unit: str, plot: Path | None = None, *, specs: str | None = None,
+                   **paths: Path | str | None) -> None:
+    """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after:
+    every file the command would write takes part, the figures beside ``plot`` and the snapshot of
+    each of ``specs`` included."""
     from memprof.files import check_writable
     from memprof.units import scale
 
     scale(unit)
+    snapshot = paths.pop("snapshot", None)
     outputs = [(f"--{name}", path) for name, path in paths.items()]
+    if snapshot is not None:
+        from memprof.api import _snapshot_path
+        from memprof.optim.registry import split_specs
+
+        texts = split_specs(specs or "")
+        names = [_snapshot_path(snapshot, text, len(texts)) for text in texts] or [snapshot]
+        outputs += [("--snapshot", name) for name in names]
     if plot is not None:
         from memprof.report.plot import figure_paths
 
@@ -220,22 +233,22 @@ def _check_outputs(unit: str, plot: Path | None = None, **paths: Path | str | No
     check_writable(outputs)
 
 
-def _write_exports(records, *, plot: Path | None = None, unit: str = "MiB", detail: bool = False,
-                   **paths: Path | None) -> None:
-    """Render every export (``paths`` by format name), then write them: a render that fails leaves no
-    file half the set."""
-    from memprof.files import write_atomic
+def _write_exports(records, *, plot: Path | None = None, unit: str = "MiB", detail: bool = False, top: int = 20,
+                   rendered: Sequence[tuple[Path, bytes]] = (), **paths: Path | None) -> None:
+    """Render every export (``paths`` by format name) and figure, then write them with the ``rendered``
+    ones all or none (``memprof.files.write_all``): a failure leaves every file as it was."""
+    from memprof.files import write_all
 
-    view = View(unit=unit, detail=detail)
-    texts = [(path, FORMATS[name].render(records, view)) for name, path in paths.items() if path is not None]
-    for path, text in texts:
-        write_atomic(path, text)
-        err.print(f"wrote {path}", highlight=False, markup=False)
+    view = View(unit=unit, detail=detail, top=top)
+    outputs = [(path, FORMATS[name].render(records, view)) for name, path in paths.items() if path is not None]
     if plot is not None:
-        from memprof.report.plot import save_figures
+        from memprof.report.plot import figures
 
-        for path in save_figures(records, plot, unit=unit):
-            err.print(f"wrote {path}", highlight=False, markup=False)
+        outputs += figures(records, plot, unit=unit)
+    outputs += rendered
+    write_all(outputs)
+    for path, _ in outputs:
+        err.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def _raise_if_failed(records) -> None:
@@ -264,7 +277,7 @@ def compare(
     """
     from memprof.distributed.launch import reporting
 
-    _check_outputs(unit, **exports, snapshot=settings["snapshot"])
+    _check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
     records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
     if reporting():
         _write_exports(records, **exports, unit=unit)
@@ -291,7 +304,7 @@ def profile(
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
 
-    _check_outputs(unit, **exports, snapshot=settings["snapshot"])
+    _check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
@@ -347,11 +360,12 @@ def estimate(
         fits = _fit(request, fit)
         out.print(fit_table(fits, unit=unit))
         records = [f.record for f in fits if f.record is not None]
-        _write_exports(records, **exports, unit=unit)
+        rendered = []
         if plot is not None:
-            from memprof.report.plot import save_fit_figure
+            from memprof.report.plot import fit_figure
 
-            err.print(f"wrote {save_fit_figure(fits, plot, unit=unit)}", highlight=False)
+            rendered.append(fit_figure(fits, plot, unit=unit))
+        _write_exports(records, **exports, unit=unit, rendered=rendered)
         if any(f.failure for f in fits):
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
@@ -377,7 +391,6 @@ def report(
     Example: memprof report gpt2.json --format latex --unit GiB -o gpt2.tex --plot gpt2.pdf
     """
     from memprof import runfile
-    from memprof.files import write_atomic
 
     _check_outputs(unit, plot, output=output)
     if format is ReportFormat.table and output is not None:
@@ -389,14 +402,10 @@ def report(
 
         tables = profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)]
         print_tables(tables, out)
-    else:
-        text = FORMATS[format.value].render(records, View(unit=unit, detail=detail, top=top))
-        if output is None:
-            sys.stdout.write(text)
-        else:
-            write_atomic(output, text)
-            err.print(f"wrote {output}", highlight=False)
-    _write_exports(records, plot=plot, unit=unit)
+    elif output is None:
+        sys.stdout.write(FORMATS[format.value].render(records, View(unit=unit, detail=detail, top=top)))
+    exported = {format.value: output} if output is not None else {}
+    _write_exports(records, plot=plot, unit=unit, detail=detail, top=top, **exported)
 
 
 @app.command()

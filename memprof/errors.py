@@ -22,6 +22,11 @@ class MeasurementFailed(MemprofError):
     """At least one optimizer crashed or ran out of memory; its row says so, the others were written."""
 
 
+class OutputsNotWritten(MemprofError):
+    """An output file could not be written (a full disk, a read-only file system, a file-size limit):
+    none of the command's output files was changed."""
+
+
 def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
     """A short 'did you mean' phrase naming the closest valid choices."""
     import difflib

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
+import os
 import string
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -430,3 +433,73 @@ def test_an_integer_cell_of_any_length_is_an_int_or_one_line(text, name):
     from memprof.settings import from_text
 
     assert name in one_line_usage_error(lambda: from_text({name: text}))
+
+
+# -- failures at write time: all outputs written, or no file changed ----------------------------------
+OUTPUT_FILES = {"--csv": "out.csv", "--json": "out.json", "--markdown": "out.md", "--latex": "out.tex",
+                "--plot": "fig.png"}
+FIGURES = ("fig.png", "fig-timeline.png", "fig-parameters.png")
+STAGED_CALLS = ("open", "write", "fsync", "link", "replace")
+"""The calls memprof.files makes to stage and place a file (``link``: the old file kept to put back)."""
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EPERM, errno.EACCES)
+
+
+class FailingOs:
+    """``os`` as memprof.files sees it: once ``armed``, the ``nth`` call of ``name`` fails with ``code``."""
+
+    def __init__(self, name: str, nth: int, code: int) -> None:
+        self.name, self.nth, self.code, self.calls, self.armed, self.fired = name, nth, code, 0, False, False
+
+    def __getattr__(self, attr: str):
+        real = getattr(os, attr)
+        if attr != self.name or not self.armed:
+            return real
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.nth:
+                self.fired = True
+                raise OSError(self.code, os.strerror(self.code))
+            return real(*args, **kwargs)
+
+        return call
+
+
+@settings(FAST, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.lists(st.sampled_from(sorted(OUTPUT_FILES)), min_size=1, max_size=5, unique=True),
+       existing=st.sets(st.sampled_from(sorted({*OUTPUT_FILES.values(), *FIGURES}))),
+       call=st.sampled_from(STAGED_CALLS), nth=st.integers(1, 6), code=st.sampled_from(WRITE_ERRORS))
+def test_a_write_that_fails_anywhere_is_one_line_and_changes_no_file(tmp_path, options, existing, call, nth, code):
+    from memprof import files
+    from memprof.cli import EXIT_CODES
+    from memprof.errors import OutputsNotWritten
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    for name in existing:
+        (folder / name).write_text(f"the old {name}\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    failing = FailingOs(call, nth, code)
+
+    def measured(settings):  # a record every figure can be drawn from; the failure is armed after it
+        record = copy.deepcopy(base_records()[0])
+        record.settings, failing.armed = settings, True
+        return record
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("memprof.measure.runner.measure", measured)
+        patch.setattr(files, "os", failing)
+        result = invoke("compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu",
+                        *(arg for option in options for arg in (option, folder / OUTPUT_FILES[option])))
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "Traceback" not in result.output, result.output
+    if result.exit_code == 0:  # the failing call was never made, or was one the write does without
+        event("written")
+        assert not failing.fired or call == "link"
+        written = {OUTPUT_FILES[o] for o in options} | (set(FIGURES) if "--plot" in options else set())
+        assert set(after) == written | existing and all(after[n] != before.get(n) for n in written)
+        return
+    event(f"failed at {call}")
+    assert failing.fired and result.exit_code == dict(EXIT_CODES)[OutputsNotWritten], result.output
+    errors = [line for line in result.stderr.splitlines() if line != "adam: ok"]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write ") and os.strerror(code) in errors[0]
+    assert after == before  # byte for byte, and no temporary left

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from memprof.errors import UsageError
-from memprof.files import write_atomic
+from memprof.files import write_all
 from memprof.record import RunRecord
 from memprof.taxonomy import CATEGORIES, order_roles
 from memprof.units import fmt, scale
@@ -321,8 +321,9 @@ def figure_paths(path: str | Path) -> dict[str, Path]:
             "parameters": path.with_name(f"{path.stem}-parameters{path.suffix}")}
 
 
-def save_figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = "MiB", top: int = 12) -> list[Path]:
-    """Write every figure the records support; return the paths written."""
+def figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = "MiB",
+            top: int = 12) -> list[tuple[Path, bytes]]:
+    """Every figure the records support, rendered: ``(path, the file's bytes)``."""
     scale(unit)
     paths = figure_paths(path)
     makers = {"breakdown": lambda: plot_breakdown(records, unit=unit)}
@@ -330,12 +331,14 @@ def save_figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = 
         makers["timeline"] = lambda: plot_timeline(records, unit=unit)
     if any(r.parameters for r in records):
         makers["parameters"] = lambda: plot_parameters(records, unit=unit, top=top)
-    written = []
-    for name, make in makers.items():
-        target = paths[name]
-        write_atomic(target, render(make(), target.suffix.lower().lstrip(".")))
-        written.append(target)
-    return written
+    return [(paths[name], render(make(), paths[name].suffix.lower().lstrip("."))) for name, make in makers.items()]
+
+
+def save_figures(records: Sequence[RunRecord], path: str | Path, *, unit: str = "MiB", top: int = 12) -> list[Path]:
+    """Write every figure the records support, all or none (``memprof.files.write_all``); return the paths."""
+    rendered = figures(records, path, unit=unit, top=top)
+    write_all(rendered)
+    return [target for target, _ in rendered]
 
 
 def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
@@ -370,7 +373,8 @@ def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
     return fig
 
 
-def save_fit_figure(fits, path: str | Path, *, unit: str = "GiB") -> Path:
+def fit_figure(fits, path: str | Path, *, unit: str = "GiB") -> tuple[Path, bytes]:
+    """The figure of a fit search, rendered: ``(path, the file's bytes)``."""
     target = figure_paths(path)["breakdown"]
-    write_atomic(target, render(plot_fit(fits, unit=unit), target.suffix.lower().lstrip(".")))
-    return target
+    return target, render(plot_fit(fits, unit=unit), target.suffix.lower().lstrip("."))
+
