@@ -220,11 +220,11 @@ def _check_outputs(unit: str, plot: Path | None = None, *, specs: str | None = N
     snapshot = paths.pop("snapshot", None)
     outputs = [(f"--{name}", path) for name, path in paths.items()]
     if snapshot is not None:
-        from memprof.api import _snapshot_path
+        from memprof.execute import snapshot_path
         from memprof.optim.registry import split_specs
 
         texts = split_specs(specs or "")
-        names = [_snapshot_path(snapshot, text, len(texts)) for text in texts] or [snapshot]
+        names = [snapshot_path(snapshot, text, len(texts)) for text in texts] or [snapshot]
         outputs += [("--snapshot", name) for name in names]
     if plot is not None:
         from memprof.report.plot import figure_paths

@@ -152,11 +152,11 @@ def plan(model: Any, optimizers: Any, settings: dict[str, Any], *, isolate: Any 
         if spec.entry.requires == "cuda" and not device.startswith("cuda"):
             raise UsageError(f"optimizer {spec.name} runs only on CUDA; use --device cuda")
         runs.append(base.replace(optimizer=spec.name, spec=text, device=device,
-                                 snapshot=_snapshot_path(base.snapshot, text, len(texts))))
+                                 snapshot=snapshot_path(base.snapshot, text, len(texts))))
     return Plan(runs, isolate, distributed, [note for _, note in expanded])
 
 
-def _snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:
+def snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:
     if snapshot is None or count == 1:
         return snapshot
     path = Path(snapshot)
