@@ -30,9 +30,8 @@ def single(model, opt):
 
 
 @pytest.fixture(scope="module")
-def fsdp2_adam():
-    mlp = f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp"
-    return single(mlp, "adam"), run(mlp, "adam", "fsdp2")
+def fsdp2_adam(mlp_spec):
+    return single(mlp_spec, "adam"), run(mlp_spec, "adam", "fsdp2")
 
 
 def test_fsdp2_each_rank_holds_its_shard_of_adam_state(fsdp2_adam):
@@ -69,9 +68,14 @@ def test_rank_records_round_trip_through_csv(fsdp2_adam, tmp_path):
     assert [r.total("optimizer_state") for r in back] == [r.total("optimizer_state") for r in ranks]
 
 
-def test_zero1_partitions_whole_parameters(mlp_spec):
+@pytest.fixture(scope="module")
+def zero1_adam(mlp_spec):
+    return run(mlp_spec, "adam", "zero1")
+
+
+def test_zero1_partitions_whole_parameters(mlp_spec, zero1_adam):
     alone = single(mlp_spec, "adam")
-    ranks = run(mlp_spec, "adam", "zero1")
+    ranks = zero1_adam
     assert all(r.status == "ok" for r in ranks)
     states = [r.total("optimizer_state") for r in ranks]
     assert sum(states) == alone.total("optimizer_state")  # no padding: ZeRO-1 assigns whole parameters
@@ -263,9 +267,9 @@ def _same_rank_figures(simulated, real, peak=True):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, rank):
+def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, mlp_spec, rank):
     _, ranks = fsdp2_adam
-    simulated = simulate(f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp", "adam", "fsdp2", rank=rank)
+    simulated = simulate(mlp_spec, "adam", "fsdp2", rank=rank)
     # gloo copies a reduce-scatter's input into a flat buffer of its own, freed when its thread is done: a
     # few hundred bytes, some of the time, which is more than 5 % of this MLP's peak (tiny_gpt2 below)
     _same_rank_figures(simulated, ranks[rank], peak=False)
@@ -277,16 +281,16 @@ def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, rank):
     assert f"simulated rank {rank} of 2 (fsdp2)" in simulated.environment["distributed"]
 
 
-def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec):
-    real = run(mlp_spec, "adam", "zero1")
+def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec, zero1_adam):
+    real = zero1_adam
     for rank in (0, 1):
         _same_rank_figures(simulate(mlp_spec, "adam", "zero1", rank=rank), real[rank])
     assert real[0].total("optimizer_state") != real[1].total("optimizer_state")  # the ranks differ: rank matters
 
 
 @pytest.fixture(scope="module")
-def fsdp2_tiny_gpt2():
-    return run(f"{Path(__file__).with_name('zoo_for_tests.py')}:tiny_gpt2", "adam", "fsdp2")
+def fsdp2_tiny_gpt2(gpt2_spec):
+    return run(gpt2_spec, "adam", "fsdp2")
 
 
 def _shard_bytes(spec: str, ranks: int) -> tuple[int, int]:

@@ -14,15 +14,6 @@ from memprof.optim.registry import build_optimizer, parse_spec
 SHAPES = [(13,), (7,), (4, 3, 3, 3), (50, 16)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU (30x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def paper_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """Eq. 12 written out: j* = argmin_j |k_1...k_j - k_{j+1}...k_tau|; vectors are k x 1."""
     if len(shape) == 1:

@@ -24,15 +24,6 @@ SPECS = {
 STEPS = 3  # before the checkpoint, and again after it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """Two linear layers (IO-Adam folds them) and a free 1-D gain (a dense/vector state path).
     fc1 is 16 x 12 so that Adapprox's sketches (k + 5 columns) are narrower than the matrix and

@@ -12,15 +12,6 @@ from memprof.optim.io_adam import IOAdam
 from memprof.optim.registry import build_optimizer, parse_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Mixed(nn.Module):
     """Embedding 50x16, conv 4x3x3x3, Linear 20->13 (prime), LayerNorm 13, bias-free Linear 13->7,
     Linear 7->50 (weight 50x7) and Linear 16->50 (weight 50x16): every shape the brief names."""
