@@ -98,6 +98,7 @@ def test_prose_extrapolates_its_counts_and_keeps_other_numbers():
         _prose(["3 blocks", "4 layers", "5 blocks"], (1, 2, 3), 32, "note")
 
 
+@pytest.mark.slow
 def test_probes_forked_as_jobs_of_their_own_give_the_records_made_in_turn(deep_config, estimated):
     # A fresh process forks workers and each probe is a job (io_adam's later probes or full-depth estimate
     # are jobs that the first probes did not foresee); this process has trained, so here they run in turn.

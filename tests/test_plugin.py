@@ -89,6 +89,7 @@ def test_own_failure_wins():
                                  "*unknown memprof budget 'max_state'*", "*the test's own failure*"])
 
 
+@pytest.mark.slow
 def test_fixture_measures_and_enforces_budgets(run, mlp_spec):
     # The zoo MLP: Adam keeps two fp32 moments of its 676 parameters (5408 bytes) and a 4-byte step per tensor.
     result = run(f'''
