@@ -120,6 +120,7 @@ class CrashingSGD(__import__("torch").optim.SGD):
         os._exit(9)
 
 
+@pytest.mark.slow
 def test_crashed_child_is_a_failed_row_and_others_finish(mlp_spec):
     from memprof.api import measure
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -25,10 +26,23 @@ def deep_config(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def estimated(deep_config):
+    """The deep model's estimate for one spec (extrapolated, or with ``full_depth``): made once for the module,
+    a copy each time asked."""
+    made = {}
+
+    def estimated_for(spec: str, full_depth: bool = False):
+        if (spec, full_depth) not in made:
+            (made[spec, full_depth],) = estimate(deep_config, [spec], full_depth=full_depth, **SETTINGS)
+        return copy.deepcopy(made[spec, full_depth])
+
+    return estimated_for
+
+
 @pytest.mark.parametrize("spec", ["adam", "smmf", "adafactor", "sgd"])
-def test_extrapolated_estimate_equals_the_full_depth_one(deep_config, spec):
-    (full,) = estimate(deep_config, [spec], full_depth=True, **SETTINGS)
-    (probed,) = estimate(deep_config, [spec], **SETTINGS)
+def test_extrapolated_estimate_equals_the_full_depth_one(estimated, spec):
+    full, probed = estimated(spec, full_depth=True), estimated(spec)
     assert "extrapolated to 6 blocks from probes of 1, 2, 3 blocks" in probed.notes[-1]
     assert not any("extrapolated" in note for note in full.notes)
     for key in COMPARED:
@@ -51,17 +65,16 @@ def test_a_peak_that_moves_within_a_phase_is_caught(deep_config):
 
 
 @pytest.mark.parametrize("spec", ["io_adam"])
-def test_a_fallback_or_an_extrapolation_gives_the_full_depth_figures(deep_config, spec):
-    (full,) = estimate(deep_config, [spec], full_depth=True, **SETTINGS)
-    (probed,) = estimate(deep_config, [spec], **SETTINGS)
+def test_a_fallback_or_an_extrapolation_gives_the_full_depth_figures(estimated, spec):
+    full, probed = estimated(spec, full_depth=True), estimated(spec)
     for key in ("breakdown", "peak", "peaks", "n_params"):
         assert getattr(probed, key) == getattr(full, key), key
 
 
-def test_shallow_models_and_full_depth_are_estimated_whole(mlp_spec, deep_config):
+def test_shallow_models_and_full_depth_are_estimated_whole(mlp_spec, estimated):
     (mlp,) = estimate(mlp_spec, ["adam"], device="cpu", steps=1, timeline=False)
     assert not any("blocks" in note for note in mlp.notes)
-    (full,) = estimate(deep_config, ["adam"], full_depth=True, **SETTINGS)
+    full = estimated("adam", full_depth=True)
     assert full.timeline.time == [] and not any("extrapolated" in note for note in full.notes)
 
 
@@ -85,7 +98,8 @@ def test_prose_extrapolates_its_counts_and_keeps_other_numbers():
         _prose(["3 blocks", "4 layers", "5 blocks"], (1, 2, 3), 32, "note")
 
 
-def test_probes_forked_as_jobs_of_their_own_give_the_records_made_in_turn(deep_config):
+@pytest.mark.slow
+def test_probes_forked_as_jobs_of_their_own_give_the_records_made_in_turn(deep_config, estimated):
     # A fresh process forks workers and each probe is a job (io_adam's later probes or full-depth estimate
     # are jobs that the first probes did not foresee); this process has trained, so here they run in turn.
     import os
@@ -104,20 +118,20 @@ def test_probes_forked_as_jobs_of_their_own_give_the_records_made_in_turn(deep_c
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     forked = json.loads(done.stdout.strip().splitlines()[-1])
-    in_turn = json.loads(json.dumps([r.to_dict() for r in estimate(deep_config, specs, **SETTINGS)]))
+    in_turn = json.loads(json.dumps([estimated(spec).to_dict() for spec in specs]))
     for record in forked + in_turn:
         record["environment"].pop("command")
     assert forked == in_turn
 
 
-def test_probes_not_started_ahead_are_measured_when_asked_for(deep_config, monkeypatch):
+def test_probes_not_started_ahead_are_measured_when_asked_for(estimated, monkeypatch):
     # What a later set of probes (the first was not affine) goes through: a job started when asked for.
     from concurrent.futures import ThreadPoolExecutor
 
     from memprof import execute
     from memprof.measure import depth
 
-    (in_turn,) = estimate(deep_config, ["adam"], **SETTINGS)
+    in_turn = estimated("adam")
     monkeypatch.setattr(depth, "first_measurements", lambda settings: [])
     with ThreadPoolExecutor(1) as pool:
         jobs = execute._ForkedEstimates(pool, distributed=False)

@@ -30,11 +30,11 @@ def single(model, opt):
 
 
 @pytest.fixture(scope="module")
-def fsdp2_adam():
-    mlp = f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp"
-    return single(mlp, "adam"), run(mlp, "adam", "fsdp2")
+def fsdp2_adam(mlp_spec):
+    return single(mlp_spec, "adam"), run(mlp_spec, "adam", "fsdp2")
 
 
+@pytest.mark.slow
 def test_fsdp2_each_rank_holds_its_shard_of_adam_state(fsdp2_adam):
     alone, ranks = fsdp2_adam
     assert [r.settings.rank for r in ranks] == [0, 1] and all(r.status == "ok" for r in ranks)
@@ -48,6 +48,7 @@ def test_fsdp2_each_rank_holds_its_shard_of_adam_state(fsdp2_adam):
     assert all(r.components("optimizer_state")["other"] == alone.components("optimizer_state")["other"] for r in ranks)
 
 
+@pytest.mark.slow
 def test_fsdp2_tags_collective_buffers_and_records_differ_only_by_rank(fsdp2_adam):
     _, ranks = fsdp2_adam
     for record in ranks:
@@ -60,6 +61,7 @@ def test_fsdp2_tags_collective_buffers_and_records_differ_only_by_rank(fsdp2_ada
     assert first.replace(rank=1) == second and first.nproc == 2 and first.parallel == "fsdp2"
 
 
+@pytest.mark.slow
 def test_rank_records_round_trip_through_csv(fsdp2_adam, tmp_path):
     _, ranks = fsdp2_adam
     path = tmp_path / "ranks.csv"
@@ -69,9 +71,15 @@ def test_rank_records_round_trip_through_csv(fsdp2_adam, tmp_path):
     assert [r.total("optimizer_state") for r in back] == [r.total("optimizer_state") for r in ranks]
 
 
-def test_zero1_partitions_whole_parameters(mlp_spec):
+@pytest.fixture(scope="module")
+def zero1_adam(mlp_spec):
+    return run(mlp_spec, "adam", "zero1")
+
+
+@pytest.mark.slow
+def test_zero1_partitions_whole_parameters(mlp_spec, zero1_adam):
     alone = single(mlp_spec, "adam")
-    ranks = run(mlp_spec, "adam", "zero1")
+    ranks = zero1_adam
     assert all(r.status == "ok" for r in ranks)
     states = [r.total("optimizer_state") for r in ranks]
     assert sum(states) == alone.total("optimizer_state")  # no padding: ZeRO-1 assigns whole parameters
@@ -80,6 +88,7 @@ def test_zero1_partitions_whole_parameters(mlp_spec):
     assert all(r.total("weights") == MLP_PARAM_BYTES for r in ranks)
 
 
+@pytest.mark.slow
 def test_ddp_holds_everything_on_every_rank(mlp_spec):
     alone = single(mlp_spec, "adam")
     ranks = run(mlp_spec, "adam", "ddp")
@@ -101,6 +110,7 @@ def _processes_with(token: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find leftover ranks")
 @pytest.mark.parametrize("optimizer, why", [
     ("crash_for_tests.KilledOnRank1", "rank 1 crashed (killed by SIGKILL)"),  # no record, no Python
@@ -144,6 +154,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 HALF = MLP_PARAM_BYTES // 2  # the MLP's 676 parameters split evenly: no padding in DeepSpeed's partitions
 
 
+@pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_ranks_hold_half_of_adam_state_and_a_master_partition(mlp_spec, stage):
@@ -164,6 +175,7 @@ def test_deepspeed_ranks_hold_half_of_adam_state_and_a_master_partition(mlp_spec
         assert record.settings.parallel == f"deepspeed-zero{stage}" and record.settings.nproc == 2
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_deepspeed_flat_partitions_unfactor_adafactor_and_fail_muon(mlp_spec, tmp_path):
     out = tmp_path / "zero2.json"
@@ -196,6 +208,7 @@ def test_more_ranks_than_gpus_is_a_usage_error(mlp_spec, monkeypatch):
         api.measure(mlp_spec, "adam", device="cuda", nproc=2, parallel="ddp")
 
 
+@pytest.mark.slow
 def test_under_a_users_torchrun_rank_0_reports_every_rank(mlp_spec, tmp_path):
     out = tmp_path / "ranks.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -262,10 +275,11 @@ def _same_rank_figures(simulated, real, peak=True):
         assert abs(simulated.peaks.allocated - real.peaks.allocated) <= 0.05 * real.peaks.allocated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
-def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, rank):
+def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, mlp_spec, rank):
     _, ranks = fsdp2_adam
-    simulated = simulate(f"{Path(__file__).with_name('zoo_for_tests.py')}:mlp", "adam", "fsdp2", rank=rank)
+    simulated = simulate(mlp_spec, "adam", "fsdp2", rank=rank)
     # gloo copies a reduce-scatter's input into a flat buffer of its own, freed when its thread is done: a
     # few hundred bytes, some of the time, which is more than 5 % of this MLP's peak (tiny_gpt2 below)
     _same_rank_figures(simulated, ranks[rank], peak=False)
@@ -277,16 +291,17 @@ def test_simulated_fsdp2_rank_agrees_with_the_gloo_run(fsdp2_adam, rank):
     assert f"simulated rank {rank} of 2 (fsdp2)" in simulated.environment["distributed"]
 
 
-def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec):
-    real = run(mlp_spec, "adam", "zero1")
+@pytest.mark.slow
+def test_simulated_zero1_ranks_agree_with_the_gloo_run(mlp_spec, zero1_adam):
+    real = zero1_adam
     for rank in (0, 1):
         _same_rank_figures(simulate(mlp_spec, "adam", "zero1", rank=rank), real[rank])
     assert real[0].total("optimizer_state") != real[1].total("optimizer_state")  # the ranks differ: rank matters
 
 
 @pytest.fixture(scope="module")
-def fsdp2_tiny_gpt2():
-    return run(f"{Path(__file__).with_name('zoo_for_tests.py')}:tiny_gpt2", "adam", "fsdp2")
+def fsdp2_tiny_gpt2(gpt2_spec):
+    return run(gpt2_spec, "adam", "fsdp2")
 
 
 def _shard_bytes(spec: str, ranks: int) -> tuple[int, int]:
@@ -302,6 +317,7 @@ def _setup_peak(record) -> int:
     return max(p.peak for p in record.phase_peaks if p.phase == "setup")
 
 
+@pytest.mark.slow
 def test_fsdp2_ranks_materialise_only_their_shards(fsdp2_tiny_gpt2, gpt2_spec):
     whole, shard = _shard_bytes(gpt2_spec, 2)
     for record in fsdp2_tiny_gpt2:
@@ -312,6 +328,7 @@ def test_fsdp2_ranks_materialise_only_their_shards(fsdp2_tiny_gpt2, gpt2_spec):
         assert any("built on the meta device" in n for n in record.notes)
 
 
+@pytest.mark.slow
 def test_simulated_fsdp2_peak_agrees_with_the_gloo_run_on_tiny_gpt2(fsdp2_tiny_gpt2, gpt2_spec):
     whole, shard = _shard_bytes(gpt2_spec, 2)
     for rank in (0, 1):

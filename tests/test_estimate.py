@@ -129,6 +129,7 @@ def test_fit_finds_the_largest_batch_that_fits_and_confirms_it(mlp_spec):
     assert probes[9] > need(at_8) and all(n <= need(at_8) for v, n in probes.items() if v <= 8)
 
 
+@pytest.mark.slow
 def test_several_optimizers_fit_in_forked_workers_as_they_would_in_turn(mlp_spec):
     # A fresh process that has not trained searches each optimizer in a forked worker; here, in turn.
     import json
@@ -140,7 +141,7 @@ def test_several_optimizers_fit_in_forked_workers_as_they_would_in_turn(mlp_spec
 
     if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("estimates fork workers only on Linux with two cores or more")
-    settings = dict(device="cpu", steps=2, memory="40KiB")
+    settings = dict(device="cpu", steps=2, memory="16KiB")  # batch 22 for SGD, 16 for Adam: 9 probes each
     script = (
         "import json\n"
         "from memprof import api\n"
@@ -198,6 +199,7 @@ def test_cuda_library_optimizers_estimate_with_their_documented_layout(name, exp
     assert not any(s.inferred for s in state) and {s.role for s in state} <= {"quant", "moment", "other"}
 
 
+@pytest.mark.slow
 def test_several_optimizers_estimate_in_forked_workers_as_they_would_in_turn(mlp_spec):
     # A fresh process that has not trained forks one worker per core; this process has trained (other tests),
     # so here they run in turn: both must give the same records.

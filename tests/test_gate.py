@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import pytest
 from cli_for_tests import invoke
+from records_for_tests import run_record
 
 from memprof import runfile
 from memprof.errors import UsageError
-from memprof.record import Peaks, Row, RunRecord
+from memprof.record import RunRecord
 from memprof.report import gate
 from memprof.runfile import to_csv, to_json
-from memprof.settings import Settings
 
 MOMENT = 160_000
 
 
 def record(spec: str = "adam", *, moment: int = MOMENT, device: str = "cpu", peak_extra: int = 0,
            status: str = "ok", batch_size: int = 2) -> RunRecord:
-    settings = Settings(model="tiny_mlp.py:build", optimizer=spec, spec=spec, device=device, batch_size=batch_size, steps=2)
-    rec = RunRecord(settings=settings, environment={"torch": "2.14.1", "memprof": "0.1.0"}, status=status)
-    if status != "ok":
-        rec.failure = "OOM in step (step 1)"
-        return rec
-    rec.breakdown = [Row("weights", "param", 80_000), Row("gradients", "grad", 80_000),
-                     Row("optimizer_state", "moment", moment), Row("optimizer_state", "other", 20),
-                     Row("inputs", "batch", 288), Row("activations", "saved", 5_000),
-                     Row("step_transient", "step", 60_000 + peak_extra, "allocator")]
-    rec.peak = [Row("weights", "param", 80_000, "allocator"), Row("optimizer_state", "moment", moment, "allocator"),
-                Row("step_transient", "step", 140_000 + peak_extra, "allocator")]
-    rec.peaks = Peaks(allocated=sum(r.bytes for r in rec.peak), phase="step", step=1)
-    return rec
+    rows = [("weights", "param", 80_000), ("gradients", "grad", 80_000), ("optimizer_state", "moment", moment),
+            ("optimizer_state", "other", 20), ("inputs", "batch", 288), ("activations", "saved", 5_000),
+            ("step_transient", "step", 60_000 + peak_extra, "allocator")]
+    peak = [("weights", "param", 80_000), ("optimizer_state", "moment", moment),
+            ("step_transient", "step", 140_000 + peak_extra)]
+    return run_record(spec, rows=rows, peak=peak, status=status, environment={"torch": "2.14.1", "memprof": "0.1.0"},
+                      model="tiny_mlp.py:build", device=device, batch_size=batch_size, steps=2)
 
 
 def write(path, *records: RunRecord):

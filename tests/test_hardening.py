@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 from cli_for_tests import invoke
+from records_for_tests import run_record
 
 import memprof
 from memprof import api, files, runfile
 from memprof.errors import UsageError
-from memprof.record import Peaks, Row, RunRecord
+from memprof.record import RunRecord
 from memprof.report import gate
 from memprof.runfile import to_csv, to_json
-from memprof.settings import Settings
 
 TESTS = Path(__file__).parent
 
@@ -40,15 +40,8 @@ def never_measure(monkeypatch):
 
 
 def record(spec: str = "adam", *, nbytes: int = 4096, status: str = "ok") -> RunRecord:
-    settings = Settings(model="gpt2", optimizer=spec, spec=spec, device="cpu", steps=1)
-    rec = RunRecord(settings=settings, environment={"memprof": "0.1.0"}, status=status)
-    if status == "ok":
-        rec.breakdown = [Row("weights", "param", nbytes), Row("optimizer_state", "moment", 2 * nbytes)]
-        rec.peak = [Row("weights", "param", nbytes, "allocator")]
-        rec.peaks = Peaks(allocated=nbytes)
-    else:
-        rec.failure = "OOM in step (step 1)"
-    return rec
+    return run_record(spec, rows=[("weights", "param", nbytes), ("optimizer_state", "moment", 2 * nbytes)],
+                      peak=[("weights", "param", nbytes)], status=status, steps=1)
 
 
 # -- code the user owns ----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def _child_folders(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if p.name.startswith(isolation.TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 def test_a_killed_parent_takes_its_child_and_the_next_run_removes_its_folder(mlp_spec, tmp_path, monkeypatch):
     parent, child, temp_root = _start_parent(API_PARENT, mlp_spec, tmp_path)
     assert _running(child) and len(_child_folders(temp_root)) == 1
@@ -86,6 +87,7 @@ def test_a_killed_parent_takes_its_child_and_the_next_run_removes_its_folder(mlp
     assert _child_folders(temp_root) == []
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_command_ends_the_child_and_its_folder_at_once(mlp_spec, tmp_path):
     parent, child, temp_root = _start_parent(CLI_PARENT, mlp_spec, tmp_path)
     parent.send_signal(signal.SIGTERM)

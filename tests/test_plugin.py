@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import records_for_tests  # noqa: F401  (the inner runs' records, imported here as the modules below are)
 
 # In-process pytester runs drop every module first imported during the run; import what the
 # inner runs use here, so that the modules later tests see stay the same objects.
@@ -19,18 +21,15 @@ else:  # pragma: no cover
 
 pytest_plugins = ["pytester"]
 
+TESTS = Path(__file__).parent
 RECORD = '''
 import pytest
-from memprof.record import Peaks, Row, RunRecord
-from memprof.settings import Settings
+from records_for_tests import run_record
 
 
 def record(state=20 * 2**20):
-    rec = RunRecord(settings=Settings(model="toy", optimizer="adam", spec="adam", device="cpu"), environment={})
-    rec.breakdown = [Row("weights", "param", 2**20), Row("optimizer_state", "moment", state)]
-    rec.peak = [Row("weights", "param", 2**20, "allocator"), Row("optimizer_state", "moment", state, "allocator")]
-    rec.peaks = Peaks(allocated=2**20 + state)
-    return rec
+    rows = [("weights", "param", 2**20), ("optimizer_state", "moment", state)]
+    return run_record("adam", rows=rows, peak=rows, model="toy", environment={})
 '''
 
 
@@ -38,6 +37,7 @@ def record(state=20 * 2**20):
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     """Run pytest on a test file with only this plugin loaded (no other installed plugin)."""
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
 
     def run_source(source: str, *args: str, subprocess: bool = False) -> pytest.RunResult:
         pytester.makepyfile(RECORD + source)
@@ -89,6 +89,7 @@ def test_own_failure_wins():
                                  "*unknown memprof budget 'max_state'*", "*the test's own failure*"])
 
 
+@pytest.mark.slow
 def test_fixture_measures_and_enforces_budgets(run, mlp_spec):
     # The zoo MLP: Adam keeps two fp32 moments of its 676 parameters (5408 bytes) and a 4-byte step per tensor.
     result = run(f'''

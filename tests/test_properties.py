@@ -21,6 +21,7 @@ import pytest
 from cli_for_tests import invoke
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from records_for_tests import run_record
 
 from memprof.errors import UsageError
 from memprof.optim.registry import registry
@@ -46,9 +47,8 @@ def ok_or_one_line(result, *codes: int) -> None:
 
 def stub_record(settings: Settings) -> RunRecord:
     """What the runner would return, without measuring."""
-    rows = [Row("weights", "param", 64), Row("optimizer_state", "moment", 128)]
-    return RunRecord(settings=settings, environment={}, breakdown=rows, peak=[Row("weights", "param", 64, "allocator")],
-                     peaks=Peaks(allocated=64))
+    return run_record(settings=settings, rows=[("weights", "param", 64), ("optimizer_state", "moment", 128)],
+                      peak=[("weights", "param", 64)], environment={})
 
 
 @contextlib.contextmanager
@@ -223,8 +223,7 @@ def base_records() -> list[RunRecord]:
                            categories={"weights": [64, 64, 64], "optimizer_state": [0, 128, 64]},
                            marks=[{"time": 0.0, "phase": "forward", "step": 1}, {"time": 1.0, "phase": "step", "step": 1}])
     ok.telemetry = [{"rank/0.weight": 2.0}]
-    failed = RunRecord(settings=Settings(model="gpt2", optimizer="sgd", spec="sgd", device="cpu", steps=2),
-                       environment={"memprof": "0.1.0"}, status="oom", failure="OOM in step (step 1)")
+    failed = run_record("sgd", status="oom", steps=2)
     return [ok, failed]
 
 

@@ -12,12 +12,12 @@ import subprocess
 
 import pytest
 from cli_for_tests import invoke
+from records_for_tests import run_record
 
 from memprof import runfile
-from memprof.record import ParameterState, Peaks, Row, RunRecord, Timeline
+from memprof.record import ParameterState, RunRecord, Timeline
 from memprof.report import latex, markdown, plot
 from memprof.runfile import CSV_COLUMNS, provenance, to_csv, to_json
-from memprof.settings import Settings
 
 ENV = {"memprof": "0.1.0", "torch": "2.14.1", "cuda": "13.0", "python": "3.11.7", "platform": "Linux",
        "gpu": "NVIDIA H100 80GB HBM3", "driver": "580.65"}
@@ -27,18 +27,16 @@ MIB = 2**20
 def make_record(spec: str, state: dict[str, int], *, model: str = "tiny_net&co", status: str = "ok",
                 device: str = "cuda") -> RunRecord:
     """A record shaped like the runner's: breakdown, peak composition, per-parameter state, timeline."""
-    settings = Settings(model=model, optimizer=spec.split(":")[0], spec=spec, device=device, batch_size=4, steps=2)
-    record = RunRecord(settings=settings, environment=dict(ENV), status=status)
+    persistent = [("weights", "param", 8 * MIB), ("buffers", "buffer", 0), ("gradients", "grad", 8 * MIB),
+                  *(("optimizer_state", k, v) for k, v in state.items()), ("inputs", "batch", MIB // 4)]
+    record = run_record(spec, rows=[*persistent, ("activations", "saved", 3 * MIB),
+                                    ("temporaries", "forward", MIB, "allocator"),
+                                    ("step_transient", "step", 2 * MIB, "allocator")],
+                        peak=[*(row for row in persistent if row[2]), ("step_transient", "step", 2 * MIB)],
+                        status=status, failure="OOM in backward (step 2)", environment=ENV, model=model, device=device,
+                        batch_size=4, steps=2)
     if status != "ok":
-        record.failure = "OOM in backward (step 2)"
         return record
-    persistent = [Row("weights", "param", 8 * MIB), Row("buffers", "buffer", 0), Row("gradients", "grad", 8 * MIB),
-                  *(Row("optimizer_state", k, v) for k, v in state.items()), Row("inputs", "batch", MIB // 4)]
-    record.breakdown = [*persistent, Row("activations", "saved", 3 * MIB),
-                        Row("temporaries", "forward", MIB, "allocator"), Row("step_transient", "step", 2 * MIB, "allocator")]
-    record.peak = [Row(r.category, r.component, r.bytes, "allocator") for r in persistent if r.bytes]
-    record.peak.append(Row("step_transient", "step", 2 * MIB, "allocator"))
-    record.peaks = Peaks(allocated=sum(r.bytes for r in record.peak), phase="step", step=1)
     total_state = sum(state.values())
     record.parameters = [
         ParameterState("transformer.h.0.mlp.c_fc.weight", (512, 2048), "float32", 4 * MIB, total_state * 3 // 4,

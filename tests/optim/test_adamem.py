@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from training_for_tests import train
 
 from memprof.optim.adamem import AdaMeM
 from memprof.optim.registry import build_optimizer, parse_spec
@@ -202,14 +203,7 @@ def _train(make_opt, steps: int = 100) -> tuple[float, float]:
         y = teacher(x)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))  # 227 params
-    opt = make_opt(model.parameters())
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, make_opt(model.parameters()), (x, y), steps)
     return losses[0], losses[-1]
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from training_for_tests import train
 
 from memprof.optim.adapprox import Adapprox
 from memprof.optim.registry import build_optimizer, parse_spec
@@ -373,7 +374,7 @@ def test_generator_state_survives_a_load_and_save_before_any_step():
 # ---------------------------------------------------------------- (3) training vs Adam
 
 
-def train(opt_factory, steps=100):
+def regression(opt_factory, steps=100):
     torch.manual_seed(0)
     x = torch.randn(64, 10)
     teacher = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -381,20 +382,12 @@ def train(opt_factory, steps=100):
         y = teacher(x)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 3))  # 339 parameters
-    opt = opt_factory(model.parameters())
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train(model, opt_factory(model.parameters()), (x, y), steps)
 
 
 def test_loss_falls_like_adam():
-    adam = train(lambda p: torch.optim.Adam(p, lr=1e-2))
-    ours = train(lambda p: Adapprox(p, lr=1e-2, weight_decay=0.0))
+    adam = regression(lambda p: torch.optim.Adam(p, lr=1e-2))
+    ours = regression(lambda p: Adapprox(p, lr=1e-2, weight_decay=0.0))
     assert adam[-1] < adam[0] / 10
     assert ours[-1] < ours[0] / 10
     assert ours[-1] < 3 * adam[-1]

@@ -6,21 +6,13 @@ import math
 
 import pytest
 import torch
+from training_for_tests import train
 
 from memprof.optim.alada import Alada
 from memprof.optim.protocol import gradient_component, scale_loss
 from memprof.optim.registry import build_optimizer, parse_spec
 
 SHAPES = [(13,), (7,), (4, 3, 3, 3), (50, 16)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU (30x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def paper_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -243,25 +235,18 @@ def test_channels_last_bf16_and_closure() -> None:
     assert not torch.equal(dense.detach(), w)
 
 
-def _train(make_opt, alada: bool, steps: int = 100) -> tuple[float, float]:
+def _train(make_opt, steps: int = 100) -> tuple[float, float]:
     torch.manual_seed(0)
     x = torch.randn(128, 8)
     y = torch.sin(x @ torch.randn(8, 1)) + 0.5 * x[:, :1]
     model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 1))
-    opt = make_opt(model.parameters())
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        (scale_loss(opt, loss) if alada else loss).backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, make_opt(model.parameters()), (x, y), steps)  # Alada's loss scaled, as the runner does
     return losses[0], losses[-1]
 
 
 def test_trains_like_adam() -> None:
-    a0, a_end = _train(lambda ps: Alada(ps, lr=1e-2), alada=True)
-    d0, d_end = _train(lambda ps: torch.optim.Adam(ps, lr=1e-2), alada=False)
+    a0, a_end = _train(lambda ps: Alada(ps, lr=1e-2))
+    d0, d_end = _train(lambda ps: torch.optim.Adam(ps, lr=1e-2))
     assert a_end < a0 / 5 and d_end < d0 / 5, (a0, a_end, d0, d_end)
     assert a_end < 3 * d_end, (a_end, d_end)
 

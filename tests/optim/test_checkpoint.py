@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import pytest
 import torch
 from torch import nn
+from training_for_tests import train
 
 from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
@@ -22,15 +24,6 @@ SPECS = {
     "io_adam": "io_adam:weight_decay=0.01:buffer_size=2",
 }
 STEPS = 3  # before the checkpoint, and again after it
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):
@@ -54,26 +47,21 @@ def build(name: str, dtype: torch.dtype, seed: int) -> tuple[nn.Module, torch.op
     return model, build_optimizer(parse_spec(SPECS[name]), model)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
-    """The runner's loop (memprof.optim.protocol), on a fixed batch per step index."""
-    dtype = next(model.parameters()).dtype
-    for step in steps:
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(4, 12, generator=g).to(dtype), torch.randn(4, 5, generator=g).to(dtype)
-        optimizer.zero_grad()
-        loss = protocol.scale_loss(optimizer, (model(x) - y).float().pow(2).mean())
-        loss.backward()
-        optimizer.step()
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch per step index."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(4, 12, generator=g).to(dtype), torch.randn(4, 5, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_resume_from_saved_state_dicts_is_bit_identical(name: str, dtype: torch.dtype) -> None:
+    batches = functools.partial(batch, dtype=dtype)
     reference, reference_opt = build(name, dtype, seed=0)
-    train(reference, reference_opt, range(2 * STEPS))
+    train(reference, reference_opt, batches, range(2 * STEPS))
 
     model, optimizer = build(name, dtype, seed=0)
-    train(model, optimizer, range(STEPS))
+    train(model, optimizer, batches, range(STEPS))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     protocol.release(optimizer)
@@ -83,7 +71,7 @@ def test_resume_from_saved_state_dicts_is_bit_identical(name: str, dtype: torch.
     resumed, resumed_opt = build(name, dtype, seed=1)  # a different init: the load must overwrite it
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt.load_state_dict(checkpoint["optimizer"])
-    train(resumed, resumed_opt, range(STEPS, 2 * STEPS))
+    train(resumed, resumed_opt, batches, range(STEPS, 2 * STEPS))
     for (param_name, expected), actual in zip(reference.named_parameters(), resumed.parameters()):
         assert torch.equal(actual, expected), param_name
     assert_same(resumed_opt.state_dict(), reference_opt.state_dict())

@@ -7,18 +7,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from training_for_tests import train
 
 from memprof.optim.io_adam import IOAdam
 from memprof.optim.registry import build_optimizer, parse_spec
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Mixed(nn.Module):
@@ -226,16 +218,7 @@ def test_loss_falls_like_adam():
     for name, make in (("adam", lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)),
                        ("io_adam", lambda m: IOAdam(m, lr=3e-2))):
         model = copy.deepcopy(student)
-        opt = make(model)
-        history = []
-        for _ in range(100):
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                return loss
-            history.append(opt.step(closure).item())
-        losses[name] = history
+        losses[name] = train(model, make(model), (x, y), 100, closure=True)
     for name, history in losses.items():
         assert history[-1] < history[0] / 10, (name, history[0], history[-1])
     assert 0.2 < losses["io_adam"][-1] / losses["adam"][-1] < 5, losses
@@ -472,10 +455,7 @@ def step_ops(depth: int, **kwargs) -> int:
     model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(depth)))
     opt = IOAdam(model, **kwargs)
     x = torch.randn(4, 8)
-    for _ in range(2):
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
+    train(model, opt, (x, torch.zeros(4, 8)), 2)
     opt.zero_grad()
     model(x).square().mean().backward()
     views = {"aten::numpy_T", "aten::t", "aten::transpose", "aten::view", "aten::expand", "aten::as_strided"}

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from training_for_tests import train
 
 from memprof.optim import smmf as smmf_module
 from memprof.optim.registry import build_optimizer, parse_spec
@@ -261,18 +262,7 @@ def _train(make_opt, steps=100):
     y = teacher(x).detach()
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 1))  # 241 params
-    opt = make_opt(model.parameters())
-    losses = []
-    for _ in range(steps):
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        losses.append(float(opt.step(closure).detach()))
-    return losses
+    return train(model, make_opt(model.parameters()), (x, y), steps, closure=True)
 
 
 def test_loss_falls_like_adam():
@@ -288,11 +278,7 @@ def test_bf16_params_train_and_state_dict_keeps_fp32_factors():
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 4).to(torch.bfloat16)
     opt = SMMF(model.parameters(), lr=1e-2, implementation="torch")
-    x = torch.randn(32, 16, dtype=torch.bfloat16)
-    for _ in range(3):
-        opt.zero_grad()
-        model(x).float().pow(2).mean().backward()
-        opt.step()
+    train(model, opt, (torch.randn(32, 16, dtype=torch.bfloat16), torch.zeros(32, 4)), 3)
     state = opt.state[model.weight]
     assert state["row_m"].dtype == torch.float32 and torch.isfinite(model.weight).all()
     clone = SMMF(model.parameters(), lr=1e-2, implementation="torch")
