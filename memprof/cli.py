@@ -1,7 +1,8 @@
 """The memprof command line: parse, call the API, render. Heavy imports happen inside commands.
 
 Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate regression,
-2 bad input, 3 a measurement failed (its row is still written).
+2 bad input, 3 a measurement failed (its row is still written); a signal that stops the run gives
+``128 + signum``: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
+from memprof.errors import GateRegression, MeasurementFailed, MemprofError, Terminated, UsageError
 from memprof.gpus import DEFAULT_GPU
 from memprof.report.formats import FORMATS, View, listed
 
@@ -525,10 +526,11 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM ends the command like Ctrl-C does, through every ``finally`` (a measuring child is
-    killed, a temporary file removed), with exit code 143."""
+    """SIGTERM ends the whole command like Ctrl-C does, through every ``finally`` (a measuring child is
+    killed, a temporary file removed), with exit code 143: it raises ``Terminated``, which no handler that
+    makes a crash an optimizer's row catches (a ``sys.exit`` in a user's step stays that row)."""
     def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)
@@ -558,8 +560,10 @@ def _run(args: list[str]) -> int:
         hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
         _print_error(f"{exc.format_message().rstrip('.')}{hint}")
         return exc.exit_code
-    except typer.Abort:
-        return 130
+    except typer.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        return 128 + signal.SIGINT
+    except Terminated as exc:  # SIGTERM
+        return 128 + exc.signum
     except MemprofError as exc:
         code = exit_code(exc)
         if code is None or os.environ.get("MEMPROF_DEBUG"):

@@ -61,6 +61,9 @@ def _main(settings_path: str, out_dir: str) -> int:
     from memprof import runfile
     from memprof.files import write_atomic
 
+    from memprof.measure.isolation import die_with_parent
+
+    die_with_parent(os.getppid())  # the launcher: killed, it cannot stop this rank itself
     rank = int(os.environ["RANK"])
     out = Path(out_dir)
     write_atomic(out / f"rank{rank}.pid", str(os.getpid()))
