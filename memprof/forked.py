@@ -17,6 +17,7 @@ import signal
 from typing import Any, Callable
 
 from memprof.errors import describe
+from memprof.measure.isolation import die_with_parent
 
 
 class WorkerDied(Exception):
@@ -115,8 +116,6 @@ class ForkedJobs:
 
 def _run_job(call: Callable[[], Any], writer: Any, parent: int) -> None:
     """In the forked process: run the job and send what it returned or raised."""
-    from memprof.measure.isolation import die_with_parent
-
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -32,6 +32,8 @@ TEMP_PREFIX = "memprof-child-"
 FOLDER_PREFIXES = (TEMP_PREFIX, "memprof-ranks-")
 """The temporary folders memprof makes, each named ``<prefix><pid of the process that made it>-…``."""
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+"""Looked up on import, in the parent: a child forked without ``exec`` then only calls it (no loader lock)."""
 
 
 def measure_in_child(settings: Settings) -> RunRecord:
@@ -64,10 +66,10 @@ def measure_in_child(settings: Settings) -> RunRecord:
 
 
 def die_with_parent(parent: int) -> None:
-    """In the child: have the kernel send SIGKILL when ``parent`` dies (Linux), and exit at once
-    if it already has."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """In the child: have the kernel send SIGKILL when ``parent`` dies (Linux; strictly, when the thread
+    of ``parent`` that started this child ends), and exit at once if it already has."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
