@@ -2,7 +2,8 @@
 
 Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate regression,
 2 bad input, 3 a measurement failed (its row is still written), 4 measured but the outputs could
-not be written (none was changed).
+not be written (none was changed); a signal that stops the run gives ``128 + signum``: 130 Ctrl-C
+(SIGINT), 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memprof.errors import GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, UsageError
+from memprof.errors import GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, Terminated, UsageError
 from memprof.gpus import DEFAULT_GPU
 from memprof.report.formats import FORMATS, View, listed
 
@@ -534,10 +535,11 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM ends the command like Ctrl-C does, through every ``finally`` (a measuring child is
-    killed, a temporary file removed), with exit code 143."""
+    """SIGTERM ends the whole command like Ctrl-C does, through every ``finally`` (a measuring child is
+    killed, a temporary file removed), with exit code 143: it raises ``Terminated``, which no handler that
+    makes a crash an optimizer's row catches (a ``sys.exit`` in a user's step stays that row)."""
     def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)
@@ -567,8 +569,10 @@ def _run(args: list[str]) -> int:
         hint = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
         _print_error(f"{exc.format_message().rstrip('.')}{hint}")
         return exc.exit_code
-    except typer.Abort:
-        return 130
+    except typer.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        return 128 + signal.SIGINT
+    except Terminated as exc:  # SIGTERM
+        return 128 + exc.signum
     except MemprofError as exc:
         code = exit_code(exc)
         if code is None or os.environ.get("MEMPROF_DEBUG"):

@@ -27,6 +27,16 @@ class OutputsNotWritten(MemprofError):
     none of the command's output files was changed."""
 
 
+class Terminated(BaseException):
+    """The command line was told to stop by a signal (SIGTERM): the whole run ends, not one optimizer's row.
+    A ``BaseException`` beside ``KeyboardInterrupt`` (Ctrl-C), so that no handler that turns a crash into a
+    row catches it; the command line exits with ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
     """A short 'did you mean' phrase naming the closest valid choices."""
     import difflib

@@ -273,9 +273,10 @@ def _estimating_in_parallel(runs: list[Settings], distributed: bool) -> Iterator
 
 @contextlib.contextmanager
 def forked_pool(wanted: bool, jobs: int) -> Iterator[Any]:
-    """A pool of forked processes, one per CPU core, for independent estimates (an estimate allocates
-    nothing and shares nothing with another); None where not ``wanted``, on one core, on a system
-    without ``fork``, or where this process has trained."""
+    """Forked processes, as many at once as CPU cores, for independent estimates (an estimate allocates
+    nothing and shares nothing with another; ``memprof.forked``); None where not ``wanted``, on one core, on
+    a system without ``fork``, or where this process has trained. Leaving it (done, or stopped by a signal
+    or an error) kills every process still running."""
     from memprof.measure import runner  # imported once here, inherited by every worker
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -283,17 +284,19 @@ def forked_pool(wanted: bool, jobs: int) -> Iterator[Any]:
     if not wanted or cores < 2 or sys.platform != "linux" or runner.trained_here:
         yield None
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from memprof.forked import ForkedJobs
 
-    with ProcessPoolExecutor(min(cores, jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+    pool = ForkedJobs(min(cores, jobs))
+    try:
         yield pool
+    finally:
+        pool.close()
 
 
 class _ForkedEstimates:
     """Estimates measured by a pool of forked workers: each of a deep model's probes is a job of its own
     (``depth.first_measurements``, all started ahead, so the workers stay evenly busy); a distributed run is
-    one job. A worker that died gives a failed row."""
+    one job. A job whose process died gives a failed row; the others are not touched."""
 
     def __init__(self, pool, distributed: bool) -> None:
         self.pool, self.distributed = pool, distributed
@@ -306,7 +309,8 @@ class _ForkedEstimates:
             self.futures[settings] = self.pool.submit(_records_of, settings, False, True)
         elif _refused(settings) is None:
             for measured in depth.first_measurements(settings):
-                self.futures.setdefault(measured, self.pool.submit(_run_here, measured))
+                if measured not in self.futures:
+                    self.futures[measured] = self.pool.submit(_run_here, measured)
 
     def records(self, settings: Settings) -> list[RunRecord]:
         if self.distributed:
@@ -328,14 +332,14 @@ class _ForkedEstimates:
 def from_worker(future, *, here: Callable[[], Any], died: Callable[[str], Any],
                 records: Callable[[Any], list[RunRecord]] | None = None) -> Any:
     """A forked job's result (a record, a list of them, or what ``records`` reads them from); ``died(why)``
-    where its worker died, ``here()`` where the job met this process's autograd threads (the user ran a
+    where its process died, ``here()`` where the job met this process's autograd threads (the user ran a
     backward pass here)."""
-    from concurrent.futures.process import BrokenProcessPool
+    from memprof.forked import WorkerDied
 
     try:
         result = future.result()
-    except BrokenProcessPool as exc:
-        return died(f"the estimating process died ({exc})")
+    except WorkerDied as exc:
+        return died(str(exc))
     measured = records(result) if records else result if isinstance(result, list) else [result]
     if any("Autograd-and-Fork" in (r.failure or "") for r in measured):
         return here()  # the user's own: estimate it here

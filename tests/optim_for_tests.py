@@ -20,3 +20,16 @@ class ExitingSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         raise SystemExit(4)
+
+
+class NappingSGD(torch.optim.SGD):
+    """SGD that, in step(), leaves a file named ``<pid>-<nap>`` in $MEMPROF_TEST_PIDDIR and sleeps ``nap`` seconds."""
+
+    def __init__(self, params, lr=0.01, nap=0.0):
+        super().__init__(params, lr=lr)
+        self.nap = nap
+
+    def step(self, closure=None):
+        Path(os.environ["MEMPROF_TEST_PIDDIR"], f"{os.getpid()}-{self.nap:g}").touch()
+        time.sleep(self.nap)
+        return super().step(closure)

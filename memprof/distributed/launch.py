@@ -6,6 +6,11 @@ gathers every rank's record; otherwise it runs ``python -m torch.distributed.run
 ``--nproc`` ranks of ``memprof.distributed.worker`` (gloo on CPU, NCCL on CUDA, one GPU per rank), one
 launch per optimizer, as CUDA measurements each get their own process. An estimate simulates the one
 rank it asks for in this process instead (``memprof.distributed.simulate``).
+
+Nothing outlives this process: the launcher is started through this module's ``__main__``, which has the
+kernel kill it when this process dies (``PR_SET_PDEATHSIG``, even at SIGKILL), and each rank has the same
+done for the launcher's death (``memprof.distributed.worker``). The ranks' folder is ``memprof-ranks-<pid>-…``;
+one a killed run left is removed by the next run (``memprof.measure.isolation.owned_folder``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,10 +103,12 @@ def _gather(record: RunRecord) -> list[RunRecord]:
 
 def launch(settings: Settings) -> list[RunRecord]:
     """Run ``settings.nproc`` ranks under ``torch.distributed.run`` on this machine and merge their records."""
-    with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
+    from memprof.measure.isolation import owned_folder
+
+    with owned_folder("memprof-ranks-") as tmp:
         out = Path(tmp)
         write_atomic(out / "settings.json", json.dumps(asdict(settings)))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        command = [sys.executable, "-m", "memprof.distributed.launch", str(os.getpid()), "--standalone",
                    f"--nproc-per-node={settings.nproc}", "--max-restarts=0", f"--log-dir={out / 'logs'}",
                    "--redirects=3", "-m", "memprof.distributed.worker", str(out / "settings.json"), str(out)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -164,6 +171,16 @@ def _stop(launcher: subprocess.Popen, out: Path, nproc: int) -> None:
                 pass
 
 
+def _run_launcher(parent: str, *arguments: str) -> None:
+    """``torch.distributed.run`` with ``arguments``, in a process that dies with ``parent`` (this module's
+    ``__main__``: ``launch`` starts it so)."""
+    from memprof.measure.isolation import die_with_parent
+
+    die_with_parent(int(parent))
+    sys.argv = [sys.argv[0], *arguments]
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+
+
 def _is_our_worker(pid: int, out: Path) -> bool:
     """Whether ``pid`` is still a rank of this run (its command line names this run's folder)."""
     try:
@@ -174,3 +191,7 @@ def _is_our_worker(pid: int, out: Path) -> bool:
         except OSError:
             return False
         return not Path("/proc").exists()  # no /proc (macOS): alive is all we can tell
+
+
+if __name__ == "__main__":
+    _run_launcher(*sys.argv[1:])

@@ -60,7 +60,9 @@ def _main(settings_path: str, out_dir: str) -> int:
     """Measure this rank and write its record; 0 once the record is written (it may say failed)."""
     from memprof import runfile
     from memprof.files import write_atomic
+    from memprof.measure.isolation import die_with_parent
 
+    die_with_parent(os.getppid())  # the launcher: killed, it cannot stop this rank itself
     rank = int(os.environ["RANK"])
     out = Path(out_dir)
     write_atomic(out / f"rank{rank}.pid", str(os.getpid()))

@@ -4,8 +4,9 @@ cuBLAS workspace or OOM touch another's. A crashed child becomes a failed record
 A child never outlives its parent: on Linux its first act is ``PR_SET_PDEATHSIG`` (the kernel
 kills it when the parent dies, even by SIGKILL), and a parent that stops waiting for any other
 reason (Ctrl-C, SIGTERM through the command line's handler, an exception) kills it first. Each
-child's temporary folder is ``memprof-child-<parent pid>-*`` in the system temporary folder; one
-whose parent no longer runs (it was killed before it could clean up) is removed by the next run.
+child's temporary folder is ``memprof-child-<parent pid>-*`` in the system temporary folder (a
+distributed run's, ``memprof-ranks-<pid>-*``: ``owned_folder``); one whose process no longer runs
+(it was killed before it could clean up) is removed by the next run.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from memprof.record import RunRecord
 from memprof.settings import Settings
 
 TEMP_PREFIX = "memprof-child-"
+FOLDER_PREFIXES = (TEMP_PREFIX, "memprof-ranks-")
+"""The temporary folders memprof makes, each named ``<prefix><pid of the process that made it>-…``."""
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+"""Looked up on import, in the parent: a child forked without ``exec`` then only calls it (no loader lock)."""
 
 
 def measure_in_child(settings: Settings) -> RunRecord:
     """Run ``memprof.measure.runner.measure`` in a fresh interpreter and read its record back."""
-    remove_orphaned_folders()
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
+    with owned_folder(TEMP_PREFIX) as tmp:
         settings_path, record_path = Path(tmp, "settings.json"), Path(tmp, "record.json")
         settings_path.write_text(json.dumps(asdict(settings)))
         proc = subprocess.Popen(
@@ -62,17 +66,24 @@ def measure_in_child(settings: Settings) -> RunRecord:
 
 
 def die_with_parent(parent: int) -> None:
-    """In the child: have the kernel send SIGKILL when ``parent`` dies (Linux), and exit at once
-    if it already has."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """In the child: have the kernel send SIGKILL when ``parent`` dies (Linux; strictly, when the thread
+    of ``parent`` that started this child ends), and exit at once if it already has."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
 
+def owned_folder(prefix: str) -> tempfile.TemporaryDirectory:
+    """A new temporary folder ``<prefix><this pid>-…`` (a ``FOLDER_PREFIXES`` one), once every folder a
+    killed run left is removed."""
+    remove_orphaned_folders()
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+
+
 def remove_orphaned_folders() -> None:
-    """Remove this user's ``memprof-child-<pid>-*`` temporary folders whose process no longer runs."""
-    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(\d+)-.+")
+    """Remove this user's ``FOLDER_PREFIXES`` temporary folders whose process no longer runs."""
+    pattern = re.compile(rf"(?:{'|'.join(map(re.escape, FOLDER_PREFIXES))})(\d+)-.+")
     root = Path(tempfile.gettempdir())
     try:
         entries = list(root.iterdir())
