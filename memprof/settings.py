@@ -140,8 +140,9 @@ class Settings:
         adds its block count: ``memprof.measure.depth.Probe``)."""
         from memprof.models.base import ModelOptions
 
-        names = {f.name for f in dataclasses.fields(Settings)}
-        return ModelOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions) if f.name in names})
+        settings = {f.name for f in dataclasses.fields(Settings)}
+        shared = [f.name for f in dataclasses.fields(ModelOptions) if f.name in settings]
+        return ModelOptions(**{name: getattr(self, name) for name in shared})
 
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:

@@ -36,10 +36,10 @@ class Strategy:
     builds_on_meta = False
     """Whether the runner builds the model's parameters and buffers on the meta device (no memory) and
     ``prepare`` materialises what this rank holds; else the model is built whole on the device."""
-    shares_by_depth: str | None = None
-    """Why this rank's share of the parameters depends on the model's depth other than block by block (a rule
-    over all of them decides it), where it does: a deep model's estimate is then made op by op, not
-    extrapolated from shallow probes (``memprof.measure.depth``)."""
+    whole_model_rule: str | None = None
+    """What a rule over all the parameters decides of this rank's share, where one does: its figures then change
+    with the depth other than block by block, and a deep model's estimate is made op by op, not extrapolated
+    from shallow probes (``memprof.measure.depth``)."""
 
     def watch(self, capture: "Capture") -> ContextManager:
         """Entered around the capture (the model is built inside it)."""
@@ -217,8 +217,8 @@ class Zero1(DDP):
     broadcasts them."""
 
     name = "zero1"
-    shares_by_depth = ("ZeroRedundancyOptimizer assigns whole parameters to ranks greedily by size, so which "
-                       "blocks a rank holds state for changes with the depth")
+    whole_model_rule = ("ZeroRedundancyOptimizer assigns whole parameters to ranks greedily by size, so which "
+                        "blocks a rank holds state for changes with the depth")
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
         from torch.distributed.optim import ZeroRedundancyOptimizer

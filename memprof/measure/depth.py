@@ -17,13 +17,16 @@ A peak can also move within a phase as the model deepens (two points whose bytes
 rates per block cross beyond the probes' depth). Each probe therefore marks where its blocks start and
 end (``Capture.watch_blocks``) and records every phase's peak before the blocks, in the first and the
 last block, and after them; these are extrapolated too, and one that outgrows its phase's extrapolated
-peak sends the model to the op-by-op estimate. Unseen still: such a crossing between two points of one
-block.
+peak sends the model to the op-by-op estimate, as does a phase's start or end that outgrows it (GaLore's
+step peaks early, at the embeddings' update, at 1-3 blocks of a small LLaMA, and at its end at 8). Unseen
+still: such a crossing between two points of one block, or between two points of an optimizer's step
+other than its end (the step's blocks are not followed).
 
-What the probes cannot show is never extrapolated. A strategy whose share of the parameters per rank
-is decided by a rule over all of them (ZeroRedundancyOptimizer's greedy partition) says so
-(``Strategy.shares_by_depth``): a rank that holds no block's parameters at the probes may hold some at
-the model's depth, so its figures look affine and are not; such a model is estimated op by op. A config's
+What the probes cannot show is never extrapolated. A strategy or an optimizer class that decides something
+by a rule over all the parameters says so in its ``whole_model_rule``: ZeroRedundancyOptimizer's greedy
+partition (a rank that holds no block's parameters at the probes may hold some at the model's depth),
+AdaMeM's and Adapprox's batches of up to the largest matrix's elements (fuller at the model's depth than
+at the probes). Their figures look affine at the probes and are not; such a model is estimated op by op. A config's
 per-layer lists (``layer_types``: one value per block) are cut to the probe's blocks, and the record
 gets the model's lists; a set of probes serves only where every block beyond them is of a kind (its
 values in those lists) that the blocks the probes added were, so that the per-block step measured it.
@@ -140,13 +143,11 @@ def _per_layer(settings: Settings) -> dict[str, list]:
 def _probe_sets(settings: Settings, depth: int,
                 per_layer: dict[str, list]) -> Iterator[tuple[tuple[int, ...], str | None]]:
     """The sets of probes ``estimate`` tries in turn, each with why it cannot serve (None: it may): the
-    strategy decides each rank's share over all the parameters, or a block beyond the probes is of a kind
-    (its values in the per-layer lists) that no block they added is."""
-    from memprof.distributed.strategy import STRATEGIES
-
-    strategy = STRATEGIES.get(settings.parallel)
-    if strategy is not None and strategy.shares_by_depth:
-        yield (), f"--parallel {settings.parallel}: {strategy.shares_by_depth}"
+    strategy or the optimizer decides something over all the parameters, or a block beyond the probes is of
+    a kind (its values in the per-layer lists) that no block they added is."""
+    rule = _whole_model_rule(settings)
+    if rule:
+        yield (), rule
         return
     kinds = list(zip(*per_layer.values()))  # each block's values in the per-layer lists
     for probed in PROBES:
@@ -156,6 +157,21 @@ def _probe_sets(settings: Settings, depth: int,
             f"probes of {', '.join(map(str, probed))} blocks: block {beyond} has "
             + ", ".join(f"{name} {values[beyond]!r}" for name, values in per_layer.items())
             + ", which no block they added has")
+
+
+def _whole_model_rule(settings: Settings) -> str | None:
+    """What a rule over all the parameters decides for this run, where one does: the strategy's share of each
+    rank or the optimizer's batches (their ``whole_model_rule``; a CUDA-only optimizer is estimated from
+    its documented layout, which has none)."""
+    from memprof.distributed.strategy import STRATEGIES
+    from memprof.optim.registry import parse_spec
+
+    strategy = STRATEGIES.get(settings.parallel)
+    if strategy is not None and strategy.whole_model_rule:
+        return f"--parallel {settings.parallel}: {strategy.whole_model_rule}"
+    spec = parse_spec(settings.spec)
+    rule = getattr(spec.entry.load(), "whole_model_rule", None) if spec.entry.requires is None else None
+    return f"{spec.name}: {rule}" if rule else None
 
 
 def _measured_nothing(record: RunRecord) -> bool:
@@ -195,12 +211,15 @@ def _give_model_lists(model_config: dict, per_layer: dict[str, list], blocks: in
 
 
 def _check_blocks(deepest: RunRecord, record: RunRecord, depth: int) -> None:
-    """Every phase's peak at ``depth`` must be the extrapolated one: no point before, in or after the blocks
-    may outgrow it (the peak of a middle block lies between the first's and the last's)."""
+    """Every phase's peak at ``depth`` must be the extrapolated one: no point followed in it may outgrow it,
+    before, in or after the blocks (the peak of a middle block lies between the first's and the last's), nor
+    its start or end (an optimizer's step, whose blocks are not followed, may peak early at the probes and at
+    its end at full depth)."""
     if deepest.phase_peaks and not any(p.blocks for p in deepest.phase_peaks):
         raise NotAffine("no one module list holds the blocks, so the peaks within phases cannot be followed")
     for phase in record.phase_peaks:
-        where, most = max(phase.blocks.items(), key=lambda item: item[1], default=("", 0))
+        points = {**phase.blocks, "at its start": phase.start, "at its end": phase.end}
+        where, most = max(points.items(), key=lambda item: item[1])
         if most > phase.peak:
             raise NotAffine(f"{phase.phase} (step {phase.step}) peaks {where} at {depth} blocks, not where it "
                             "peaked at the probes")
@@ -290,9 +309,12 @@ def _parameters(tables: list[list[dict]], probed: Sequence[int], depth: int) -> 
             blocks.setdefault(int(match[1]), []).append({**row, "name": match[2]})
     if any(rows != blocks[0] for rows in blocks.values()):
         raise NotAffine(f"the blocks under {prefix} hold different parameters or state")
-    # State created in backward (IO-Adam's hooks) lists the blocks last to first.
-    order = [int(m[1]) for m in map(pattern.match, (r["name"] for r in deepest)) if m and m[2] == blocks[0][0]["name"]]
-    sign = -1 if order != sorted(order) else 1
+    # State created in backward (IO-Adam's hooks) lists the blocks last to first: each row of a block in the
+    # order its copies have in the deepest probe.
+    order: dict[str, list[int]] = {}
+    for match in filter(None, map(pattern.match, (r["name"] for r in deepest))):
+        order.setdefault(match[2], []).append(int(match[1]))
+    sign = {name: 1 if seen == sorted(seen) else -1 for name, seen in order.items()}
     keyed = []
     for index, row in enumerate(deepest):
         match = pattern.match(row["name"])
@@ -300,7 +322,7 @@ def _parameters(tables: list[list[dict]], probed: Sequence[int], depth: int) -> 
             after = any(pattern.match(r["name"]) and r["state_bytes"] == row["state_bytes"] for r in deepest[:index])
             keyed.append(((-row["state_bytes"], 2 if after else 0, 0, index), row))
         elif match[1] == "0":
-            keyed += [((-row["state_bytes"], 1, sign * b, index), {**row, "name": f"{prefix}.{b}.{match[2]}"})
+            keyed += [((-row["state_bytes"], 1, sign[match[2]] * b, index), {**row, "name": f"{prefix}.{b}.{match[2]}"})
                       for b in range(depth)]
     return [row for _, row in sorted(keyed, key=lambda item: item[0])]
 
