@@ -24,13 +24,14 @@ other than its end (the step's blocks are not followed).
 
 What the probes cannot show is never extrapolated. A strategy or an optimizer class that decides something
 by a rule over all the parameters says so in its ``whole_model_rule``: ZeroRedundancyOptimizer's greedy
-partition (a rank that holds no block's parameters at the probes may hold some at the model's depth),
-AdaMeM's and Adapprox's batches of up to the largest matrix's elements (fuller at the model's depth than
-at the probes). Their figures look affine at the probes and are not; such a model is estimated op by op. A config's
-per-layer lists (``layer_types``: one value per block) are cut to the probe's blocks, and the record
-gets the model's lists; a set of probes serves only where every block beyond them is of a kind (its
-values in those lists) that the blocks the probes added were, so that the per-block step measured it.
-tests/test_depth.py compares extrapolated with full-depth estimates.
+partition (a rank that holds no block's parameters at the probes may hold some at the model's depth);
+AdaMeM, Adapprox and Alada, which step the matrices of one shape from every block together (that batch's
+transient grows with the depth and may overtake another's beyond the probes). Their figures can look
+affine at the probes and not be; such a model is estimated op by op. A config's per-layer lists
+(``layer_types``: one value per block) are cut to the probe's blocks, and the record gets the model's; a
+set of probes serves only where every block beyond them is of a kind (its values in those lists) that
+the blocks the probes added were, so that the per-block step measured it. tests/test_depth.py compares
+extrapolated with full-depth estimates.
 """
 
 from __future__ import annotations
