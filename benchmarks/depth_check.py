@@ -2,6 +2,7 @@
 
     python benchmarks/depth_check.py --model gpt2 --opt adam,smmf,io_adam --batch-size 2 --seq-len 64
     python benchmarks/depth_check.py --model llama-7b --opt adam --seq-len 512 --world-size 64 --parallel fsdp2
+    python benchmarks/depth_check.py --model path/to/qwen2.5/config.json --opt adam --seq-len 512
 
 For each optimizer: the seconds each took, how the probed record was made (its note), and every field
 that differs from the full-depth record (none, when the extrapolation is exact).
@@ -13,7 +14,7 @@ import argparse
 import time
 
 FIELDS = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "model_config", "status",
-          "hyperparameters")
+          "failure", "hyperparameters")
 
 
 def main() -> None:
@@ -24,11 +25,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--parallel", default="none")
+    parser.add_argument("--rank", type=int, default=0)
     args = parser.parse_args()
     from memprof import api
 
     settings = dict(batch_size=args.batch_size, seq_len=args.seq_len, nproc=args.world_size,
-                    parallel=args.parallel, timeline=False)
+                    parallel=args.parallel, rank=args.rank, timeline=False)
     for spec in args.opt.split(","):
         start = time.perf_counter()
         full = api.estimate(args.model, [spec], full_depth=True, **settings)

@@ -41,7 +41,7 @@ class Declared:
     config: str | None = None  # the key in a TOML run configuration
     csv: CsvRole | None = None
     group: str = "run"  # which commands offer the flag: "run" (every measuring command), "capture",
-    # "estimate", "distributed"; "record": set by the measurement itself, never asked for
+    # "estimate", "distributed"
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[str, ...] | None = None
@@ -115,9 +115,6 @@ class Settings:
     full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
                                "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",
                                flag="--full-depth", csv="extra", group="estimate")
-    depth: int | None = setting(None, help="Build only this many of the model's repeated blocks: a probe of a "
-                                "deep model's estimate (memprof.measure.depth), never a record of its own.",
-                                group="record", minimum=1)
     rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
                         "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",
                         minimum=0)
@@ -137,10 +134,13 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def model_options(self):
-        """What the model builder needs (``memprof.models.ModelOptions``), taken by field name."""
+        """What the model builder needs (``memprof.models.ModelOptions``), taken by field name (a depth probe
+        adds its block count: ``memprof.measure.depth.Probe``)."""
         from memprof.models.base import ModelOptions
 
-        return ModelOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)})
+        settings = {f.name for f in dataclasses.fields(Settings)}
+        shared = [f.name for f in dataclasses.fields(ModelOptions) if f.name in settings]
+        return ModelOptions(**{name: getattr(self, name) for name in shared})
 
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:
@@ -240,7 +240,7 @@ def request_fields(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of ``memprof.api.measure`` that would measure ``settings`` again
     (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
     return {f.name: getattr(settings, f.name) for f in declared_fields()
-            if f.name not in ("model", "optimizer", "spec") and _meta(f).group not in ("capture", "record")
+            if f.name not in ("model", "optimizer", "spec") and _meta(f).group != "capture"
             # a real run measures every rank at once; a simulation measures the rank it was asked for
             and (f.name != "rank" or settings.estimate)}
 

@@ -9,21 +9,38 @@ import json
 import pytest
 
 from memprof.api import estimate
-from memprof.measure.depth import NotAffine, _affine, _check_blocks, _prose
+from memprof.measure.depth import NotAffine, _affine, _check_blocks, _prose, probe
+from memprof.settings import Settings, declared_fields
 
 # Six GPT-2 blocks, small enough that the full-depth estimate takes seconds.
 CONFIG = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 6, "n_embd": 64, "n_head": 4,
           "vocab_size": 512, "n_positions": 64}
 SETTINGS = dict(batch_size=2, seq_len=32, timeline=False)
 COMPARED = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "model_config", "status",
-            "hyperparameters")
+            "failure", "hyperparameters")
+
+
+def _config(tmp_path_factory, config: dict) -> str:
+    path = tmp_path_factory.mktemp(config["model_type"]) / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def deep_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("gpt2-6") / "config.json"
-    path.write_text(json.dumps(CONFIG))
-    return str(path)
+    return _config(tmp_path_factory, CONFIG)
+
+
+def _both(model: str, spec: str, **settings):
+    """The full-depth and the probed estimate of one optimizer."""
+    (full,) = estimate(model, [spec], full_depth=True, **SETTINGS, **settings)
+    (probed,) = estimate(model, [spec], **SETTINGS, **settings)
+    return full, probed
+
+
+def _assert_equal(probed, full) -> None:
+    for key in COMPARED:
+        assert getattr(probed, key) == getattr(full, key), key
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +62,7 @@ def test_extrapolated_estimate_equals_the_full_depth_one(estimated, spec):
     full, probed = estimated(spec, full_depth=True), estimated(spec)
     assert "extrapolated to 6 blocks from probes of 1, 2, 3 blocks" in probed.notes[-1]
     assert not any("extrapolated" in note for note in full.notes)
-    for key in COMPARED:
-        assert getattr(probed, key) == getattr(full, key), key
+    _assert_equal(probed, full)
     assert probed.environment["estimate"] == full.environment["estimate"]  # host reads counted for 6 blocks
 
 
@@ -54,21 +70,32 @@ def test_a_peak_that_moves_within_a_phase_is_caught(deep_config):
     # IO-Adam keeps every gradient until the next step. On GPT-2 (12 blocks, batch 2 x 64) step 2's forward
     # peaks at its start (the gradients) at 1-3 blocks and after the blocks (the activations) at 12: two lines
     # that cross beyond the probes, which only the peaks followed within the phase reveal.
-    (probe,) = estimate(deep_config, ["io_adam"], depth=3, **SETTINGS)
-    forward = next(p for p in probe.phase_peaks if (p.phase, p.step) == ("forward", 2))
+    from memprof.measure.runner import measure
+
+    settings = Settings(model=deep_config, optimizer="io_adam", spec="io_adam", device="cuda", estimate=True,
+                        steps=2, **SETTINGS)
+    three = measure(probe(settings, 3))
+    forward = next(p for p in three.phase_peaks if (p.phase, p.step) == ("forward", 2))
     assert set(forward.blocks) == {"before", "first block", "last block", "after"}
     assert max(forward.blocks.values()) <= forward.peak
-    _check_blocks(probe, probe, 3)
+    _check_blocks(three, three, 3)
     moved = dataclasses.replace(forward, blocks={**forward.blocks, "after": forward.peak + 1})
     with pytest.raises(NotAffine, match=r"forward \(step 2\) peaks after at 12 blocks"):
-        _check_blocks(probe, dataclasses.replace(probe, phase_peaks=[moved]), 12)
+        _check_blocks(three, dataclasses.replace(three, phase_peaks=[moved]), 12)
 
 
 @pytest.mark.parametrize("spec", ["io_adam"])
 def test_a_fallback_or_an_extrapolation_gives_the_full_depth_figures(estimated, spec):
     full, probed = estimated(spec, full_depth=True), estimated(spec)
-    for key in ("breakdown", "peak", "peaks", "n_params"):
-        assert getattr(probed, key) == getattr(full, key), key
+    _assert_equal(probed, full)
+
+
+@pytest.mark.parametrize("spec", ["io_adam", "galore"])
+def test_the_step_and_the_parameter_table_of_a_llama(tmp_path_factory, spec):
+    # IO-Adam creates the matrices' state in backward (listed last block first) and the norms' in the step
+    # (first block first). GaLore's step 1 peaks early (the embeddings' update) at 1-3 blocks, at its end at 8.
+    full, probed = _both(_config(tmp_path_factory, LLAMA), spec)
+    _assert_equal(probed, full)
 
 
 def test_shallow_models_and_full_depth_are_estimated_whole(mlp_spec, estimated):
@@ -76,6 +103,77 @@ def test_shallow_models_and_full_depth_are_estimated_whole(mlp_spec, estimated):
     assert not any("blocks" in note for note in mlp.notes)
     full = estimated("adam", full_depth=True)
     assert full.timeline.time == [] and not any("extrapolated" in note for note in full.notes)
+
+
+# Eight LLaMA blocks of 41,088 parameters under embeddings of 196,608 each.
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
+         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 3072,
+         "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+def test_a_partition_over_all_the_parameters_is_not_extrapolated(tmp_path_factory):
+    # ZeroRedundancyOptimizer hands whole parameters to ranks greedily, largest first: on 3 ranks rank 0 holds
+    # the embedding alone at 1-3 blocks (its figures affine: constant) and block parameters too at 8.
+    full, probed = _both(_config(tmp_path_factory, LLAMA), "adam", nproc=3, parallel="zero1")
+    assert any(".layers." in row.name and row.state_bytes for row in full.parameters)
+    assert probed.notes[-1].startswith("estimated op by op at full depth: --parallel zero1: ZeroRedundancyOptimizer")
+    _assert_equal(probed, full)
+
+
+def test_batches_over_all_the_parameters_are_not_extrapolated(tmp_path_factory):
+    # AdaMeM steps the matrices of one shape from every block together: the step transient of the blocks'
+    # batch grows with the depth and overtakes another's beyond the probes (extrapolated: 5 % low).
+    full, probed = _both(_config(tmp_path_factory, LLAMA), "adamem")
+    assert probed.notes[-1].startswith("estimated op by op at full depth: adamem: it steps the matrices of one shape")
+    _assert_equal(probed, full)
+
+
+QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
+         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+         "max_position_embeddings": 64, "use_sliding_window": False}
+GEMMA2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
+          "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          "vocab_size": 512, "max_position_embeddings": 64, "sliding_window": 16}  # sliding and full in turn
+
+
+@pytest.mark.parametrize("config", [QWEN2, GEMMA2], ids=["qwen2", "gemma2"])
+def test_per_layer_config_lists_extrapolate(tmp_path_factory, config):
+    full, probed = _both(_config(tmp_path_factory, config), "adam")
+    assert len(full.model_config["hf_config"]["layer_types"]) == 8
+    assert probed.notes[-1].startswith("extrapolated to 8 blocks from probes of 1, 2, 3 blocks")
+    _assert_equal(probed, full)
+
+
+def test_a_kind_of_block_the_probes_did_not_add_is_not_extrapolated(tmp_path_factory):
+    # Sliding windows from block 4 on: probes of 1-3 blocks add full-attention blocks only (extrapolated, the
+    # peaks would be wrong).
+    config = {**QWEN2, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4}
+    full, probed = _both(_config(tmp_path_factory, config), "adam")
+    assert probed.notes[-1] == ("estimated op by op at full depth: probes of 1, 2, 3 blocks: block 4 has layer_types "
+                                "'sliding_attention', which no block they added has")
+    _assert_equal(probed, full)
+
+
+def test_an_optimizer_that_fails_at_every_probe_gives_the_models_failed_row(deep_config):
+    full, probed = _both(deep_config, "optim_for_tests.ExitingSGD")  # raises SystemExit in step()
+    assert probed.status == "failed" and probed.n_params == full.n_params > 0
+    assert probed.notes[-1].startswith("extrapolated to 6 blocks")
+    _assert_equal(probed, full)
+
+
+def test_a_probe_that_failed_before_measuring_is_the_models_row(deep_config):
+    full, probed = _both(deep_config, "io_adam", nproc=2, parallel="fsdp2")  # its hooks cannot run under FSDP2
+    assert probed.status == "failed" and probed.failure.startswith("cannot run: fsdp2: io_adam hooks")
+    assert probed.notes[-1] == "failed on a probe of 1 of the model's 6 blocks, before anything was measured"
+    _assert_equal(probed, full)
+
+
+def test_a_probes_block_count_is_no_setting(deep_config):
+    settings = Settings(model=deep_config, optimizer="adam", spec="adam", estimate=True, device="cuda")
+    two = probe(settings, 2)
+    assert two.model_options().blocks == 2 and settings.model_options().blocks is None
+    assert two != probe(settings, 3) and two.replace(timeline=True) != settings
+    assert {"blocks", "depth"}.isdisjoint(f.name for f in declared_fields())
 
 
 def test_affine_figures_extrapolate_and_others_refuse():

@@ -55,12 +55,13 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.mark("warmup", 0)
         _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
-        built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
+        options = settings.model_options()
+        built = build_model(settings.model, options, device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
         model, batch = strategy.prepare(built.model), built.batch
-        if settings.depth is not None:
-            capture.watch_blocks(model, settings.depth)
+        if options.blocks is not None:  # a depth probe's (memprof.measure.depth)
+            capture.watch_blocks(model, options.blocks)
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
         local = strategy.local_optimizer(optimizer)

@@ -100,6 +100,16 @@ def stacked_depth(name: str) -> int | None:
     return None
 
 
+def per_layer_config(name: str) -> dict[str, list]:
+    """The lists of one value per block in ``name``'s config (``layer_types``), by attribute, where
+    ``stacked_depth`` gives its depth; else empty."""
+    if name in TEXT_MODELS or _is_hf_config(name):
+        from memprof.models import hf
+
+        return hf.per_layer_config(name)
+    return {}
+
+
 def is_builtin(name: str) -> bool:
     """A zoo model (no file of the user's is read to build it)."""
     return name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS

@@ -26,7 +26,7 @@ class ModelOptions:
     image_size: int = 224  # vision models
     num_classes: int | None = None  # vision models: None = the model's default (1000); text: ignored
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"; weights are cast to it
-    depth: int | None = None  # text models: build only this many repeated blocks (None: as configured)
+    blocks: int | None = None  # text models: only the first this many repeated blocks (a depth probe's; None: all)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "image_size"):

@@ -71,9 +71,24 @@ def _builtin_config(name: str) -> transformers.PretrainedConfig:
 def stacked_depth(name: str) -> int | None:
     """How many repeated blocks the text model ``name`` (built-in or a ``config.json``) stacks, or None
     where its depth is not one number (an encoder-decoder has two stacks)."""
-    config = _builtin_config(name) if name in TEXT_MODELS else _read_config(Path(name).expanduser())
+    config = _config_of(name)
     depth = getattr(config, "num_hidden_layers", None)
     return depth if isinstance(depth, int) and not config.is_encoder_decoder else None
+
+
+def per_layer_config(name: str) -> dict[str, list]:
+    """The config's lists of one value per block (``layer_types``), by attribute: a probe of fewer blocks
+    takes the first values of each (``memprof.measure.depth``)."""
+    return _per_layer(_config_of(name))
+
+
+def _per_layer(config: transformers.PretrainedConfig) -> dict[str, list]:
+    depth = getattr(config, "num_hidden_layers", None)
+    return {key: value for key, value in vars(config).items() if isinstance(value, list) and len(value) == depth}
+
+
+def _config_of(name: str) -> transformers.PretrainedConfig:
+    return _builtin_config(name) if name in TEXT_MODELS else _read_config(Path(name).expanduser())
 
 
 def _read_config(path: Path) -> transformers.PretrainedConfig:
@@ -136,10 +151,10 @@ def _build(name: str, family: str, config: transformers.PretrainedConfig, task: 
            options: ModelOptions, device: torch.device, weights_on_meta: bool) -> BuiltModel:
     auto_class, _ = TASKS[task]
     config.use_cache = False
-    if options.depth is not None:  # a probe of memprof.measure.depth: the first ``depth`` blocks
-        config.num_hidden_layers = options.depth
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[: options.depth]
+    if options.blocks is not None:  # a probe of memprof.measure.depth: the first ``blocks`` blocks
+        for key, values in _per_layer(config).items():
+            setattr(config, key, values[: options.blocks])
+        config.num_hidden_layers = options.blocks
     with outside_dispatch_modes(weights_on_meta), torch.device("meta" if weights_on_meta else device):
         model = auto_class.from_config(config, dtype=options.torch_dtype)
     if task == "causal-lm" and getattr(model, "loss_type", None) is None:

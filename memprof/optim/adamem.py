@@ -61,6 +61,9 @@ class AdaMeM(torch.optim.Optimizer):
             ``h.10.…``, and ``"h.*.mlp"`` matches every block's MLP. A single string is one pattern.
     """
 
+    whole_model_rule = ("it steps the matrices of one shape from every block together, in batches of up to the "
+                        "largest matrix's elements: a batch's transient grows with the depth and may overtake "
+                        "another's beyond the probes")  # memprof.measure.depth
     state_roles: dict[str, str] = {
         "step": "other",
         "proj": "projection",

@@ -127,6 +127,9 @@ class Adapprox(torch.optim.Optimizer):
         seed: seed of the random test matrices (default 0).
     """
 
+    whole_model_rule = ("it steps the matrices of one shape from every block together, in stacks of up to the "
+                        "largest matrix's elements: a stack's transient grows with the depth and may overtake "
+                        "another's beyond the probes")  # memprof.measure.depth
     state_roles: dict[str, str] = {
         "step": "other",
         "rank": "other",

@@ -69,6 +69,9 @@ class Alada(torch.optim.Optimizer):
         weight_decay: decoupled (AdamW-style) weight decay (default 0, as in the paper).
     """
 
+    whole_model_rule = ("it steps the matrices of one shape from every block together, in chunks of up to all the "
+                        "parameters' elements or scratch_numel: a chunk's transient grows with the depth and may "
+                        "overtake another's beyond the probes")  # memprof.measure.depth
     state_roles: dict[str, str] = {"p_acc": "factor", "q_acc": "factor", "v0": "other", "step": "other"}
     gradient_component: str = "grad+first_moment"
     # Elements the step's scratch buffer may hold beyond the largest parameter (16 MiB in fp32):

@@ -46,6 +46,10 @@ class Strategy:
     builds_on_meta = False
     """Whether the runner builds the model's parameters and buffers on the meta device (no memory) and
     ``prepare`` materialises what this rank holds; else the model is built whole on the device."""
+    whole_model_rule: str | None = None
+    """What a rule over all the parameters decides of this rank's share, where one does: its figures then change
+    with the depth other than block by block, and a deep model's estimate is made op by op, not extrapolated
+    from shallow probes (``memprof.measure.depth``)."""
 
     @classmethod
     def problem(cls, settings: "Settings") -> str | None:

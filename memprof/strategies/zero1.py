@@ -19,6 +19,8 @@ class Zero1(DDP):
     broadcasts them."""
 
     name = "zero1"
+    whole_model_rule = ("ZeroRedundancyOptimizer assigns whole parameters to ranks greedily by size, so which "
+                        "blocks a rank holds state for changes with the depth")
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
         from torch.distributed.optim import ZeroRedundancyOptimizer
