@@ -133,15 +133,6 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
-    def model_options(self):
-        """What the model builder needs (``memprof.models.ModelOptions``), taken by field name (a depth probe
-        adds its block count: ``memprof.measure.depth.Probe``)."""
-        from memprof.models.base import ModelOptions
-
-        settings = {f.name for f in dataclasses.fields(Settings)}
-        shared = [f.name for f in dataclasses.fields(ModelOptions) if f.name in settings]
-        return ModelOptions(**{name: getattr(self, name) for name in shared})
-
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:
     """The settings' fields (only those whose flag belongs to ``group`` when given), in order."""

@@ -10,6 +10,7 @@ import pytest
 
 from memprof.api import estimate
 from memprof.measure.depth import NotAffine, _affine, _check_blocks, _prose, probe
+from memprof.models.base import ModelOptions
 from memprof.settings import Settings, declared_fields
 
 # Six GPT-2 blocks, small enough that the full-depth estimate takes seconds.
@@ -171,7 +172,7 @@ def test_a_probe_that_failed_before_measuring_is_the_models_row(deep_config):
 def test_a_probes_block_count_is_no_setting(deep_config):
     settings = Settings(model=deep_config, optimizer="adam", spec="adam", estimate=True, device="cuda")
     two = probe(settings, 2)
-    assert two.model_options().blocks == 2 and settings.model_options().blocks is None
+    assert ModelOptions.of(two).blocks == 2 and ModelOptions.of(settings).blocks is None
     assert two != probe(settings, 3) and two.replace(timeline=True) != settings
     assert {"blocks", "depth"}.isdisjoint(f.name for f in declared_fields())
 

@@ -63,9 +63,6 @@ class Probe(Settings):
 
     blocks: int = 1
 
-    def model_options(self):
-        return dataclasses.replace(super().model_options(), blocks=self.blocks)
-
 
 def probe(settings: Settings, blocks: int) -> Probe:
     """The settings of a probe of ``blocks`` blocks of ``settings``' model (without a timeline: it would be

@@ -22,6 +22,7 @@ from memprof.measure import environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
+from memprof.models.base import ModelOptions
 from memprof.optim import protocol
 from memprof.optim.registry import build_optimizer, parse_spec
 from memprof.record import Peaks, RunRecord
@@ -55,7 +56,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.mark("warmup", 0)
         _warm_up_libraries(device, tracker, settings)
         capture.mark("setup", 0)
-        options = settings.model_options()
+        options = ModelOptions.of(settings)
         built = build_model(settings.model, options, device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them

@@ -5,6 +5,7 @@ Kept free of heavy imports (torch only for type checking) so that ``memprof mode
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
@@ -27,6 +28,13 @@ class ModelOptions:
     num_classes: int | None = None  # vision models: None = the model's default (1000); text: ignored
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"; weights are cast to it
     blocks: int | None = None  # text models: only the first this many repeated blocks (a depth probe's; None: all)
+
+    @classmethod
+    def of(cls, settings: Any) -> "ModelOptions":
+        """The options a run's settings give (``memprof.settings.Settings``, or a depth probe's, which adds
+        ``blocks``), taken by field name."""
+        given = {f.name for f in dataclasses.fields(settings)}
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if f.name in given})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "image_size"):
