@@ -28,7 +28,6 @@ STRATEGIES: dict[str, Choice] = {
     "deepspeed-zero1": Choice("memprof.strategies.deepspeed:DeepSpeedZero1", "deepspeed-zero1/2/3 (needs deepspeed)"),
     "deepspeed-zero2": Choice("memprof.strategies.deepspeed:DeepSpeedZero2", ""),
     "deepspeed-zero3": Choice("memprof.strategies.deepspeed:DeepSpeedZero3", ""),
-    "dummy": Choice("memprof.strategies.dummy:Dummy", "dummy"),
 }
 
 HELP = "How the ranks share the model: " + ", ".join(c.help for c in STRATEGIES.values() if c.help) + "."
