@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from memprof.errors import UsageError, describe
-from memprof.measure import environment
+from memprof.measure import checkpointing, environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
@@ -56,13 +56,14 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
+        record.notes += filter(None, [checkpointing.apply(built.model, settings.checkpointing, capture, settings.model)])
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:
             capture.watch_blocks(model, settings.depth)
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
         local = strategy.local_optimizer(optimizer)
-        names = strategy.held_parameters(model)
+        names = checkpointing.clean_names(strategy.held_parameters(model))
         params = list(names)
         buffers = list(model.buffers())
         inputs = [t for t in batch.values() if isinstance(t, torch.Tensor)]
