@@ -60,9 +60,9 @@ class Capture:
         self.depth = 0  # blocks watched (a depth probe's), 0 when none
         self.recompute_windows: list[tuple[float, float]] = []  # (start, end): activation checkpointing recomputes
 
-    def mark(self, phase: str, step: int) -> None:
+    def mark(self, phase: str, step: int, micro: int = 0) -> None:
         self.tracker.sync()
-        self.marks.append(PhaseMark(self.tracker.now(), phase, step))
+        self.marks.append(PhaseMark(self.tracker.now(), phase, step, micro))
         self.allocated_at_marks.append(self.tracker.memory_allocated())
 
     # -- identities: the only places a tensor is given a category ------------------------------
@@ -293,13 +293,14 @@ def attribute(
     record.breakdown = rows
     record.peak = peak_rows
     peaks = device_peaks or Peaks()
-    peaks.allocated, (peaks.phase, peaks.step) = result.peak_bytes, result.peak_phase
+    peaks.allocated, (peaks.phase, peaks.step), peaks.micro = result.peak_bytes, result.peak_phase, result.peak_micro
     record.peaks = peaks
     cuda = device_peaks is not None
     next_times = [p["time"] for p in result.phase_peaks[1:]] + [float("inf")]
     record.phase_peaks = [
         PhasePeak(
-            step=p["step"], phase=p["phase"], start=p["start_bytes"], peak=p["peak"], end=p["end_bytes"],
+            step=p["step"], phase=p["phase"], micro=p["micro"], start=p["start_bytes"], peak=p["peak"],
+            end=p["end_bytes"],
             allocator_at_start=capture.allocated_at_marks[i] if cuda and i < len(capture.allocated_at_marks) else None,
             composition=_rows(p["composition"]),
             blocks=_block_peaks(result, capture, p["time"], next_times[i]),
@@ -315,6 +316,7 @@ def move_global_peak(record: RunRecord, top: PhasePeak) -> None:
     """Make the phase peak ``top`` the record's global peak, with the rows read at it (a record
     extrapolated in depth whose global peak changes phase, ``memprof.measure.depth``)."""
     record.peaks.allocated, record.peaks.phase, record.peaks.step = top.peak, top.phase, top.step
+    record.peaks.micro = top.micro
     record.peak = list(top.composition)
     record.breakdown = [
         dataclasses.replace(row, bytes=_at_peak(record.peak, key))
