@@ -18,6 +18,8 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_s
          "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0}
 TEXT = dict(batch_size=2, seq_len=32, steps=2, timeline=False)
 VISION = dict(batch_size=2, image_size=32, steps=1, timeline=False)
+COMPARED = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "model_config", "status",
+            "hyperparameters")  # tests/test_depth.py's
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,19 @@ def test_a_checkpointed_cpu_run_is_estimated_exactly(configs, model, value):
         assert abs(_rows(fake)[key] - real_bytes) <= max(SLACK, CLOSE * real_bytes), key
     assert abs(fake.peaks.allocated - real.peaks.allocated) <= max(SLACK, CLOSE * real.peaks.allocated)
     assert fake.peaks.phase == real.peaks.phase
+
+
+@pytest.mark.parametrize("value, blocks, probes", [("full", 6, "1, 2, 3"), ("selective", 6, "1, 2, 3"),
+                                                   ("every:2", 12, "2, 4, 6")])
+def test_depth_probes_extrapolate_a_checkpointed_model_exactly(tmp_path, value, blocks, probes):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GPT2, "n_layer": blocks}))
+    settings = dict(batch_size=4, seq_len=64, timeline=False, checkpointing=value)
+    (full,) = estimate(str(path), ["adam"], full_depth=True, **settings)
+    (probed,) = estimate(str(path), ["adam"], **settings)
+    assert f"extrapolated to {blocks} blocks from probes of {probes} blocks" in probed.notes[-1]
+    for key in COMPARED:
+        assert getattr(probed, key) == getattr(full, key), key
 
 
 def test_other_models_get_torch_checkpoint_wrapper_on_every_nth_block_with_their_own_names():

@@ -72,6 +72,17 @@ def test_an_accumulating_cpu_run_is_estimated_exactly(configs, model, extra):
     assert [(p.micro, p.peak) for p in fake.phase_peaks] == [(p.micro, p.peak) for p in real.phase_peaks]
 
 
+def test_depth_probes_extrapolate_an_accumulating_run_exactly(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GPT2, "n_layer": 6}))
+    settings = dict(batch_size=4, seq_len=64, timeline=False, grad_accum=2, checkpointing="full")
+    (full,) = estimate(str(path), ["adam"], full_depth=True, **settings)
+    (probed,) = estimate(str(path), ["adam"], **settings)
+    assert "extrapolated to 6 blocks from probes of 1, 2, 3 blocks" in probed.notes[-1]
+    for key in ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "status"):
+        assert getattr(probed, key) == getattr(full, key), key
+
+
 def test_simulated_ddp_reduces_once_per_optimizer_step(mlp_spec, monkeypatch):
     from memprof.strategies import ddp
 

@@ -55,7 +55,7 @@ def apply(model: torch.nn.Module, value: str, capture, name: str) -> str | None:
     context_fn = functools.partial(_contexts, capture, value == "selective")
     kwargs = {"use_reentrant": False, "context_fn": context_fn}
     how = "selective (op-level: outputs of matmul, attention and convolution kept)" if value == "selective" else (
-        "of every block" if every == 1 else f"of every {every}th block from the first")
+        "of every block" if every == 1 else f"of blocks 0, {every}, {2 * every}…")
     layers = _hugging_face_layers(model)
     if layers:
         entry = _hugging_face(model, kwargs, every)

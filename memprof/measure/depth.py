@@ -49,7 +49,7 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
         return measure(settings)
     probes: dict[int, RunRecord] = {}
     reasons = []
-    for depths in PROBES:
+    for depths in (_spaced(d, settings, depth) for d in PROBES):
         if sum(set(probes) | set(depths)) > depth:
             break
         for blocks in depths:
@@ -80,9 +80,10 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
 def first_measurements(settings: Settings) -> list[Settings]:
     """What ``estimate(settings, …)`` measures first (its first probes, or the whole model), so that a caller
     can start them ahead, in parallel."""
-    if _probed_depth(settings) is None:
+    depth = _probed_depth(settings)
+    if depth is None:
         return [settings]
-    return [_probe(settings, blocks) for blocks in PROBES[0]]
+    return [_probe(settings, blocks) for blocks in _spaced(PROBES[0], settings, depth)]
 
 
 def _probed_depth(settings: Settings) -> int | None:
@@ -91,6 +92,15 @@ def _probed_depth(settings: Settings) -> int | None:
 
     depth = None if settings.full_depth or settings.depth is not None else stacked_depth(settings.model)
     return depth if depth is not None and depth >= MIN_DEPTH else None
+
+
+def _spaced(groups: tuple[int, ...], settings: Settings, depth: int) -> tuple[int, ...]:
+    """The probes' depths for ``groups`` repeated groups of blocks: one block each, or under ``--checkpointing
+    every:N`` N blocks (one checkpointed) after which every probe ends as the model does (``depth`` mod N)."""
+    from memprof.settings import checkpointing_every
+
+    every = checkpointing_every(settings.checkpointing) if settings.checkpointing.startswith("every:") else 1
+    return tuple(depth % every + every * count for count in groups)
 
 
 def _probe(settings: Settings, blocks: int) -> Settings:
@@ -173,11 +183,11 @@ def _rows(values: list[list[dict]], depths: Sequence[int], depth: int, where: st
 
 
 def _line(values: Sequence[int], depths: Sequence[int], depth: int, where: str) -> int:
-    """The affine function through ``values`` at ``depths`` (consecutive), at ``depth``."""
-    per_block = values[1] - values[0]
-    if any(b - a != per_block for a, b in itertools.pairwise(values)):
+    """The affine function through ``values`` at ``depths`` (evenly spaced), at ``depth``."""
+    per_probe = values[1] - values[0]
+    if any(b - a != per_probe for a, b in itertools.pairwise(values)):
         raise NotAffine(f"{where} is {', '.join(map(str, values))} at {', '.join(map(str, depths))} blocks")
-    return values[-1] + per_block * (depth - depths[-1])
+    return values[-1] + per_probe * (depth - depths[-1]) // (depths[1] - depths[0])
 
 
 def _prose(values: Sequence[str], depths: Sequence[int], depth: int, where: str) -> str:
