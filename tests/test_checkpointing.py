@@ -83,6 +83,17 @@ def test_depth_probes_extrapolate_a_checkpointed_model_exactly(tmp_path, value, 
         assert getattr(probed, key) == getattr(full, key), key
 
 
+def test_fit_under_checkpointing_finds_a_larger_batch_and_its_plot_names_the_recipe(configs):
+    from memprof.api import fit
+    from memprof.report.plot import plot_fit
+
+    found = {c: fit(configs["gpt2"], "adam", "batch-size", memory="12MiB", seq_len=32, device="cpu",
+                    checkpointing=c)[0] for c in ("none", "full")}
+    assert 0 < found["none"].value < found["full"].value, {c: f.value for c, f in found.items()}
+    assert found["full"].record.settings.checkpointing == "full"
+    assert "(checkpointing full): largest batch size" in plot_fit([found["full"]]).axes[0].get_title(loc="left")
+
+
 def test_other_models_get_torch_checkpoint_wrapper_on_every_nth_block_with_their_own_names():
     (plain,) = measure("resnet18", ["adam"], device="cpu", **VISION)
     (record,) = measure("resnet18", ["adam"], device="cpu", checkpointing="every:3", **VISION)
