@@ -112,3 +112,23 @@ def test_grad_accum_0_is_one_line(mlp_spec):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     with pytest.raises(Exception, match="--grad-accum must be at least 1, got 0"):
         Settings(grad_accum=0)
+
+
+def test_recipes_are_config_keys_csv_columns_and_reproduce_flags(tmp_path):
+    from memprof.config import requests
+    from memprof.record import Peaks, Row, RunRecord
+    from memprof.settings import reproduce_command
+
+    config = tmp_path / "run.toml"
+    config.write_text('model = "gpt2"\nopt = "adam"\ngrad_accum = 3\ncheckpointing = "every:2"\n')
+    (request,) = requests({}, config=config)
+    assert (request.settings["grad_accum"], request.settings["checkpointing"]) == (3, "every:2")
+    record = RunRecord(settings=Settings(spec="adam", optimizer="adam", device="cpu", grad_accum=3,
+                                         checkpointing="every:2"), environment={},
+                       breakdown=[Row("weights", "param", 8)], peak=[Row("weights", "param", 8, "allocator")],
+                       peaks=Peaks(allocated=8))
+    path = tmp_path / "run.csv"
+    path.write_text(runfile.to_csv([record]))
+    (loaded,) = runfile.read(path)
+    assert (loaded.settings.grad_accum, loaded.settings.checkpointing) == (3, "every:2")
+    assert "--checkpointing every:2 --grad-accum 3" in reproduce_command(record.settings, ["adam"])
