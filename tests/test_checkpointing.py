@@ -113,3 +113,16 @@ def test_bad_checkpointing_is_one_line(mlp_spec, args, message):
     result = invoke("compare", "--model", mlp_spec, "--opt", "adam", "--device", "cpu", "--steps", "1", *args)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_fit_plot_where_nothing_fits_still_names_the_recipe():
+    from memprof.fit import Fit
+    from memprof.record import RunRecord
+    from memprof.report.plot import plot_fit
+    from memprof.settings import Settings
+
+    estimate_at_1 = RunRecord.failed(Settings(model="llama-7b", checkpointing="selective", grad_accum=2), "too big")
+    nothing = Fit(spec="adam", setting="batch_size", budget=10, value=0, record=None, probes=[(1, 20)],
+                  estimates=[estimate_at_1])
+    title = plot_fit([nothing]).axes[0].get_title(loc="left")
+    assert title == "llama-7b (checkpointing selective · grad-accum 2): largest batch size that fits"

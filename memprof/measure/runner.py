@@ -56,7 +56,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
-        record.notes += filter(None, [checkpointing.apply(built.model, settings.checkpointing, capture, settings.model)])
+        applied = checkpointing.apply(built.model, settings.checkpointing, capture, settings.model)
+        record.notes += [applied] if applied else []
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:
             capture.watch_blocks(model, settings.depth)
@@ -93,7 +94,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         except UsageError:  # the settings cannot train this model (memprof.models' checks)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
-            record.status, record.failure = "failed", f"failed in {_where(capture, settings)}: {describe(exc, exit_as_call=False)}"
+            why = describe(exc, exit_as_call=False)
+            record.status, record.failure = "failed", f"failed in {_where(capture, settings)}: {why}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
         state = walk_state(local, names, roles)

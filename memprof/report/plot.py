@@ -362,7 +362,7 @@ def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
     ax.set_xscale("log", base=2)
     ax.set_xlabel(fits[0].setting.replace("_", " "))
     ax.set_ylabel(f"needs ({unit})")
-    record = next((f.record for f in fits if f.record is not None), None)
+    record = next((r for f in fits for r in (f.record, *f.estimates) if r is not None), None)  # any estimate
     if record is not None:
         recipes = f" ({record.settings.recipes()})" if record.settings.recipes() else ""
         ax.set_title(f"{_model(record.settings.model)}{recipes}: largest {fits[0].setting.replace('_', ' ')} that fits",

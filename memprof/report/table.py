@@ -124,8 +124,10 @@ def fit_table(fits, *, unit: str = "GiB") -> Table:
     """One row per optimizer: the largest value of the searched setting that fits, and what it needs."""
     first = fits[0]
     setting = first.setting.replace("_", " ")
-    table = Table(title=f"largest {setting} that fits {fmt(first.budget, unit, 2)} {unit} (each confirmed by an "
-                  "estimate at that value)", title_justify="left", header_style="bold")
+    recipes = next((r.settings.recipes() for f in fits for r in f.estimates), "")
+    budget = f"{fmt(first.budget, unit, 2)} {unit}{' · ' + recipes if recipes else ''}"
+    table = Table(title=f"largest {setting} that fits {budget} (each confirmed by an estimate at that value)",
+                  title_justify="left", header_style="bold")
     for name in ("optimizer", f"largest {setting}", f"needs ({unit})", f"headroom ({unit})",
                  f"next {setting} needs ({unit})", "probes"):
         table.add_column(name, justify="left" if name == "optimizer" else "right")
