@@ -110,8 +110,6 @@ class Settings:
                                       flag="--num-classes", config="num_classes", csv="extra", minimum=1)
     steps: int = setting(3, help="Instrumented training steps; the first is warm-up for timings.", flag="--steps",
                          config="steps", csv="id", minimum=1)
-    seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra",
-                        minimum=-2**63, maximum=2**64 - 1)  # torch.manual_seed's range
     checkpointing: str = setting("none", help="Activation checkpointing: none; full (every block recomputed in "
                                  "backward); selective (matmul, attention and convolution outputs saved, the rest "
                                  "recomputed); every:N (blocks 0, N, 2N… recomputed). docs/recipes.md.",
@@ -119,6 +117,8 @@ class Settings:
                                  metavar="|".join(CHECKPOINTING))
     grad_accum: int = setting(1, help="Gradient accumulation: micro-batches of --batch-size per optimizer step.",
                               flag="--grad-accum", config="grad_accum", csv="extra", minimum=1)
+    seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra",
+                        minimum=-2**63, maximum=2**64 - 1)  # torch.manual_seed's range
     timeline: bool = setting(True, help="Keep a downsampled per-category timeline in the record.")
     snapshot: str | None = setting(None, help="CUDA only: write a torch memory snapshot (drag it onto "
                                    "pytorch.org/memory_viz); bounded history, Python-only stacks.",
