@@ -132,3 +132,21 @@ def test_recipes_are_config_keys_csv_columns_and_reproduce_flags(tmp_path):
     (loaded,) = runfile.read(path)
     assert (loaded.settings.grad_accum, loaded.settings.checkpointing) == (3, "every:2")
     assert "--checkpointing every:2 --grad-accum 3" in reproduce_command(record.settings, ["adam"])
+
+
+def test_real_and_simulated_fsdp2_ranks_agree_under_both_recipes(gpt2_spec):
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without torch.distributed")
+    settings = dict(device="cpu", steps=1, nproc=2, parallel="fsdp2", grad_accum=2, checkpointing="full",
+                    timeline=False)
+    real = measure(gpt2_spec, "adam", **settings)
+    (simulated,) = estimate(gpt2_spec, "adam", rank=0, **settings)
+    assert [r.status for r in real] == ["ok", "ok"] and simulated.status == "ok", simulated.failure
+    for category in ("weights", "gradients", "optimizer_state"):
+        assert simulated.components(category) == real[0].components(category), category
+    assert abs(simulated.peaks.allocated - real[0].peaks.allocated) <= 0.05 * real[0].peaks.allocated
+    for record in (*real, simulated):
+        assert record.components("activations")["recomputed"] > 0
+        assert {p.micro for p in record.phase_peaks if p.phase == "backward"} == {0, 1}
