@@ -98,8 +98,8 @@ def test_other_models_get_torch_checkpoint_wrapper_on_every_nth_block_with_their
     (plain,) = measure("resnet18", ["adam"], device="cpu", **VISION)
     (record,) = measure("resnet18", ["adam"], device="cpu", checkpointing="every:3", **VISION)
     assert record.status == "ok", record.failure
-    assert "torch's apply_activation_checkpointing (checkpoint_wrapper, non-reentrant) on 3 of the 8 BasicBlock " \
-           "blocks" in " ".join(record.notes)
+    assert "torch's apply_activation_checkpointing (checkpoint_wrapper, non-reentrant) on 3 of the 8 repeated " \
+           "blocks (BasicBlock)" in " ".join(record.notes)
     assert [p.name for p in record.parameters] == [p.name for p in plain.parameters]  # no _checkpoint_wrapped_module
     assert _rows(record)[("activations", "saved")] < _rows(plain)[("activations", "saved")]
 

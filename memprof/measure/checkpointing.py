@@ -19,6 +19,7 @@ recomputation in backward runs inside ``Capture.recomputing``, whose allocations
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 
@@ -64,7 +65,8 @@ def apply(model: torch.nn.Module, value: str, capture, name: str) -> str | None:
     blocks = repeated_blocks(model)
     if not blocks:
         raise UsageError(f"--checkpointing {value}: {name} has no repeated blocks to checkpoint (no ModuleList or "
-                         "Sequential of two or more modules of one type); use --checkpointing none")
+                         "Sequential holding two modules or more of one type with layers of their own); use "
+                         "--checkpointing none")
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -75,25 +77,29 @@ def apply(model: torch.nn.Module, value: str, capture, name: str) -> str | None:
     kwargs.pop("use_reentrant")
     wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in chosen)
+    kinds = ", ".join(dict.fromkeys(type(block).__name__ for block in blocks))
     return (f"activation checkpointing {how}: torch's apply_activation_checkpointing (checkpoint_wrapper, "
-            f"non-reentrant) on {len(chosen)} of the {len(blocks)} {type(blocks[0]).__name__} blocks")
+            f"non-reentrant) on {len(chosen)} of the {len(blocks)} repeated blocks ({kinds})")
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks, in order: the members of every ``ModuleList`` or ``Sequential`` of two
-    or more modules of one type defined outside ``torch.nn`` (a ResNet's BasicBlocks, a ViT's encoder
-    blocks), not looking inside a block."""
+    """The model's repeated blocks, in order: the members of a ``ModuleList`` or ``Sequential`` that share
+    their type with another member, hold layers of their own and are no containers themselves (a ResNet's
+    BasicBlocks, MobileNetV2's InvertedResiduals, a ViT's encoder blocks, ``nn.TransformerEncoderLayer``s),
+    not looking inside a block."""
+    containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
     found: list[torch.nn.Module] = []
 
     def visit(module: torch.nn.Module) -> None:
         members = list(module.children())
-        kinds = {type(m) for m in members}
-        if (isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) and len(members) >= 2 and len(kinds) == 1
-                and not next(iter(kinds)).__module__.startswith("torch.nn")):
-            found.extend(members)
-            return
-        for child in members:
-            visit(child)
+        counts = collections.Counter(type(m) for m in members)
+        listed = isinstance(module, containers[:2])  # a ModuleDict's members may take what they change (DenseNet)
+        for member in members:
+            if (listed and counts[type(member)] >= 2 and not isinstance(member, containers)
+                    and any(True for _ in member.children())):
+                found.append(member)
+            else:
+                visit(member)
 
     visit(model)
     return found
