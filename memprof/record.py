@@ -51,6 +51,7 @@ class Peaks:
     allocated: int | None = None  # replayed (CUDA) or simulated (CPU) global peak
     phase: str = ""  # where the global peak fell
     step: int = 0
+    micro: int = 0  # the micro-batch (--grad-accum) of a forward or backward peak
     simulated: bool = True  # CPU: simulated from live tensors; CUDA: the allocator's history
     exact_blocks: bool = True  # False under expandable segments (block sizes replayed approximately)
     max_allocated: int | None = None  # torch.cuda.max_memory_allocated
@@ -84,6 +85,7 @@ class PhasePeak:
     composition: list[Row] = field(default_factory=list)  # live bytes by (category, component) at the peak
     blocks: dict[str, int] = field(default_factory=dict)  # a depth probe's: the peak before, in the first and
     # the last repeated block, and after them (memprof.measure.depth)
+    micro: int = 0  # the micro-batch of the step (--grad-accum N: forward and backward of 0 … N-1, then the step)
 
 
 @dataclass

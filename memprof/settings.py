@@ -24,6 +24,7 @@ from memprof.units import parse_size
 DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINTING = ("none", "full", "selective", "every:N")
 INT64_MAX = 2**63 - 1
 PARALLEL = tuple(parallel.STRATEGIES)
 
@@ -63,6 +64,21 @@ def _gpu(value: str) -> str | None:
     return None if value in GPUS else f"unknown --gpu {value!r}; choose from {', '.join(GPUS)}"
 
 
+def _checkpointing(value: str) -> str | None:
+    every = value.removeprefix("every:")
+    if value in CHECKPOINTING[:3] or (every != value and every.isdigit() and int(every) >= 1):
+        return None
+    return f"unknown --checkpointing {value!r}; choose {', '.join(CHECKPOINTING)} (N a positive integer)"
+
+
+def checkpointing_every(value: str) -> int | None:
+    """Every how many blocks ``--checkpointing value`` recomputes one (1: every block), None for ``none`` and
+    ``selective`` (op-level, in every block)."""
+    if value == "full":
+        return 1
+    return int(value.removeprefix("every:")) if value.startswith("every:") else None
+
+
 def _size(value: str) -> str | None:
     try:
         return None if parse_size(value) > 0 else f"--memory {value!r} must be positive"
@@ -94,6 +110,13 @@ class Settings:
                                       flag="--num-classes", config="num_classes", csv="extra", minimum=1)
     steps: int = setting(3, help="Instrumented training steps; the first is warm-up for timings.", flag="--steps",
                          config="steps", csv="id", minimum=1)
+    checkpointing: str = setting("none", help="Activation checkpointing: none; full (every block recomputed in "
+                                 "backward); selective (matmul, attention and convolution outputs saved, the rest "
+                                 "recomputed); every:N (blocks 0, N, 2N… recomputed). docs/recipes.md.",
+                                 flag="--checkpointing", config="checkpointing", csv="extra", check=_checkpointing,
+                                 metavar="|".join(CHECKPOINTING))
+    grad_accum: int = setting(1, help="Gradient accumulation: micro-batches of --batch-size per optimizer step.",
+                              flag="--grad-accum", config="grad_accum", csv="extra", minimum=1)
     seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra",
                         minimum=-2**63, maximum=2**64 - 1)  # torch.manual_seed's range
     timeline: bool = setting(True, help="Keep a downsampled per-category timeline in the record.")
@@ -132,6 +155,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def recipes(self) -> str:
+        """The training recipes in effect, for a title ("checkpointing full · grad-accum 4"); empty when none."""
+        parts = [f"checkpointing {self.checkpointing}" if self.checkpointing != "none" else "",
+                 f"grad-accum {self.grad_accum}" if self.grad_accum > 1 else ""]
+        return " · ".join(p for p in parts if p)
 
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:

@@ -67,6 +67,18 @@ def category_of_untagged(phase: str) -> tuple[str, str]:
     return "unattributed", phase
 
 
+RECOMPUTED: tuple[str, str] = ("activations", "recomputed")
+"""What a recomputation in backward (activation checkpointing) allocates and still holds when it ends: the
+tensors saved for the backward of the block just recomputed, freed as that backward consumes them."""
+RECOMPUTE_SCRATCH: tuple[str, str] = ("temporaries", "recompute")
+"""What a recomputation in backward allocates and frees before it ends (its intermediates)."""
+
+
+def category_of_recomputed(freed_within: bool) -> tuple[str, str]:
+    """(category, component) of an allocation a recomputation made and no identity claims."""
+    return RECOMPUTE_SCRATCH if freed_within else RECOMPUTED
+
+
 Role = Literal["master", "moment", "factor", "preconditioner", "sign", "projection", "quant", "other"]
 ROLES: tuple[str, ...] = ("master", "moment", "factor", "preconditioner", "sign", "projection", "quant", "other")
 """Components of ``optimizer_state``: the fp32 master copy of the weights that an engine steps in

@@ -108,7 +108,7 @@ def _one_error_line(result, *fragments: str) -> None:
 def test_a_truncated_baseline_is_a_usage_error(tmp_path):
     full = to_csv([record("adam"), record("adafactor")])
     cut = tmp_path / "cut.csv"
-    cut.write_text(full[: len(full) * 2 // 3])  # mid-line
+    cut.write_text(full[: full.rindex(",", 0, len(full) * 2 // 3)])  # mid-line (just before a comma)
     _one_error_line(check("--baseline", str(cut), "--current", str(cut)), "truncated", "last line is cut off")
     lines = full.splitlines(keepends=True)
     cut.write_text("".join(lines[:-2]))  # at a line boundary: rows are missing

@@ -11,9 +11,11 @@ per-parameter table. The categories, their precedence and the roles are declared
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import statistics
 from collections import defaultdict
+from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import (
@@ -32,7 +34,14 @@ from memprof.measure.state import (
 )
 from memprof.measure.trackers import CpuTracker, CudaTracker
 from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
-from memprof.taxonomy import IDENTITY_PRECEDENCE, PHASES, category_of_untagged
+from memprof.taxonomy import (
+    IDENTITY_PRECEDENCE,
+    PHASES,
+    RECOMPUTE_SCRATCH,
+    RECOMPUTED,
+    category_of_recomputed,
+    category_of_untagged,
+)
 
 TIMELINE_POINTS = 4000
 
@@ -49,10 +58,11 @@ class Capture:
         self.collective_components: set[tuple[str, str]] = set()
         self.block_marks: list[tuple[float, int]] = []  # (time, block index): a block starts or ends
         self.depth = 0  # blocks watched (a depth probe's), 0 when none
+        self.recompute_windows: list[tuple[float, float]] = []  # (start, end): activation checkpointing recomputes
 
-    def mark(self, phase: str, step: int) -> None:
+    def mark(self, phase: str, step: int, micro: int = 0) -> None:
         self.tracker.sync()
-        self.marks.append(PhaseMark(self.tracker.now(), phase, step))
+        self.marks.append(PhaseMark(self.tracker.now(), phase, step, micro))
         self.allocated_at_marks.append(self.tracker.memory_allocated())
 
     # -- identities: the only places a tensor is given a category ------------------------------
@@ -109,6 +119,22 @@ class Capture:
         for index, block in enumerate(lists[0]):
             block.register_forward_pre_hook(lambda m, args, kwargs, i=index: before(i, args, kwargs), with_kwargs=True)
             block.register_forward_hook(lambda m, args, output, i=index: after(i, output))
+
+    def saved_outputs(self, outputs) -> None:
+        """Tag outputs kept for backward outside autograd's saved-tensor hooks (selective checkpointing's)."""
+        self._tag([t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)], "activations", "saved")
+
+    @contextlib.contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """Around one recomputation of a checkpointed block in backward: what it allocates is told apart
+        (``assign``)."""
+        self.tracker.sync()
+        start = self.tracker.now()
+        try:
+            yield
+        finally:
+            self.tracker.sync()
+            self.recompute_windows.append((start, self.tracker.now()))
 
     def saved_tensor_hooks(self):
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -167,8 +193,10 @@ class CollectiveBuffers(TorchDispatchMode):
         return out
 
 
-def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark]) -> None:
-    """Give every allocation one category: its best identity tag, else the phase that made it."""
+def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark],
+           recompute_windows: list[tuple[float, float]] = ()) -> None:
+    """Give every allocation one category: its best identity tag, else what made it: a recomputation in
+    backward (``recompute_windows``, activation checkpointing), else the phase."""
     by_ptr: dict[int, list[Allocation]] = defaultdict(list)
     for alloc in allocations:
         by_ptr[alloc.ptr].append(alloc)
@@ -187,8 +215,15 @@ def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark
         if alloc.category is None or rank[tag.category] < rank[alloc.category]:
             alloc.category, alloc.component, alloc.tensor_bytes = tag.category, tag.component, tag.tensor_bytes
     mark_times = [m.time for m in marks]
+    windows = sorted(recompute_windows)
+    window_starts = [start for start, _ in windows]
     for alloc in allocations:
         if alloc.category is not None:
+            continue
+        w = bisect.bisect_right(window_starts, alloc.start) - 1
+        if w >= 0 and alloc.start <= windows[w][1]:
+            freed_within = alloc.end is not None and alloc.end <= windows[w][1]
+            alloc.category, alloc.component = category_of_recomputed(freed_within)
             continue
         i = bisect.bisect_right(mark_times, alloc.start) - 1
         phase = marks[i].phase if i >= 0 else "setup"
@@ -213,7 +248,7 @@ def attribute(
     where the peak is simulated from live tensors); ``estimated_driver`` is an estimate's CUDA
     context from the GPU table (``memprof.gpus``).
     """
-    assign(allocations, capture.tags, capture.marks)
+    assign(allocations, capture.tags, capture.marks, capture.recompute_windows)
     result = replay(allocations, capture.marks, timeline_points=TIMELINE_POINTS if record.settings.timeline else 0,
                     keep_totals=bool(capture.block_marks))
     params = list(names)
@@ -234,6 +269,10 @@ def attribute(
         info = last.get(phase)
         peak_temp = max((v for (c, comp), v in info["peak_by_component"].items() if c == "temporaries" and comp == phase), default=0) if info else 0
         rows.append(Row("temporaries", phase, peak_temp, "allocator"))
+    if capture.recompute_windows:  # activation checkpointing: the most its recomputations held at once
+        backward = last.get("backward")
+        for key in (RECOMPUTED, RECOMPUTE_SCRATCH):
+            rows.append(Row(*key, backward["peak_by_component"].get(key, 0) if backward else 0, "allocator"))
     for category, component in sorted(capture.collective_components):
         most = max((info["peak_by_component"].get((category, component), 0) for info in last.values()), default=0)
         rows.append(Row(category, component, most, "allocator"))
@@ -254,13 +293,14 @@ def attribute(
     record.breakdown = rows
     record.peak = peak_rows
     peaks = device_peaks or Peaks()
-    peaks.allocated, (peaks.phase, peaks.step) = result.peak_bytes, result.peak_phase
+    peaks.allocated, (peaks.phase, peaks.step), peaks.micro = result.peak_bytes, result.peak_phase, result.peak_micro
     record.peaks = peaks
     cuda = device_peaks is not None
     next_times = [p["time"] for p in result.phase_peaks[1:]] + [float("inf")]
     record.phase_peaks = [
         PhasePeak(
-            step=p["step"], phase=p["phase"], start=p["start_bytes"], peak=p["peak"], end=p["end_bytes"],
+            step=p["step"], phase=p["phase"], micro=p["micro"], start=p["start_bytes"], peak=p["peak"],
+            end=p["end_bytes"],
             allocator_at_start=capture.allocated_at_marks[i] if cuda and i < len(capture.allocated_at_marks) else None,
             composition=_rows(p["composition"]),
             blocks=_block_peaks(result, capture, p["time"], next_times[i]),
@@ -276,6 +316,7 @@ def move_global_peak(record: RunRecord, top: PhasePeak) -> None:
     """Make the phase peak ``top`` the record's global peak, with the rows read at it (a record
     extrapolated in depth whose global peak changes phase, ``memprof.measure.depth``)."""
     record.peaks.allocated, record.peaks.phase, record.peaks.step = top.peak, top.phase, top.step
+    record.peaks.micro = top.micro
     record.peak = list(top.composition)
     record.breakdown = [
         dataclasses.replace(row, bytes=_at_peak(record.peak, key))

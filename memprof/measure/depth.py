@@ -138,6 +138,17 @@ def _per_layer(settings: Settings) -> dict[str, list]:
     return per_layer_config(settings.model)
 
 
+def _spaced(groups: tuple[int, ...], settings: Settings, depth: int) -> tuple[int, ...]:
+    """The probes' depths for ``groups`` repeated groups of blocks: one block each, or under ``--checkpointing
+    every:N`` N blocks (one checkpointed) after which every probe ends as the model does (``depth`` mod N)."""
+    from memprof.settings import checkpointing_every
+
+    every = checkpointing_every(settings.checkpointing) if settings.checkpointing.startswith("every:") else 1
+    return tuple(depth % every + every * count for count in groups)
+
+
+
+
 def _probe_sets(settings: Settings, depth: int,
                 per_layer: dict[str, list]) -> Iterator[tuple[tuple[int, ...], str | None]]:
     """The sets of probes ``estimate`` tries in turn, each with why it cannot serve (None: it may): the
@@ -148,7 +159,7 @@ def _probe_sets(settings: Settings, depth: int,
         yield (), rule
         return
     kinds = list(zip(*per_layer.values()))  # each block's values in the per-layer lists
-    for probed in PROBES:
+    for probed in (_spaced(groups, settings, depth) for groups in PROBES):
         added = kinds[probed[0]:probed[-1]]
         beyond = next((i for i in range(probed[-1], depth) if kinds and kinds[i] not in added), None)
         yield probed, None if beyond is None else (
@@ -268,11 +279,11 @@ def _rows(values: list[list[dict]], probed: Sequence[int], depth: int, where: st
 
 
 def _line(values: Sequence[int], probed: Sequence[int], depth: int, where: str) -> int:
-    """The affine function through ``values`` at the consecutive block counts ``probed``, at ``depth``."""
-    per_block = values[1] - values[0]
-    if any(b - a != per_block for a, b in itertools.pairwise(values)):
+    """The affine function through ``values`` at ``probed`` (evenly spaced), at ``depth``."""
+    per_probe = values[1] - values[0]
+    if any(b - a != per_probe for a, b in itertools.pairwise(values)):
         raise NotAffine(f"{where} is {', '.join(map(str, values))} at {', '.join(map(str, probed))} blocks")
-    return values[-1] + per_block * (depth - probed[-1])
+    return values[-1] + per_probe * (depth - probed[-1]) // (probed[1] - probed[0])
 
 
 def _prose(values: Sequence[str], probed: Sequence[int], depth: int, where: str) -> str:

@@ -40,6 +40,7 @@ class PhaseMark:
     time: float
     phase: str  # "setup", "warmup", "forward", "backward", "step", "end"
     step: int  # 0 for setup/warm-up
+    micro: int = 0  # the micro-batch of the step (gradient accumulation: 0 … N-1)
 
 
 @dataclass
@@ -49,8 +50,9 @@ class Replay:
     peak_bytes: int = 0
     peak_time: float = 0.0
     peak_phase: tuple[str, int] = ("setup", 0)
+    peak_micro: int = 0  # the micro-batch of the step (gradient accumulation)
     peak_composition: dict[tuple[str, str], int] = field(default_factory=dict)
-    # {step, phase, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live},
+    # {step, phase, micro, time, start_bytes, peak, end_bytes, peak_by_component: {(category, component): max live},
     #  composition: {(category, component): live at the phase's peak}}
     phase_peaks: list[dict] = field(default_factory=list)
     timeline: dict = field(default_factory=dict)
@@ -92,6 +94,7 @@ def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_po
         return {
             "step": mark.step,
             "phase": mark.phase,
+            "micro": mark.micro,
             "time": mark.time,
             "start_bytes": total,
             "peak": total,
@@ -121,6 +124,7 @@ def replay(allocations: list[Allocation], marks: list[PhaseMark], *, timeline_po
         if total > result.peak_bytes:
             result.peak_bytes, result.peak_time = total, time
             result.peak_phase = (current["phase"], current["step"]) if current else ("setup", 0)
+            result.peak_micro = current["micro"] if current else 0
             result.peak_composition = {k: v for k, v in live.items() if v}
         if timeline_points:
             samples.append((time, total, _by_category(live)))

@@ -13,12 +13,12 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from memprof.errors import UsageError, describe
-from memprof.measure import environment
+from memprof.measure import checkpointing, environment
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
@@ -60,13 +60,15 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         built = build_model(settings.model, options, device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
+        applied = checkpointing.apply(built.model, settings.checkpointing, capture, settings.model)
+        record.notes += [applied] if applied else []
         model, batch = strategy.prepare(built.model), built.batch
         if options.blocks is not None:  # a depth probe's (memprof.measure.depth)
             capture.watch_blocks(model, options.blocks)
         analytic = settings.estimate and spec.entry.requires == "cuda"
         optimizer = build_optimizer(spec, model, analytic=True) if analytic else strategy.make_optimizer(spec, model)
         local = strategy.local_optimizer(optimizer)
-        names = strategy.held_parameters(model)
+        names = checkpointing.clean_names(strategy.held_parameters(model))
         params = list(names)
         buffers = list(model.buffers())
         inputs = [t for t in batch.values() if isinstance(t, torch.Tensor)]
@@ -77,39 +79,24 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.buffers(buffers)
         capture.inputs(inputs)
         roles = spec.entry.state_roles()
-        # The loop keeps no references of its own to gradients or state between phases:
-        # holding them would change what is live and when it is freed.
-        phase, step = "forward", 0
         try:
             for step in range(1, settings.steps + 1):
-                phase = "forward"
-                capture.mark(phase, step)
-                start = time.perf_counter()
-                optimizer.zero_grad()
-                with capture.saved_tensor_hooks(), autocast:
-                    loss = protocol.scale_loss(optimizer, built.loss(model, batch))
-                phase = "backward"
-                capture.mark(phase, step)
-                capture.phase_ms["forward"].append(_elapsed_ms(start, tracker))
-                start = time.perf_counter()
-                strategy.backward(loss)
-                _note_non_finite(record, loss, step)
-                del loss
+                _accumulate(settings, step, capture=capture, tracker=tracker, strategy=strategy, optimizer=optimizer,
+                            loss_of=lambda: built.loss(model, batch), autocast=autocast, record=record)
                 capture.mark("step", step)
-                capture.phase_ms["backward"].append(_elapsed_ms(start, tracker))
                 capture.gradients(strategy.gradients(params), record.gradient_component)
-                phase = "step"
                 start = time.perf_counter()
                 optimizer.step()
                 capture.phase_ms["step"].append(_elapsed_ms(start, tracker))
                 capture.optimizer_state(walk_state(local, names, roles))
                 record.telemetry.append(protocol.telemetry(local, names))
         except torch.OutOfMemoryError:
-            record.status, record.failure = "oom", f"OOM in {phase} (step {step})"
+            record.status, record.failure = "oom", f"OOM in {_where(capture, settings)}"
         except UsageError:  # the settings cannot train this model (memprof.models' checks)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a crash is a result: its row says where and why
-            record.status, record.failure = "failed", f"failed in {phase} (step {step}): {describe(exc, exit_as_call=False)}"
+            why = describe(exc, exit_as_call=False)
+            record.status, record.failure = "failed", f"failed in {_where(capture, settings)}: {why}"
         capture.mark("end", settings.steps)
         protocol.release(optimizer)
         state = walk_state(local, names, roles)
@@ -134,6 +121,37 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
             record.notes.append(f"analytic: state laid out as {spec.entry.source} documents it "
                                 "(docs/baselines.md); the step transient is not the library's")
     return record
+
+
+def _accumulate(settings: Settings, step: int, *, capture: Capture, tracker, strategy: Strategy, optimizer,
+                loss_of: Callable[[], torch.Tensor], autocast: contextlib.AbstractContextManager,
+                record: RunRecord) -> None:
+    """The forward and backward passes of one optimizer step: ``settings.grad_accum`` micro-batches (the same
+    batch each time: the same shapes), each loss divided by their number, the gradients accumulating. Keeps no
+    references of its own to gradients or state between phases: holding them would change what is live and
+    when it is freed."""
+    count = settings.grad_accum
+    for micro in range(count):
+        capture.mark("forward", step, micro)
+        start = time.perf_counter()
+        if micro == 0:
+            optimizer.zero_grad()
+        with strategy.micro_batch(last=micro == count - 1):
+            with capture.saved_tensor_hooks(), autocast:
+                loss = protocol.scale_loss(optimizer, loss_of())
+            capture.mark("backward", step, micro)
+            capture.phase_ms["forward"].append(_elapsed_ms(start, tracker))
+            start = time.perf_counter()
+            strategy.backward(loss if count == 1 else loss / count)
+        _note_non_finite(record, loss, step)
+        del loss
+        capture.phase_ms["backward"].append(_elapsed_ms(start, tracker))
+
+
+def _where(capture: Capture, settings: Settings) -> str:
+    """Where the steps stopped: "backward (step 2)", or with gradient accumulation "(step 2, micro-batch 1)"."""
+    mark = capture.marks[-1]
+    return f"{mark.phase} (step {mark.step}{f', micro-batch {mark.micro}' if settings.grad_accum > 1 else ''})"
 
 
 def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTracker:

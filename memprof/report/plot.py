@@ -93,7 +93,7 @@ def _title(records: Sequence[RunRecord]) -> str:
     s = records[0].settings
     models = ", ".join(dict.fromkeys(_model(r.settings.model) for r in records))
     shape = f"batch {s.batch_size}" + (f", seq {s.seq_len}" if s.seq_len else "")
-    return f"{models} · {shape} · {s.dtype}{' · amp ' + s.amp if s.amp else ''} · {s.device} · {s.steps} steps"
+    return f"{models} · {shape} · {s.dtype}{' · amp ' + s.amp if s.amp else ''}{' · ' + s.recipes() if s.recipes() else ''} · {s.device} · {s.steps} steps"
 
 
 def _figure(width: float, height: float) -> "Figure":
@@ -365,9 +365,10 @@ def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
     ax.set_xscale("log", base=2)
     ax.set_xlabel(fits[0].setting.replace("_", " "))
     ax.set_ylabel(f"needs ({unit})")
-    record = next((f.record for f in fits if f.record is not None), None)
+    record = next((r for f in fits for r in (f.record, *f.estimates) if r is not None), None)  # any estimate
     if record is not None:
-        ax.set_title(f"{_model(record.settings.model)}: largest {fits[0].setting.replace('_', ' ')} that fits",
+        recipes = f" ({record.settings.recipes()})" if record.settings.recipes() else ""
+        ax.set_title(f"{_model(record.settings.model)}{recipes}: largest {fits[0].setting.replace('_', ' ')} that fits",
                      fontsize=10, loc="left")
     ax.legend(fontsize=8, frameon=False)
     return fig

@@ -57,7 +57,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
     peak; per optimizer: the range across ranks and the imbalance of the state and the peak."""
     first = records[0].settings
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
-             f"{' · amp ' + first.amp if first.amp else ''} · {first.device} · {first.parallel} × {first.nproc} ranks"
+             f"{' · amp ' + first.amp if first.amp else ''}{' · ' + first.recipes() if first.recipes() else ''} · {first.device} · {first.parallel} × {first.nproc} ranks"
              f"{' (simulated)' if first.estimate else ''} · {first.steps} steps · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
     columns = ("optimizer", "rank", "weights", "grads", "state", "state split", "activations", "collectives",

@@ -32,7 +32,7 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
     cuda = first.device.startswith("cuda")
     title = (f"{first.model} · batch {first.batch_size}"
              + (f" · seq {first.seq_len}" if first.seq_len else "")
-             + f" · {first.dtype}{' · amp ' + first.amp if first.amp else ''} · {first.device} · {first.steps} steps · {unit}")
+             + f" · {first.dtype}{' · amp ' + first.amp if first.amp else ''}{' · ' + first.recipes() if first.recipes() else ''} · {first.device} · {first.steps} steps · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
     for name in ("optimizer", "weights", "grads", "state", "state split", "activations", "step transient",
                  "peak alloc", "reserved", "NVML", "step ms", "Δ state", "Δ peak"):
@@ -81,7 +81,7 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
     first = records[0].settings
     limit = budget(first)
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
-             f"{' · amp ' + first.amp if first.amp else ''} · estimate for {first.device}"
+             f"{' · amp ' + first.amp if first.amp else ''}{' · ' + first.recipes() if first.recipes() else ''} · estimate for {first.device}"
              f"{' (' + (first.target_gpu or DEFAULT_GPU) + ')' if first.device.startswith('cuda') else ''}"
              f"{' · budget ' + fmt(limit, unit, 2) if limit else ''} · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -124,8 +124,10 @@ def fit_table(fits, *, unit: str = "GiB") -> Table:
     """One row per optimizer: the largest value of the searched setting that fits, and what it needs."""
     first = fits[0]
     setting = first.setting.replace("_", " ")
-    table = Table(title=f"largest {setting} that fits {fmt(first.budget, unit, 2)} {unit} (each confirmed by an "
-                  "estimate at that value)", title_justify="left", header_style="bold")
+    recipes = next((r.settings.recipes() for f in fits for r in f.estimates), "")
+    budget = f"{fmt(first.budget, unit, 2)} {unit}{' · ' + recipes if recipes else ''}"
+    table = Table(title=f"largest {setting} that fits {budget} (each confirmed by an estimate at that value)",
+                  title_justify="left", header_style="bold")
     for name in ("optimizer", f"largest {setting}", f"needs ({unit})", f"headroom ({unit})",
                  f"next {setting} needs ({unit})", "probes"):
         table.add_column(name, justify="left" if name == "optimizer" else "right")
@@ -145,7 +147,9 @@ def fit_table(fits, *, unit: str = "GiB") -> Table:
 def breakdown_table(record: RunRecord, *, unit: str = "MiB", at_peak: bool = False) -> Table:
     """Every category and component of one record, steady state or at the global peak."""
     rows = record.peak if at_peak else record.breakdown
-    where = (f"at the global peak ({record.peaks.phase}, step {record.peaks.step})"
+    micro = f", micro-batch {record.peaks.micro}" if record.settings.grad_accum > 1 and record.peaks.phase in (
+        "forward", "backward") else ""
+    where = (f"at the global peak ({record.peaks.phase}, step {record.peaks.step}{micro})"
              if at_peak else "after the last step")
     table = Table(title=f"{record.settings.spec} on {record.settings.model}: bytes {where} ({unit})",
                   title_justify="left", header_style="bold")
@@ -199,11 +203,13 @@ def phase_table(record: RunRecord, *, unit: str = "MiB") -> Table:
     basis = "estimated" if record.settings.estimate else "allocator" if record.settings.device.startswith("cuda") else "simulated"
     table = Table(title=f"{record.settings.spec}: allocated per phase ({basis}, {unit})", title_justify="left",
                   header_style="bold")
-    for name in ("step", "phase", "start", "peak", "end", "peak − start"):
+    accumulating = record.settings.grad_accum > 1  # a column for the micro-batch of each forward and backward
+    for name in ("step", *(("micro-batch",) if accumulating else ()), "phase", "start", "peak", "end", "peak − start"):
         table.add_column(name, justify="left" if name == "phase" else "right")
     for p in record.phase_peaks:
         if p.phase in PHASES:
-            table.add_row(str(p.step), p.phase, fmt(p.start, unit), fmt(p.peak, unit), fmt(p.end, unit),
+            micro = (str(p.micro) if p.phase != "step" else "",) if accumulating else ()
+            table.add_row(str(p.step), *micro, p.phase, fmt(p.start, unit), fmt(p.peak, unit), fmt(p.end, unit),
                           fmt(p.peak - p.start, unit))
     return table
 

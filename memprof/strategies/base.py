@@ -7,7 +7,8 @@ so: ``prepare`` then materialises this rank's share), ``make_optimizer(spec, mod
 ``held_parameters(model)`` for the tensors that are this rank's weights, ``local_optimizer(optimizer)``
 for the optimizer whose state this rank holds; in each step ``optimizer.zero_grad()``, the forward,
 ``backward(loss)`` (``loss.backward()`` unless the strategy's engine runs it) and ``optimizer.step()``,
-with ``gradients(params)`` after the backward and at the end; ``notes`` last. A strategy whose engine
+each micro-batch's forward and backward inside
+``micro_batch(last)`` (``--grad-accum``), with ``gradients(params)`` after the backward and at the end; ``notes`` last. A strategy whose engine
 owns the loop (DeepSpeed: ``engine.backward``, ``engine.step``) answers ``make_optimizer`` with an
 object whose ``zero_grad``/``step`` drive the engine, so the runner has no branch for it.
 Kept free of torch.distributed imports until a distributed strategy is built.
@@ -77,8 +78,14 @@ class Strategy:
         """The optimizer whose ``state`` this rank holds (ZeRO wraps one)."""
         return optimizer
 
+    def micro_batch(self, last: bool) -> ContextManager:
+        """Entered around each micro-batch's forward and backward (``--grad-accum``); ``last``: the one whose
+        backward ends the optimizer step. A single process, and FSDP2 as torchtitan runs it, reduce every
+        micro-batch's gradients alike."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: "torch.Tensor") -> None:
-        """Back-propagate one step's loss."""
+        """Back-propagate one micro-batch's loss."""
         loss.backward()
 
     def gradients(self, params: list["torch.Tensor"]) -> list["torch.Tensor"]:

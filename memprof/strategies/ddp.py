@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, ContextManager
 
 from memprof.strategies.base import Distributed
 
@@ -25,7 +26,12 @@ class DDP(Distributed):
         if self.simulated:
             wrapped.register_comm_hook(None, _simulated_allreduce)
             wrapped.reducer = _SimulatedReducer(wrapped.reducer)
+        self.model = wrapped
         return wrapped
+
+    def micro_batch(self, last: bool) -> ContextManager:
+        """``no_sync`` for every micro-batch but the last: gradients accumulate locally and are all-reduced once."""
+        return contextlib.nullcontext() if last else self.model.no_sync()
 
 
 def _simulated_allreduce(state, bucket):  # unannotated: DDP checks the annotations' objects, not strings

@@ -6,6 +6,7 @@ Imports of ``deepspeed`` stay inside the methods: this module is read to check a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import TYPE_CHECKING, ContextManager
 
@@ -87,8 +88,13 @@ class DeepSpeedZero(Distributed):
         flat = zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
         return FlatPartitions(optimizer.inner, flat)
 
+    def micro_batch(self, last: bool) -> ContextManager:
+        """DeepSpeed's documented way to step once after accumulating: the boundary set before each backward."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
     def backward(self, loss: "torch.Tensor") -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the runner divides each micro-batch's loss already
         # DeepSpeed's contiguous gradient buckets (ZeRO-3 allocates its bucket up front): what its reduce sums
         buckets = [bucket.buffer for bucket in self.engine.optimizer.ipg_buckets.values()]
         self.capture.collective_buffer([t for b in buckets for t in (b if isinstance(b, list) else [b])],
@@ -126,8 +132,8 @@ class DeepSpeedZero3(DeepSpeedZero):
 
 
 def ds_config(settings: "Settings", stage: int, n_params: int) -> dict:
-    """DeepSpeed's config for memprof's settings: one micro-batch of ``--batch-size`` per rank, no gradient
-    accumulation or clipping, bf16 when ``--dtype bfloat16`` (else fp32), and DeepSpeed's buckets no larger
+    """DeepSpeed's config for memprof's settings: ``--grad-accum`` micro-batches of ``--batch-size`` per rank, no
+    clipping, bf16 when ``--dtype bfloat16`` (else fp32), and DeepSpeed's buckets no larger
     than the model (its 5e8-element default would otherwise dwarf a small model: ZeRO-3 allocates one up front)."""
     bucket = min(DEEPSPEED_BUCKET, n_params)
     zero: dict = {"stage": stage, "reduce_bucket_size": bucket}
@@ -135,7 +141,7 @@ def ds_config(settings: "Settings", stage: int, n_params: int) -> dict:
         zero["allgather_bucket_size"] = bucket
     else:
         zero["stage3_prefetch_bucket_size"] = bucket
-    return {"train_micro_batch_size_per_gpu": settings.batch_size, "gradient_accumulation_steps": 1,
+    return {"train_micro_batch_size_per_gpu": settings.batch_size, "gradient_accumulation_steps": settings.grad_accum,
             "zero_optimization": zero, "bf16": {"enabled": settings.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True, "steps_per_print": 2 ** 31, "wall_clock_breakdown": False}
 
