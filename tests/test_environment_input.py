@@ -100,6 +100,17 @@ def test_ranks_that_never_meet_are_one_line(nothing_measured, mlp_spec):
     assert "could not meet the other ranks at localhost:29500" in stderr and "1/2 clients joined" in stderr
 
 
+def test_a_local_rank_past_the_machines_gpus_is_one_line(nothing_measured, mlp_spec):
+    import torch
+
+    nothing_measured.setattr(torch.cuda, "is_available", lambda: True)
+    nothing_measured.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **MASTER}.items():
+        nothing_measured.setenv(name, value)
+    stderr = refused("compare", "--model", mlp_spec, "--opt", "sgd", "--device", "cuda", "--parallel", "ddp")
+    assert "this rank's GPU is cuda:1" in stderr and "this machine has 1" in stderr
+
+
 @pytest.mark.parametrize("installed", [True, False], ids=["as-installed-here", "as-if-not-installed"])
 def test_estimate_says_deepspeed_is_not_simulated_and_what_to_run(installed, nothing_measured, mlp_spec):
     if not installed:
