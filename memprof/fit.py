@@ -38,12 +38,14 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
     the budget (``memory``, else the ``target_gpu``'s capacity): doubling from the given value, then
     bisecting. Assumes what a run needs grows with the value (true of activations and temporaries)."""
     from memprof.gpus import budget
+    from memprof.models import check_fit_setting
     from memprof.optim.registry import split_specs
 
     if dimension not in FIT_DIMENSIONS:
         raise UsageError(f"unknown --fit {dimension!r}; choose {', '.join(FIT_DIMENSIONS)}")
     name = FIT_DIMENSIONS[dimension]
     base = execute.checked_settings(model, {**settings, "estimate": True, "device": settings.get("device", "cuda")})
+    check_fit_setting(model, name)
     limit = budget(base)
     if limit is None:
         raise UsageError("--fit needs a budget: give --memory (e.g. 24GiB) or --gpu (e.g. h100)")

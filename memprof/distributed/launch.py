@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from memprof import runfile, strategies
-from memprof.distributed.worker import environment_rank, measure_rank
+from memprof.distributed.worker import environment_rank, local_rank, measure_rank
 from memprof.errors import UsageError
 from memprof.files import write_atomic
 from memprof.record import RunRecord
@@ -64,6 +64,9 @@ def check(settings: Settings) -> Settings:
         if launched is None and settings.nproc > gpus:
             raise UsageError(f"--nproc {settings.nproc} needs {settings.nproc} GPUs (one per rank); "
                              f"this machine has {gpus}; use --nproc {max(gpus, 1)} or --device cpu")
+        if launched is not None and local_rank() >= gpus:
+            raise UsageError(f"this rank's GPU is cuda:{local_rank()} (LOCAL_RANK, else RANK) and this machine has "
+                             f"{gpus}; launch at most {gpus} ranks per machine, or use --device cpu")
     return settings
 
 

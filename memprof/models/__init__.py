@@ -24,7 +24,8 @@ from memprof.models.catalog import TEXT_MODELS, TORCHVISION_CLASSIFIERS, model_n
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BuiltModel", "ModelOptions", "build_model", "check_model_name", "is_builtin", "model_names"]
+__all__ = ["BuiltModel", "ModelOptions", "build_model", "check_fit_setting", "check_model_name", "is_builtin",
+           "model_names"]
 
 
 def build_model(name: str, options: ModelOptions, device: str | torch.device = "cpu", *,
@@ -116,15 +117,29 @@ def is_builtin(name: str) -> bool:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ``UsageError`` unless ``build_model`` can resolve ``name``; builds nothing."""
+    """Raise ``UsageError`` unless ``build_model`` can resolve ``name``; builds nothing (a ``config.json``
+    is read: ``memprof.models.hf.read_config`` bounds its layer counts)."""
     from memprof.models.user import is_user_spec
 
     check_name(name, "model")
-    if name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS or _is_hf_config(name) or is_user_spec(name):
+    if _is_hf_config(name):
+        from memprof.models import hf
+
+        hf.read_config(Path(name).expanduser())
+        return
+    if name in TEXT_MODELS or name in TORCHVISION_CLASSIFIERS or is_user_spec(name):
         return
     known = [entry[0] for entry in model_names()]
     raise UsageError(f"unknown model {shorten(name)}; closest: {closest(name, known)} (see `memprof models`; or give a "
                      "local config.json, or path/to/file.py:function)")
+
+
+def check_fit_setting(name: str, setting: str) -> None:
+    """``UsageError`` where ``--fit`` searches a ``setting`` (a ``Settings`` field) that ``name``'s batch does not
+    have: the sequence length of a torchvision classifier (the search would double it to its limit, unchanged)."""
+    if setting == "seq_len" and name in TORCHVISION_CLASSIFIERS:
+        raise UsageError(f"--fit seq-len: {name} is an image classifier, whose batch has no sequence length; "
+                         "use --fit batch-size")
 
 
 def _is_hf_config(name: str) -> bool:

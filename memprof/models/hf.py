@@ -20,8 +20,9 @@ Choices, the same for every HF model memprof builds:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -88,14 +89,39 @@ def _per_layer(config: transformers.PretrainedConfig) -> dict[str, list]:
 
 
 def _config_of(name: str) -> transformers.PretrainedConfig:
-    return _builtin_config(name) if name in TEXT_MODELS else _read_config(Path(name).expanduser())
+    return _builtin_config(name) if name in TEXT_MODELS else read_config(Path(name).expanduser())
 
 
-def _read_config(path: Path) -> transformers.PretrainedConfig:
+MAX_LAYERS = 10_000
+"""The most layers a ``config.json`` may give one stack: ten times the deepest transformer trained
+(DeepNet's 1,000), and a bound on the time to build or estimate it (10,000 blocks of GPT-2's with
+width 64: about 30 s to estimate on one core; time grows faster than the depth beyond)."""
+
+LAYER_COUNT = re.compile(r"(n|num)_(\w+_)?layers?|(encoder|decoder)_layers")
+"""Config keys that count layers: n_layer, num_hidden_layers, num_layers, num_decoder_layers, encoder_layers…"""
+
+
+def read_config(path: Path) -> transformers.PretrainedConfig:
+    """The config of a local ``config.json`` (or a folder holding one); one unreadable, or counting layers
+    outside 0 to ``MAX_LAYERS``, is a usage error."""
     try:
-        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise UsageError(f"Cannot read HF config {path}: {str(err).splitlines()[0]}") from None
+    for key, layers in _layer_counts(config.to_dict()):
+        if not 0 <= layers <= MAX_LAYERS:
+            raise UsageError(f"{path}: {key}={layers:,} is outside the layer counts memprof builds (0 to "
+                             f"{MAX_LAYERS:,}, ten times the deepest transformer trained); give a count in that range")
+    return config
+
+
+def _layer_counts(config: dict, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """Every layer count of a config's dict (``LAYER_COUNT``), its sub-configs' (``text_config.…``) included."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _layer_counts(value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and LAYER_COUNT.fullmatch(key):
+            yield prefix + key, value
 
 
 def build_from_config_file(path: Path, options: ModelOptions, device: torch.device,
@@ -107,7 +133,7 @@ def build_from_config_file(path: Path, options: ModelOptions, device: torch.devi
     LM, model types with a masked-LM head get that, and the rest a causal LM. A ``seq_len`` longer
     than the model's learned absolute positions (``learned_positions``) is a usage error.
     """
-    config = _read_config(path)
+    config = read_config(path)
     built = _build(str(path), "hf-config", config, _task_of(config, path), options, device, weights_on_meta)
     limit = learned_positions(built.model)
     if limit is not None and options.seq_len > limit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from typing import TYPE_CHECKING, ContextManager
 
 from memprof.strategies.base import Capture, Distributed, NotSupported, refuse_loop_taking, structure
@@ -33,16 +34,20 @@ class DeepSpeedZero(Distributed):
     """
 
     stage = 0
+    nearest = ""
+    """The simulated strategy nearest this stage, for ``memprof estimate`` (which cannot run DeepSpeed)."""
 
     @classmethod
     def problem(cls, settings: "Settings") -> str | None:
         """Why ``--parallel deepspeed-zero*`` cannot run with these settings (None when it can)."""
         parallel = settings.parallel
+        if settings.estimate:  # whether DeepSpeed is installed or not
+            return (f"memprof estimate does not simulate --parallel {parallel}: DeepSpeed's engine needs real tensors "
+                    f"and real ranks; measure them with memprof compare --nproc N --parallel {parallel} (on CPU too), "
+                    f"or estimate {cls.nearest}")
         if importlib.util.find_spec("deepspeed") is None:  # found, not imported: importing it takes seconds
-            return f"--parallel {parallel} needs DeepSpeed, which is not installed: pip install deepspeed"
-        if settings.estimate:
-            return (f"memprof estimate cannot simulate --parallel {parallel}: DeepSpeed's engine needs real tensors "
-                    "and peers; measure real ranks with memprof compare --nproc N --device cpu")
+            return (f"--parallel {parallel} needs DeepSpeed, which this Python ({sys.executable}) cannot import: "
+                    "pip install deepspeed")
         if settings.dtype not in ("float32", "bfloat16"):
             return f"--parallel {parallel} runs --dtype float32 or bfloat16 (float16 needs DeepSpeed's loss scaler)"
         return None
@@ -121,14 +126,18 @@ class DeepSpeedZero(Distributed):
 
 class DeepSpeedZero1(DeepSpeedZero):
     name, stage = "deepspeed-zero1", 1
+    nearest = "--parallel zero1 (torch's ZeRO-1: optimizer state sharded, by whole parameters)"
 
 
 class DeepSpeedZero2(DeepSpeedZero):
     name, stage = "deepspeed-zero2", 2
+    nearest = ("--parallel zero1 (optimizer state sharded; gradients whole) or fsdp2 (parameters, gradients and "
+               "state sharded)")
 
 
 class DeepSpeedZero3(DeepSpeedZero):
     name, stage = "deepspeed-zero3", 3
+    nearest = "--parallel fsdp2 (torch's ZeRO-3: parameters, gradients and optimizer state sharded)"
 
 
 def ds_config(settings: "Settings", stage: int, n_params: int) -> dict:
