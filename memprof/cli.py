@@ -9,16 +9,13 @@ not be written (none was changed); a signal that stops the run gives ``128 + sig
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
-import inspect
 import os
 import signal
 import sys
-import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
+from typing import Annotated, Any, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -26,6 +23,16 @@ from rich.markup import escape
 
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, Terminated, UsageError
 from memprof.gpus import DEFAULT_GPU
+from memprof.cli_options import (
+    ConfigOpt,
+    PlotOpt,
+    ReferenceOpt,
+    TopOpt,
+    UnitOpt,
+    export_options,
+    filled,
+    run_options,
+)
 from memprof.report.formats import FORMATS, View, listed
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -48,77 +55,8 @@ app = typer.Typer(
 out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True)
 
-UnitOpt = Annotated[str, typer.Option(help="Units: B, KiB, MiB, GiB, KB, MB or GB.")]
-PlotOpt = Annotated[Optional[Path], typer.Option(help="Write figures (.png, .pdf or .svg): PATH is the breakdown; <stem>-timeline and <stem>-parameters go beside it.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(help="A TOML run configuration (see reports/*.toml); command-line options win.")]
-ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", "--baseline", help="Spec or name the Δ columns compare against (default: the first).")]
-TopOpt = Annotated[int, typer.Option(min=1, help="Parameters to list, largest state first.")]
-
 ReportFormat = Enum("ReportFormat", {name: name for name in ("table", *FORMATS)}, type=str)
 """``memprof report --format``: the terminal table or an export format."""
-
-
-# -- options declared elsewhere: the run settings (memprof.settings), the exports (memprof.report.formats) --
-def _collecting(command: Callable, name: str, added: list[inspect.Parameter], *, in_place: bool) -> Callable:
-    """``command`` with the options ``added`` in its signature, where its parameter ``name`` was
-    (``in_place``) or last; it receives their values as one dict, ``name``."""
-    signature = inspect.signature(command)
-    hints = typing.get_type_hints(command, include_extras=True)
-    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
-    at = [p.name for p in own].index(name) if in_place else len(own)
-    params = [p for p in (*own[:at], *added, *own[at:]) if p.name != name]
-    names = [p.name for p in added]
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return command(*args, **{name: {n: kwargs.pop(n) for n in names}}, **kwargs)
-
-    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    return wrapper
-
-
-def run_options(*groups: str, **overrides: dict[str, Any]) -> Callable[[Callable], Callable]:
-    """Give a command the declared settings' options of ``groups`` (``memprof.settings``), last; it
-    receives their values as ``settings: dict`` (by field name). ``overrides`` change a field's ``default``,
-    ``help`` or ``flags`` for this command (``spec={"default": "adam", "help": "One optimizer spec."}``)."""
-    from memprof.settings import declaration, declared_fields
-
-    def decorate(command: Callable) -> Callable:
-        added = []
-        for group in groups:
-            for item in declared_fields(group):
-                meta, change = declaration(item.name), overrides.get(item.name, {})
-                base = {"int": int, "str": str, "bool": bool}[str(item.type).replace(" | None", "")]
-                kind = Optional[base] if "None" in str(item.type) else base
-                flags = change.get("flags", (meta.flag, meta.short))
-                option = typer.Option(*filter(None, flags), help=change.get("help", meta.help),
-                                      min=meta.minimum, metavar=meta.metavar)
-                added.append(inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY,
-                                               default=change.get("default", item.default),
-                                               annotation=Annotated[kind, option]))
-        return _collecting(command, "settings", added, in_place=False)
-
-    return decorate
-
-
-def export_options(command: Callable) -> Callable:
-    """Give a command ``--NAME PATH`` for every export format (``memprof.report.formats``) and ``--plot``,
-    where its parameter ``exports`` is; it receives their paths as ``exports: dict`` (by name)."""
-    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                               annotation=Annotated[Optional[Path], typer.Option(help=f.help)])
-             for f in FORMATS.values()]
-    added.append(inspect.Parameter("plot", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=PlotOpt))
-    return _collecting(command, "exports", added, in_place=True)
-
-
-def _filled(**fields: str) -> Callable[[Callable], Callable]:
-    """Fill the ``{fields}`` of a command's docstring (its help) with values declared elsewhere."""
-    def decorate(command: Callable) -> Callable:
-        command.__doc__ = (command.__doc__ or "").format(**fields)
-        return command
-
-    return decorate
 
 
 def _explicit(ctx: typer.Context, names: Sequence[str]) -> set[str]:
@@ -329,7 +267,7 @@ def profile(
              steps={"default": 2, "help": "Training steps on fake tensors: the first creates the optimizer state, "
                                           "the second has it live through forward and backward."})
 @export_options
-@_filled(default_gpu=DEFAULT_GPU)
+@filled(default_gpu=DEFAULT_GPU)
 def estimate(
     settings: dict,
     reference: ReferenceOpt = None,
