@@ -112,7 +112,7 @@ class ExplodingAdam(torch.optim.Adam):
 
 
 def test_oom_is_a_result_not_a_crash(mlp_spec):
-    records = measure(mlp_spec, "sgd,test_engine.ExplodingAdam,adam", device="cpu", steps=2)
+    records = measure(mlp_spec, "sgd,test_runner.ExplodingAdam,adam", device="cpu", steps=2)
     assert [r.status for r in records] == ["ok", "oom", "ok"]
     assert records[1].failure == "OOM in step (step 1)"
     assert records[1].peaks.allocated > 0

@@ -1,4 +1,4 @@
-"""Issue 11's findings, one test each: every bad input is one line (exit 2) before anything is
+"""The command line's input and outputs: every bad input is one line (exit 2) before anything is
 measured, user code fails as one line naming it, files are honest, a NaN loss is said."""
 
 from __future__ import annotations
