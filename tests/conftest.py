@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,16 @@ def mlp_spec() -> str:
 @pytest.fixture(scope="session")
 def gpt2_spec() -> str:
     return f"{ZOO}:tiny_gpt2"
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(tmp_path_factory) -> dict[str, str]:
+    """``configs_for_tests``' tiny GPT-2 and LLaMA as config.json paths, by name."""
+    from configs_for_tests import GPT2, LLAMA
+
+    folder = tmp_path_factory.mktemp("configs")
+    paths = {}
+    for name, config in (("gpt2", GPT2), ("llama", LLAMA)):
+        paths[name] = str(folder / f"{name}.json")
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    return paths

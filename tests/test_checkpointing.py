@@ -5,39 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
+from configs_for_tests import GPT2
 from cli_for_tests import invoke
 
 from memprof.api import estimate, measure
 from memprof.taxonomy import PERSISTENT
 
 CLOSE, SLACK = 0.005, 256  # tests/test_estimate.py's tolerance for a peak and the activations
-GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64, "n_head": 4,
-        "vocab_size": 512, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
-         "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0}
 TEXT = dict(batch_size=2, seq_len=32, steps=2, timeline=False)
 VISION = dict(batch_size=2, image_size=32, steps=1, timeline=False)
 COMPARED = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "model_config", "status",
             "hyperparameters")  # tests/test_depth.py's
 
 
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("configs")
-    paths = {}
-    for name, config in (("gpt2", GPT2), ("llama", LLAMA)):
-        paths[name] = str(folder / f"{name}.json")
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    return paths
-
 
 def _rows(record) -> dict[tuple[str, str], int]:
     return {(r.category, r.component): r.bytes for r in record.breakdown}
 
 
-def test_checkpointing_keeps_fewer_activations_and_shows_what_recomputation_allocates(configs):
-    runs = {c: measure(configs["gpt2"], ["adam"], device="cpu", checkpointing=c, **TEXT)[0]
+def test_checkpointing_keeps_fewer_activations_and_shows_what_recomputation_allocates(tiny_configs):
+    runs = {c: measure(tiny_configs["gpt2"], ["adam"], device="cpu", checkpointing=c, **TEXT)[0]
             for c in ("none", "full", "selective")}
     saved = {c: _rows(r)[("activations", "saved")] for c, r in runs.items()}
     assert saved["full"] < saved["selective"] < saved["none"], saved
@@ -56,8 +43,8 @@ def test_checkpointing_keeps_fewer_activations_and_shows_what_recomputation_allo
 
 @pytest.mark.parametrize("model, value", [("gpt2", "full"), ("gpt2", "selective"), ("gpt2", "every:2"),
                                           ("llama", "full"), ("llama", "selective"), ("resnet18", "full")])
-def test_a_checkpointed_cpu_run_is_estimated_exactly(configs, model, value):
-    name, settings = (model, VISION) if model == "resnet18" else (configs[model], TEXT)
+def test_a_checkpointed_cpu_run_is_estimated_exactly(tiny_configs, model, value):
+    name, settings = (model, VISION) if model == "resnet18" else (tiny_configs[model], TEXT)
     (real,) = measure(name, ["adam"], device="cpu", checkpointing=value, **settings)
     (fake,) = estimate(name, ["adam"], device="cpu", checkpointing=value, **settings)
     assert real.status == fake.status == "ok", (real.failure, fake.failure)
@@ -83,11 +70,11 @@ def test_depth_probes_extrapolate_a_checkpointed_model_exactly(tmp_path, value, 
         assert getattr(probed, key) == getattr(full, key), key
 
 
-def test_fit_under_checkpointing_finds_a_larger_batch_and_its_plot_names_the_recipe(configs):
+def test_fit_under_checkpointing_finds_a_larger_batch_and_its_plot_names_the_recipe(tiny_configs):
     from memprof.api import fit
     from memprof.report.plot import plot_fit
 
-    found = {c: fit(configs["gpt2"], "adam", "batch-size", memory="12MiB", seq_len=32, device="cpu",
+    found = {c: fit(tiny_configs["gpt2"], "adam", "batch-size", memory="12MiB", seq_len=32, device="cpu",
                     checkpointing=c)[0] for c in ("none", "full")}
     assert 0 < found["none"].value < found["full"].value, {c: f.value for c, f in found.items()}
     assert found["full"].record.settings.checkpointing == "full"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from files_for_tests import FailingOs
 from cli_for_tests import invoke
 
 from memprof import files
@@ -42,26 +43,6 @@ def one_error(result, code: int, *fragments: str) -> str:
         assert fragment in lines[0], lines[0]
     return lines[0]
 
-
-class FailingOs:
-    """``os`` as memprof.files sees it, where the ``nth`` call of ``name`` once ``armed`` (after
-    measuring) fails with ``code``."""
-
-    def __init__(self, name: str, nth: int, code: int) -> None:
-        self.name, self.nth, self.code, self.calls, self.armed = name, nth, code, 0, False
-
-    def __getattr__(self, attr: str):
-        real = getattr(os, attr)
-        if attr != self.name or not self.armed:
-            return real
-
-        def call(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.nth:
-                raise OSError(self.code, os.strerror(self.code))
-            return real(*args, **kwargs)
-
-        return call
 
 
 def fail_after_measuring(monkeypatch, name: str, nth: int, code: int) -> None:

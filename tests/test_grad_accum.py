@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from configs_for_tests import GPT2
 from cli_for_tests import invoke
 
 from memprof import runfile
@@ -14,27 +15,13 @@ from memprof.settings import Settings
 from memprof.taxonomy import PERSISTENT
 
 CLOSE, SLACK = 0.005, 256  # tests/test_estimate.py's tolerance for a peak and the activations
-GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64, "n_head": 4,
-        "vocab_size": 512, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
-         "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0}
 TEXT = dict(batch_size=2, seq_len=32, steps=2, timeline=False)
 
 
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("configs")
-    paths = {}
-    for name, config in (("gpt2", GPT2), ("llama", LLAMA)):
-        paths[name] = str(folder / f"{name}.json")
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    return paths
 
-
-def test_micro_batches_accumulate_gradients_and_each_has_its_peaks(configs, tmp_path):
-    (single,) = measure(configs["gpt2"], ["adam"], device="cpu", **TEXT)
-    (record,) = measure(configs["gpt2"], ["adam"], device="cpu", grad_accum=3, **TEXT)
+def test_micro_batches_accumulate_gradients_and_each_has_its_peaks(tiny_configs, tmp_path):
+    (single,) = measure(tiny_configs["gpt2"], ["adam"], device="cpu", **TEXT)
+    (record,) = measure(tiny_configs["gpt2"], ["adam"], device="cpu", grad_accum=3, **TEXT)
     assert record.status == "ok", record.failure
     order = [(p.step, p.micro, p.phase) for p in record.phase_peaks if p.phase in ("forward", "backward", "step")]
     expected = []
@@ -60,9 +47,9 @@ def _written(tmp_path, record):
 
 
 @pytest.mark.parametrize("model, extra", [("gpt2", {}), ("llama", {}), ("gpt2", {"checkpointing": "full"})])
-def test_an_accumulating_cpu_run_is_estimated_exactly(configs, model, extra):
-    (real,) = measure(configs[model], ["adam"], device="cpu", grad_accum=2, **extra, **TEXT)
-    (fake,) = estimate(configs[model], ["adam"], device="cpu", grad_accum=2, **extra, **TEXT)
+def test_an_accumulating_cpu_run_is_estimated_exactly(tiny_configs, model, extra):
+    (real,) = measure(tiny_configs[model], ["adam"], device="cpu", grad_accum=2, **extra, **TEXT)
+    (fake,) = estimate(tiny_configs[model], ["adam"], device="cpu", grad_accum=2, **extra, **TEXT)
     assert real.status == fake.status == "ok", (real.failure, fake.failure)
     for category in PERSISTENT:
         assert fake.total(category) == real.total(category), category

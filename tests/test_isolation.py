@@ -6,10 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from processes_for_tests import running, wait
 
 from memprof.measure import isolation
 
@@ -34,22 +34,6 @@ api.measure(sys.argv[1], "optim_for_tests.SleepySGD", device="cpu", steps=1, iso
 """
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a killed child waits for a reaper that a container may not have)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def _start_parent(code: str, mlp_spec: str, tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
@@ -60,7 +44,7 @@ def _start_parent(code: str, mlp_spec: str, tmp_path: Path) -> tuple[subprocess.
            "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
     parent = subprocess.Popen([sys.executable, "-c", code, mlp_spec], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    if not _wait(lambda: pidfile.exists() and pidfile.read_text(), seconds=120):
+    if not wait(lambda: pidfile.exists() and pidfile.read_text(), seconds=120):
         parent.kill()
         pytest.fail(f"the child never reached step(): {parent.communicate()}")
     return parent, int(pidfile.read_text()), temp_root
@@ -73,10 +57,10 @@ def _child_folders(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_a_killed_parent_takes_its_child_and_the_next_run_removes_its_folder(mlp_spec, tmp_path, monkeypatch):
     parent, child, temp_root = _start_parent(API_PARENT, mlp_spec, tmp_path)
-    assert _running(child) and len(_child_folders(temp_root)) == 1
+    assert running(child) and len(_child_folders(temp_root)) == 1
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    assert _wait(lambda: not _running(child)), "the child outlived its SIGKILLed parent"
+    assert wait(lambda: not running(child)), "the child outlived its SIGKILLed parent"
     (left,) = _child_folders(temp_root)
     assert left.name.startswith(f"{isolation.TEMP_PREFIX}{parent.pid}-")  # findable: it names its owner
     monkeypatch.setattr("tempfile.tempdir", str(temp_root))
@@ -92,7 +76,7 @@ def test_sigterm_to_the_command_ends_the_child_and_its_folder_at_once(mlp_spec, 
     parent, child, temp_root = _start_parent(CLI_PARENT, mlp_spec, tmp_path)
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=30) == 143
-    assert not _running(child)
+    assert not running(child)
     assert _child_folders(temp_root) == []
 
 

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from files_for_tests import FailingOs
 from cli_for_tests import invoke
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -343,10 +344,10 @@ NESTED_VALUE = st.one_of(
 @BOMB
 @given(value=NESTED_VALUE, key=st.sampled_from(["lr", "betas", "eps"]))
 def test_a_hyperparameter_value_that_would_exhaust_the_parser_is_one_line(value, key):
-    from memprof.api import _validate_optimizers
+    from memprof.execute import validate_optimizers
 
     spec = f"adam:{key}={value}"
-    assert "adam:" in one_line_usage_error(lambda: _validate_optimizers(spec))
+    assert "adam:" in one_line_usage_error(lambda: validate_optimizers(spec))
     with stubbed_runner():
         refused(invoke("compare", "--model", "gpt2", "--opt", f"sgd,{spec}", "--device", "cpu"))
 
@@ -444,26 +445,6 @@ STAGED_CALLS = ("open", "write", "fsync", "link", "replace")
 """The calls memprof.files makes to stage and place a file (``link``: the old file kept to put back)."""
 WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EPERM, errno.EACCES)
 
-
-class FailingOs:
-    """``os`` as memprof.files sees it: once ``armed``, the ``nth`` call of ``name`` fails with ``code``."""
-
-    def __init__(self, name: str, nth: int, code: int) -> None:
-        self.name, self.nth, self.code, self.calls, self.armed, self.fired = name, nth, code, 0, False, False
-
-    def __getattr__(self, attr: str):
-        real = getattr(os, attr)
-        if attr != self.name or not self.armed:
-            return real
-
-        def call(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.nth:
-                self.fired = True
-                raise OSError(self.code, os.strerror(self.code))
-            return real(*args, **kwargs)
-
-        return call
 
 
 @settings(FAST, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_for_tests import invoke
+from processes_for_tests import running, wait
 
 from memprof import runfile
 from memprof.measure import isolation
@@ -45,22 +46,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan waits for a reaper that a container may not have)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 @pytest.fixture
@@ -81,7 +66,7 @@ def memprof(tmp_path):
 
     def in_step(process: subprocess.Popen, count: int = 1, seconds: float = 120) -> list[Path]:
         """Wait until ``count`` steps have left their process id; remember every process below ``process``."""
-        if not _wait(lambda: len([p for p in pids.iterdir() if p.stat().st_size or "-" in p.name]) >= count
+        if not wait(lambda: len([p for p in pids.iterdir() if p.stat().st_size or "-" in p.name]) >= count
                      or process.poll() is not None, seconds) or process.poll() is not None:
             process.kill()
             pytest.fail(f"no step was reached: {process.communicate()[0][-2000:]}")
@@ -97,12 +82,12 @@ def memprof(tmp_path):
         process.wait()
         process.stdout.close()
         for pid in below:
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
 def _left_running(memprof) -> list[int]:
-    return [pid for _, below in memprof.started for pid in below if _running(pid)]
+    return [pid for _, below in memprof.started for pid in below if running(pid)]
 
 
 def test_sigterm_stops_a_compare_at_once_with_143(memprof):
@@ -141,7 +126,7 @@ def test_sigint_stops_an_estimate_in_forked_workers_at_once_with_130(memprof):
     memprof.in_step(process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=20) == 130  # before: it waited for the sleeping worker (120 s)
-    assert _wait(lambda: not _left_running(memprof), 5), "a forked worker outlived the run"
+    assert wait(lambda: not _left_running(memprof), 5), "a forked worker outlived the run"
 
 
 def test_a_sys_exit_in_a_users_step_stays_that_optimizers_failed_row():
@@ -160,7 +145,7 @@ def test_sigkill_of_an_estimate_takes_its_forked_workers(memprof):
     assert _left_running(memprof), "no forked worker found"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert _wait(lambda: not _left_running(memprof), 2), "a forked worker outlived its SIGKILLed parent"
+    assert wait(lambda: not _left_running(memprof), 2), "a forked worker outlived its SIGKILLed parent"
 
 
 def test_sigkill_during_a_two_rank_run_takes_torchrun_and_its_ranks_and_the_next_run_removes_the_folder(
@@ -171,7 +156,7 @@ def test_sigkill_during_a_two_rank_run_takes_torchrun_and_its_ranks_and_the_next
     assert len(_left_running(memprof)) >= 3, "torchrun and two ranks were expected"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert _wait(lambda: not _left_running(memprof), 5), "torchrun or a rank outlived the SIGKILLed run"
+    assert wait(lambda: not _left_running(memprof), 5), "torchrun or a rank outlived the SIGKILLed run"
     (left,) = tmp_path.glob("memprof-ranks-*")
     assert left.name.startswith(f"memprof-ranks-{process.pid}-")  # it names the run that made it
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
