@@ -89,7 +89,9 @@ def _probed_depth(settings: Settings) -> int | None:
     """The model's depth where ``estimate`` probes it, else None (estimated whole)."""
     from memprof.models import stacked_depth
 
-    depth = None if settings.full_depth or settings.depth is not None else stacked_depth(settings.model)
+    # A snapshot records every allocation of the whole model: no probes.
+    whole = settings.full_depth or settings.snapshot is not None or settings.depth is not None
+    depth = None if whole else stacked_depth(settings.model)
     return depth if depth is not None and depth >= MIN_DEPTH else None
 
 
