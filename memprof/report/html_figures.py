@@ -134,9 +134,10 @@ def timeline(record: RunRecord, unit: str) -> Figure:
                  "hovertemplate": f"%{{y:.3f}} {unit} (%{{customdata:,}} B)"})
     top = max(range(len(totals)), key=totals.__getitem__)
     peaks = record.peaks
+    late = x[-1] > x[0] and (x[top] - x[0]) / (x[-1] - x[0]) > 0.75  # point back into the panel
     annotations = [{"x": x[top], "y": _in(totals[top], unit), "text": f"peak {_in(peaks.allocated or 0, unit):.3f} "
-                    f"{unit}<br>{peaks.phase}, step {peaks.step}", "showarrow": True, "arrowhead": 2, "ax": 40,
-                    "ay": -30, "bgcolor": "white", "bordercolor": "#888"}]
+                    f"{unit}<br>{peaks.phase}, step {peaks.step}", "showarrow": True, "arrowhead": 2,
+                    "ax": -70 if late else 40, "ay": -30, "bgcolor": "white", "bordercolor": "#888"}]
     shapes = []
     steps = [m for m in marks if m["phase"] in PHASE_SHORT or m["phase"] == "end"]
     for mark, following in zip(steps, steps[1:]):
