@@ -158,6 +158,8 @@ def _check_outputs(unit: str, plot: Path | None = None, *, specs: str | None = N
     scale(unit)
     snapshot = paths.pop("snapshot", None)
     outputs = [(f"--{name}", path) for name, path in paths.items()]
+    for name in (name for name, path in paths.items() if path is not None and name in FORMATS):
+        FORMATS[name].check()
     if snapshot is not None:
         from memprof.execute import snapshot_path
         from memprof.optim.registry import split_specs
@@ -173,12 +175,13 @@ def _check_outputs(unit: str, plot: Path | None = None, *, specs: str | None = N
 
 
 def _write_exports(records, *, plot: Path | None = None, unit: str = "MiB", detail: bool = False, top: int = 20,
-                   rendered: Sequence[tuple[Path, bytes]] = (), **paths: Path | None) -> None:
-    """Render every export (``paths`` by format name) and figure, then write them with the ``rendered``
-    ones all or none (``memprof.files.write_all``): a failure leaves every file as it was."""
+                   rendered: Sequence[tuple[Path, bytes]] = (), fits: Sequence = (), **paths: Path | None) -> None:
+    """Render every export (``paths`` by format name; ``fits`` for the views that draw a fit search) and figure,
+    then write them with the ``rendered`` ones all or none (``memprof.files.write_all``): a failure leaves every
+    file as it was."""
     from memprof.files import write_all
 
-    view = View(unit=unit, detail=detail, top=top)
+    view = View(unit=unit, detail=detail, top=top, fits=tuple(fits))
     outputs = [(path, FORMATS[name].render(records, view)) for name, path in paths.items() if path is not None]
     if plot is not None:
         from memprof.report.plot import figures
@@ -257,7 +260,7 @@ def profile(
 
 
 @app.command()
-@run_options("run", "estimate", "distributed",
+@run_options("run", "estimate", "distributed", "capture",
              nproc={"flags": ("--world-size", "--nproc"),
                     "help": "Ranks to simulate (with --parallel): one process, a fake process group; --rank picks "
                             "the rank whose figures are given (default 0)."},
@@ -291,7 +294,9 @@ def estimate(
     from memprof.report.table import estimate_table, fit_table
 
     plot = exports.pop("plot")
-    _check_outputs(unit, plot, **exports)
+    _check_outputs(unit, plot, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
+    if fit is not None and settings["snapshot"] is not None:
+        raise UsageError("--snapshot records one estimate; --fit makes many: drop one of them")
     (request,) = api.requests(settings)
     if reference is not None:
         _check_reference(reference, [request])
@@ -304,7 +309,7 @@ def estimate(
             from memprof.report.plot import fit_figure
 
             rendered.append(fit_figure(fits, plot, unit=unit))
-        _write_exports(records, **exports, unit=unit, rendered=rendered)
+        _write_exports(records, **exports, unit=unit, rendered=rendered, fits=fits)
         if any(f.failure for f in fits):
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
@@ -332,6 +337,8 @@ def report(
     from memprof import runfile
 
     _check_outputs(unit, plot, output=output)
+    if format is not ReportFormat.table:
+        FORMATS[format.value].check()
     if format is ReportFormat.table and output is not None:
         raise UsageError(f"--format table prints to the terminal; with -o choose {listed(FORMATS)}")
     records = [record for path in runs for record in runfile.read(path)]

@@ -140,9 +140,6 @@ def plan(model: Any, optimizers: Any, settings: dict[str, Any], *, isolate: Any 
     # An estimate needs no GPU: its target is CUDA unless it says cpu.
     device = ("cuda" if base.device == "auto" else base.device) if base.estimate else resolve_device(base.device)
     isolate = device.startswith("cuda") and not base.estimate if isolate is None else isolate
-    if base.snapshot is not None and not device.startswith("cuda"):
-        raise UsageError("--snapshot needs CUDA (a torch memory snapshot records the CUDA caching allocator); "
-                         "use --device cuda on a GPU machine, or drop --snapshot")
     distributed = launch.requested(base)
     if distributed:
         base = launch.check(base.replace(device=device))

@@ -42,6 +42,7 @@ class ParameterState:
     by_role: dict[str, int]
     by_key: dict[str, int]
     unfactored: bool  # keeps a full-size moment while the optimizer factors others
+    roles: dict[str, str] = field(default_factory=dict)  # each state tensor's role, by its path (as by_key)
 
 
 @dataclass

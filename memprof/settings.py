@@ -120,8 +120,9 @@ class Settings:
     seed: int = setting(0, help="Random seed for weights and batch.", flag="--seed", config="seed", csv="extra",
                         minimum=-2**63, maximum=2**64 - 1)  # torch.manual_seed's range
     timeline: bool = setting(True, help="Keep a downsampled per-category timeline in the record.")
-    snapshot: str | None = setting(None, help="CUDA only: write a torch memory snapshot (drag it onto "
-                                   "pytorch.org/memory_viz); bounded history, Python-only stacks.",
+    snapshot: str | None = setting(None, help="Write a torch memory snapshot (drag it onto pytorch.org/memory_viz): "
+                                   "on CUDA the allocator's history (bounded, Python-only stacks); on CPU and in "
+                                   "estimates every allocation, its category and phase as its frames.",
                                    flag="--snapshot", group="capture")
     estimate: bool = setting(False, help="Run on fake tensors (nothing allocated): figures for --target.",
                              csv="extra")

@@ -289,13 +289,6 @@ def test_compare_writes_every_export(records, tmp_path, monkeypatch):
     assert (tmp_path / "r-parameters.svg").exists()
 
 
-def test_snapshot_on_cpu_is_a_one_line_usage_error(tmp_path):
-    result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu",
-                                 "--snapshot", str(tmp_path / "s.pickle")])
-    assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and "--snapshot needs CUDA" in result.stderr
-
-
 def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
     import memprof.cli
 

@@ -368,6 +368,7 @@ def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -
         for item in items:
             by_role[item.role] += item.storage_bytes
             by_key[item.path] += item.storage_bytes
+        roles = {item.path: item.role for item in items}
         numel = param.numel() if param is not None else -1
         table.append(
             ParameterState(
@@ -379,6 +380,7 @@ def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -
                 by_role=dict(by_role),
                 by_key=dict(by_key),
                 unfactored=factored and numel > 1 and any(i.role == "moment" and i.tensor.numel() == numel for i in items),
+                roles=roles,
             )
         )
     return sorted(table, key=lambda row: -row.state_bytes)

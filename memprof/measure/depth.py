@@ -128,7 +128,8 @@ def _probed_depth(settings: Settings) -> int | None:
     """The model's depth (its number of blocks) where ``estimate`` probes it, else None (estimated whole)."""
     from memprof.models import stacked_depth
 
-    depth = None if settings.full_depth else stacked_depth(settings.model)
+    # A snapshot records every allocation of the whole model: no probes.
+    depth = None if settings.full_depth or settings.snapshot is not None else stacked_depth(settings.model)
     return depth if depth is not None and depth >= MIN_DEPTH else None
 
 

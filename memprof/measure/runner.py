@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from memprof.errors import UsageError, describe
-from memprof.measure import checkpointing, environment
+from memprof.measure import checkpointing, environment, snapshot
 from memprof.measure.attribution import Capture, attribute
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
@@ -106,7 +106,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)
         device_peaks = _device_peaks(device, nvml_before) if real_cuda else None
         if settings.snapshot and isinstance(tracker, CudaTracker):
-            tracker.keep_snapshot(settings.snapshot)
+            tracker.keep_snapshot(snapshot.snapshot_file(settings))
     record.environment = environment.collect(device if real_cuda else torch.device("cpu"))
     if getattr(tracker, "dropped", False):
         record.status = "failed"
@@ -115,6 +115,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         device_peaks.exact_blocks = tracker.exact_blocks
     attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, device_peaks,
               estimated_driver=_gpu(settings).driver if settings.estimate and device.type == "cuda" else None)
+    if settings.snapshot and not isinstance(tracker, CudaTracker):  # allocations have their categories now
+        snapshot.write(snapshot.snapshot_file(settings), tracker.allocations, capture.marks)
     if isinstance(tracker, FakeTracker):
         _describe_estimate(record, tracker, settings)
         if analytic:

@@ -8,7 +8,7 @@ Kept free of heavy imports (``memprof --help`` reads it); each renderer imports 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     from memprof.record import RunRecord
@@ -21,6 +21,7 @@ class View:
     unit: str = "MiB"
     detail: bool = False  # each record's breakdown (and top parameters) after the summary
     top: int = 20  # parameters listed by the detail, largest state first
+    fits: Sequence[Any] = ()  # the searches of ``memprof estimate --fit`` (``memprof.fit.Fit``), for views that draw them
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ class Format:
     name: str
     help: str  # the option's help
     render: Callable[[Sequence[RunRecord], View], str]
+    requires: str | None = None  # a module the renderer imports that memprof does not depend on
+
+    def check(self) -> None:
+        """Raise ``UsageError`` (before anything is measured) when the renderer cannot run here."""
+        from importlib.util import find_spec
+
+        from memprof.errors import UsageError
+
+        if self.requires is not None and find_spec(self.requires) is None:
+            raise UsageError(f"--{self.name} needs {self.requires}: pip install 'memprof-optim[{self.name}]'")
 
 
 def _csv(records: Sequence[RunRecord], view: View) -> str:
@@ -56,6 +67,18 @@ def _latex(records: Sequence[RunRecord], view: View) -> str:
     return to_latex(records, unit=view.unit, detail=view.detail)
 
 
+def _html(records: Sequence[RunRecord], view: View) -> str:
+    from memprof.report.html import to_html
+
+    return to_html(records, unit=view.unit, fits=view.fits)
+
+
+def _trace(records: Sequence[RunRecord], view: View) -> str:
+    from memprof.report.trace import to_trace
+
+    return to_trace(records)
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("csv", "Write the tidy long table (one row per category/component) to this CSV.", _csv),
     Format("json", "Write the run records with environment metadata to this JSON.", _json),
@@ -63,6 +86,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _markdown),
     Format("latex", "Write a booktabs LaTeX table, ready to paste (settings and environment in % comments).",
            _latex),
+    Format("html", "Write one interactive HTML report that works offline (plotly.js inlined): breakdown, timeline, "
+           "peak, per-parameter table, ranks, fit, how each figure was obtained.", _html, requires="plotly"),
+    Format("trace", "Write the memory timeline as a Chrome/Perfetto trace (JSON: open it in ui.perfetto.dev or "
+           "chrome://tracing).", _trace),
 )}
 
 
