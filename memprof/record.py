@@ -42,6 +42,7 @@ class ParameterState:
     by_role: dict[str, int]
     by_key: dict[str, int]
     unfactored: bool  # keeps a full-size moment while the optimizer factors others
+    component: str = "param"  # its component of ``weights`` (memprof.taxonomy.WEIGHT_COMPONENTS): "adapter" under LoRA
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from memprof.errors import UsageError, describe
 from memprof.measure import environment
-from memprof.measure.attribution import Capture, attribute
+from memprof.measure.attribution import Capture, attribute, weight_components
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
 from memprof.optim import protocol
@@ -58,6 +58,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
         record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
+        record.notes += built.notes
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:
             capture.watch_blocks(model, settings.depth)
@@ -71,7 +72,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         tracker.adopt([*params, *buffers, *inputs])
         record.model_config = built.config
         record.gradient_component = protocol.gradient_component(optimizer)
-        capture.weights(params)
+        capture.weights(weight_components(model, names))
         capture.buffers(buffers)
         capture.inputs(inputs)
         roles = spec.entry.state_roles()

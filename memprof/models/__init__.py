@@ -45,6 +45,10 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
     with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
         torch.manual_seed(SEED)  # the same weights on every build on one device type
         built = _build(name, options, device, weights_on_meta)
+        if options.lora:
+            from memprof.models import lora
+
+            lora.apply(built, options.lora)
     built.config.update(
         name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,
         batch_size=options.batch_size, batch={k: [list(v.shape), str(v.dtype)] for k, v in built.batch.items()},

@@ -27,6 +27,7 @@ class ModelOptions:
     num_classes: int | None = None  # vision models: None = the model's default (1000); text: ignored
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"; weights are cast to it
     depth: int | None = None  # text models: build only this many repeated blocks (None: as configured)
+    lora: str | None = None  # LoRA adapters (memprof.lora's text), injected after the build (memprof.models.lora)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "image_size"):
@@ -55,6 +56,7 @@ class BuiltModel:
     batch: dict[str, torch.Tensor]  # on the device; the inputs AND labels
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     config: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable record of what was built
+    notes: list[str] = field(default_factory=list)  # what the run record should say about how it was built
 
 
 def parameter_count(model: torch.nn.Module) -> int:

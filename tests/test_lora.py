@@ -1,0 +1,137 @@
+"""--lora: PEFT adapters on a frozen base, measured, estimated and probed in depth, against hand counts."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from cli_for_tests import invoke
+
+from memprof.api import estimate, measure
+from memprof.errors import UsageError
+from memprof.lora import ALL_LINEAR, LoraRequest, parse
+from memprof.optim.registry import registry
+from memprof.taxonomy import PERSISTENT
+
+GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 32, "n_head": 2,
+        "vocab_size": 128, "n_positions": 32, "bos_token_id": 0, "eos_token_id": 0}
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128,
+         "max_position_embeddings": 32}
+TINY = dict(batch_size=1, seq_len=8, steps=1, timeline=False)
+
+
+def _config(tmp_path_factory, name: str, config: dict) -> str:
+    path = tmp_path_factory.mktemp(name) / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> str:
+    return _config(tmp_path_factory, "gpt2", GPT2)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    return _config(tmp_path_factory, "llama", LLAMA)
+
+
+def test_the_text_parses_strictly():
+    assert parse("r=8,alpha=16,targets=q_proj+v_proj,dropout=0.05,quant=nf4") == LoraRequest(
+        r=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"), quant="nf4")
+    assert parse("targets=ALL-LINEAR").targets == ALL_LINEAR and parse("r=2").targets is None
+    for text, message in [("r=0", "r must be a positive integer"), ("r=-3", "positive integer"),
+                          ("r=2.5", "positive integer"), ("rank=8", "unknown key 'rank'; valid keys: r, alpha"),
+                          ("r=8,targets=q,v", "joined by '+'"), ("alpha=0", "alpha must be a positive number"),
+                          ("dropout=1", "below 1"), ("quant=nf3", "choose nf4, int8"), ("r=8,r=4", "given twice"),
+                          ("targets=q+q", "twice"), ("targets=q proj", "module names joined by '+'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(text)
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("r=0", "--lora: r must be a positive integer"),
+    ("rank=4", "--lora: unknown key 'rank'; valid keys"),
+    ("targets=q_proj", "has no layer named 'q_proj'; layers LoRA adapts here: wte, wpe, c_attn, c_proj, c_fc"),
+])
+def test_bad_lora_is_one_line_and_exit_2(gpt2, lora, message):
+    result = invoke("compare", "--model", gpt2, "--opt", "adam", "--device", "cpu", "--steps", "1", "--seq-len", "8",
+                    "--lora", lora)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_model_without_default_targets_names_its_layers(mlp_spec):
+    with pytest.raises(UsageError, match=r"PEFT has no default targets for .*: 0, 2"):
+        measure(mlp_spec, ["adam"], device="cpu", lora="r=2", **TINY)
+    (record,) = measure(mlp_spec, ["adam"], device="cpu", lora="r=2,targets=0", **TINY)
+    assert record.components("weights") == {"adapter": (16 * 2 + 2 * 32) * 4, "frozen": (16 * 32 + 32 + 32 * 4 + 4) * 4}
+
+
+def test_every_registered_optimizer_steps_the_adapters_alone(gpt2):
+    names = [name for name, entry in registry().items() if entry.requires is None]
+    for record in measure(gpt2, names, device="cpu", lora="r=2", **TINY):
+        assert record.status == "ok", (record.settings.spec, record.failure)
+        assert {p.component for p in record.parameters} == {"adapter"}, record.settings.spec
+        assert all(".lora_" in p.name for p in record.parameters), record.settings.spec
+        assert set(record.components("weights")) == {"adapter", "frozen"}
+        # The adapters' gradients: c_attn (32 → 96) with rank 2, in each of the 2 blocks (IO-Adam keeps none).
+        assert record.total("gradients") in (0, 2 * (32 * 2 + 2 * 96) * 4), record.settings.spec
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_the_estimate_counts_what_a_cpu_run_holds_and_adam_holds_two_moments_per_adapter(model, request):
+    path = request.getfixturevalue(model)
+    settings = dict(TINY, steps=2, lora="r=4,targets=all-linear")
+    (real,) = measure(path, ["adam"], device="cpu", **settings)
+    (fake,) = estimate(path, ["adam"], device="cpu", **settings)
+    for category in PERSISTENT:
+        assert fake.components(category) == real.components(category), category
+    adapters = sum(p.param_bytes for p in real.parameters)
+    assert real.components("weights")["adapter"] == adapters
+    assert real.components("gradients") == {"grad": adapters}
+    # Adam: exp_avg and exp_avg_sq per adapter (fp32, as the adapters), and a 4-byte step counter for each.
+    assert real.components("optimizer_state") == {"moment": 2 * adapters, "other": 4 * len(real.parameters)}
+    assert fake.peaks.allocated == real.peaks.allocated
+    assert real.model_config["lora"]["trainable_parameters"] * 4 == adapters
+
+
+def test_bf16_base_keeps_fp32_adapters_as_peft_does(gpt2):
+    (record,) = estimate(gpt2, ["adam"], device="cpu", dtype="bfloat16", lora="r=2", **TINY)
+    assert {p.dtype for p in record.parameters} == {"float32"}
+    frozen = record.components("weights")["frozen"]
+    (full,) = estimate(gpt2, ["adam"], device="cpu", dtype="bfloat16", **TINY)
+    assert frozen == full.total("weights") and record.total("gradients") == sum(p.param_bytes for p in record.parameters)
+
+
+def test_the_record_and_its_reproduce_command_carry_the_setting(gpt2, tmp_path):
+    from memprof import runfile
+    from memprof.settings import reproduce_command
+
+    (record,) = measure(gpt2, ["sgd"], device="cpu", lora="r=2,targets=c_attn+c_fc", **TINY)
+    assert "--lora r=2,targets=c_attn+c_fc" in reproduce_command(record.settings, ["sgd"])
+    assert record.notes[0].startswith("LoRA (PEFT ") and "rank 2 adapters on 4 layers (c_attn, c_fc)" in record.notes[0]
+    for suffix in ("csv", "json"):
+        path = tmp_path / f"run.{suffix}"
+        runfile.write(path, [record])
+        (back,) = runfile.read(path, "run")
+        assert back.settings.lora == "r=2,targets=c_attn+c_fc"
+
+
+COMPARED = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters", "model_config", "status",
+            "hyperparameters")
+
+
+def test_depth_probes_stay_exact_under_lora(tmp_path_factory):
+    # Over a frozen embedding the first block's input needs no gradient, so block 0 differs from the others:
+    # probes of 1-3 blocks are not affine, probes of 2-4 are (10 blocks: deep enough to probe them).
+    deep = _config(tmp_path_factory, "gpt2-10", {**GPT2, "n_layer": 10, "vocab_size": 1024})
+    settings = dict(batch_size=2, seq_len=16, timeline=False, lora="r=4,targets=all-linear")
+    (full,) = estimate(deep, ["adam"], full_depth=True, **settings)
+    (probed,) = estimate(deep, ["adam"], **settings)
+    assert "extrapolated to 10 blocks from probes of 2, 3, 4 blocks" in probed.notes[-1]
+    for key in COMPARED:
+        assert getattr(probed, key) == getattr(full, key), key
+    assert probed.notes[:-1] == full.notes and probed.environment["estimate"] == full.environment["estimate"]
