@@ -135,3 +135,20 @@ def test_depth_probes_stay_exact_under_lora(tmp_path_factory):
     for key in COMPARED:
         assert getattr(probed, key) == getattr(full, key), key
     assert probed.notes[:-1] == full.notes and probed.environment["estimate"] == full.environment["estimate"]
+
+
+def test_fsdp2_shards_frozen_base_and_adapters_in_one_unit_and_the_simulation_agrees(gpt2):
+    # FSDP2 accepts a block whose parameters mix requires_grad (the frozen base and its adapters): each rank holds
+    # half of each, gradients and Adam state for its half of the adapters alone.
+    settings = dict(TINY, lora="r=4,targets=all-linear", nproc=2, parallel="fsdp2")
+    ranks = measure(gpt2, ["adam"], device="cpu", **settings)
+    (single,) = measure(gpt2, ["adam"], device="cpu", **{**TINY, "lora": settings["lora"]})
+    adapters = single.components("weights")["adapter"]
+    for rank, real in enumerate(ranks):
+        assert real.status == "ok", real.failure
+        assert real.components("weights")["adapter"] == adapters // 2
+        assert real.components("gradients") == {"grad": adapters // 2}
+        assert real.components("optimizer_state")["moment"] == adapters
+        (simulated,) = estimate(gpt2, ["adam"], device="cpu", rank=rank, **settings)
+        for category in ("weights", "gradients", "optimizer_state"):
+            assert simulated.components(category) == real.components(category), category
