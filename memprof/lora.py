@@ -75,6 +75,17 @@ def problem(text: str) -> str | None:
     return None
 
 
+def sharding_problem(text: str | None) -> str | None:
+    """Why a strategy that builds on the meta device and shards it (FSDP2) cannot run this ``--lora`` (None when
+    it can): a quantized base is not sharded."""
+    quant = parse(text).quant if text else None
+    if quant is None:
+        return None
+    return (f"{FLAG} quant={quant} cannot be sharded by FSDP2 here: it shards a quantized base only when the codes "
+            "are stored in the parameters' dtype (bitsandbytes' quant_storage, FSDP-QLoRA), which memprof does not "
+            "model; use --parallel ddp or deepspeed-zero3, or drop quant=")
+
+
 def _integer(text: str) -> int:
     if not re.fullmatch(r"[+-]?\d{1,9}", text):
         raise LoraTextError(f"{FLAG}: r must be a positive integer (the adapters' rank), got {shorten(text)}")

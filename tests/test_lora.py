@@ -124,11 +124,12 @@ COMPARED = ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters
             "hyperparameters")
 
 
-def test_depth_probes_stay_exact_under_lora(tmp_path_factory):
+@pytest.mark.parametrize("lora", ["r=4,targets=all-linear", "r=4,quant=nf4"])
+def test_depth_probes_stay_exact_under_lora(tmp_path_factory, lora):
     # Over a frozen embedding the first block's input needs no gradient, so block 0 differs from the others:
     # probes of 1-3 blocks are not affine, probes of 2-4 are (10 blocks: deep enough to probe them).
     deep = _config(tmp_path_factory, "gpt2-10", {**GPT2, "n_layer": 10, "vocab_size": 1024})
-    settings = dict(batch_size=2, seq_len=16, timeline=False, lora="r=4,targets=all-linear")
+    settings = dict(batch_size=2, seq_len=16, timeline=False, lora=lora)
     (full,) = estimate(deep, ["adam"], full_depth=True, **settings)
     (probed,) = estimate(deep, ["adam"], **settings)
     assert "extrapolated to 10 blocks from probes of 2, 3, 4 blocks" in probed.notes[-1]
@@ -152,3 +153,71 @@ def test_fsdp2_shards_frozen_base_and_adapters_in_one_unit_and_the_simulation_ag
         (simulated,) = estimate(gpt2, ["adam"], device="cpu", rank=rank, **settings)
         for category in ("weights", "gradients", "optimizer_state"):
             assert simulated.components(category) == real.components(category), category
+
+
+# -- QLoRA: the frozen base quantized, in bitsandbytes' documented layout (analytic) -------------------------------
+def test_nf4_and_int8_round_trip_within_their_step():
+    import torch
+
+    from memprof.models.quant import BLOCK, NF4_TABLE, storage_bytes
+
+    weight = torch.randn(48, 70) * 0.02  # 3,360 weights: blocks of 64 and nibble pairs do not divide the rows
+    for kind, worst in (("nf4", max(b - a for a, b in zip(NF4_TABLE, NF4_TABLE[1:])) / 2), ("int8", 0.5 / 127)):
+        storage = torch.ops.memprof.quantize(weight, kind)
+        assert [t.untyped_storage().nbytes() for t in storage] == list(storage_bytes(kind, 48, 70).values())
+        back = torch.ops.memprof.dequantize(storage, 48, 70, torch.float32)
+        scale = weight.abs().amax(dim=1, keepdim=True) if kind == "int8" else \
+            torch.cat([weight.reshape(-1), weight.new_zeros(-weight.numel() % BLOCK)]).view(-1, BLOCK).abs().amax(1)
+        error = (back - weight).abs()
+        bound = scale if kind == "int8" else scale.repeat_interleave(BLOCK)[:weight.numel()].view(48, 70)
+        assert (error <= worst * bound * 1.02 + 1e-6).all(), kind  # 2 %: the absmax's own 8-bit code (nf4)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_qlora_base_is_codes_and_scales_and_the_estimate_counts_them_exactly(model, quant, request):
+    import torch
+
+    from memprof.models.quant import storage_bytes
+
+    path = request.getfixturevalue(model)
+    settings = dict(TINY, lora=f"r=2,quant={quant}")
+    (real,) = measure(path, ["adam"], device="cpu", **settings)
+    (fake,) = estimate(path, ["adam"], device="cpu", **settings)
+    assert real.status == "ok" and not any(n.startswith("loss became") for n in real.notes), real.failure
+    for category in PERSISTENT:
+        assert fake.components(category) == real.components(category), category
+    assert fake.peaks.allocated == real.peaks.allocated
+    # Hand count: every linear layer but the head, from the model's own shapes.
+    config = GPT2 if model == "gpt2" else LLAMA
+    hidden = config.get("n_embd", config.get("hidden_size"))
+    if model == "gpt2":
+        shapes = [(3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)]
+    else:
+        kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+        inner = config["intermediate_size"]
+        shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden),
+                  (hidden, inner)]
+    layers = [storage_bytes(quant, *shape) for shape in shapes] * 2  # two blocks
+    weights = real.components("weights")
+    assert weights["quant codes"] == sum(layer["codes"] for layer in layers)
+    assert weights["quant scales"] == sum(sum(layer.values()) - layer["codes"] for layer in layers)
+    # The parameter count is the base's (a code stands for a weight) and the adapters'; a tied head stays tied.
+    adapters = real.model_config["lora"]["trainable_parameters"]
+    assert real.n_params == real.model_config["parameters"] == _unquantized_count(path) + adapters
+    assert any(note.startswith(f"analytic: QLoRA base quantized to {quant}") for note in real.notes)
+    assert torch.ops.memprof.dequantize.default  # the op a tracker sees (its output only)
+
+
+def _unquantized_count(path: str) -> int:
+    from memprof.models import ModelOptions, build_model
+
+    return sum(p.numel() for p in build_model(path, ModelOptions(seq_len=8), device="meta").model.parameters())
+
+
+def test_qlora_under_fsdp2_is_one_line_and_exit_2(gpt2):
+    for args in (["compare", "--nproc", "2", "--device", "cpu"], ["estimate", "--world-size", "2"]):
+        result = invoke(*args, "--model", gpt2, "--opt", "adam", "--steps", "1", "--seq-len", "8", "--parallel",
+                        "fsdp2", "--lora", "r=2,quant=nf4")
+        assert result.exit_code == 2 and "cannot be sharded by FSDP2" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1

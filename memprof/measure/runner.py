@@ -36,7 +36,7 @@ trained_here = False
 def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
     """Measure one optimizer on one model in this process (on fake tensors when ``settings.estimate``);
     ``strategy``: how this rank shares the model with the others (default: it does not)."""
-    from memprof.models import build_model
+    from memprof.models import build_model, parameter_count
 
     global trained_here
     trained_here = True
@@ -57,7 +57,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         capture.mark("setup", 0)
         built = build_model(settings.model, settings.model_options(), device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
-        record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
+        record.n_params = parameter_count(built.model)  # before a strategy partitions them
         record.notes += built.notes
         model, batch = strategy.prepare(built.model), built.batch
         if settings.depth is not None:

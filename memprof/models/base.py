@@ -60,8 +60,12 @@ class BuiltModel:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Elements in the model's parameters, each shared (tied) parameter counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Elements in the model's parameters, each shared (tied) parameter counted once; a quantized layer
+    (``memprof.models.quant``) counts the weights it stands for, not its codes and scales."""
+    from memprof.taxonomy import QUANT_PREFIX
+
+    stored = sum(p.numel() for n, p in model.named_parameters() if not n.rpartition(".")[2].startswith(QUANT_PREFIX))
+    return stored + sum(getattr(m, "quantized_numel", 0) for m in model.modules())
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device,

@@ -48,7 +48,7 @@ def apply(built: "BuiltModel", text: str) -> None:
             peft.inject_adapter_in_model(config, model, low_cpu_mem_usage=True)
         except ValueError as exc:  # a target PEFT cannot adapt
             raise UsageError(f"{FLAG}: {_first_line(exc)} (layers LoRA adapts here: {_adaptable(model)})") from None
-    _materialise(model, config.init_lora_weights)
+    materialise_adapters(model)
     adapted = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if hasattr(m, "lora_A")})
     count = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -61,7 +61,7 @@ def apply(built: "BuiltModel", text: str) -> None:
                        "no gradient and no optimizer state" + _frozen_note(frozen_before))
 
 
-def _materialise(model: torch.nn.Module, init: bool | str) -> None:
+def materialise_adapters(model: torch.nn.Module) -> None:
     """Give the adapters PEFT made on the meta device (``low_cpu_mem_usage``, with the dispatch modes set aside)
     storage beside their base layer's weight, made under the run's modes (its tracker, an estimate's fake
     tensors) and initialised by PEFT (``reset_lora_parameters``). PEFT's own placement (``module.to``) cannot
@@ -79,7 +79,7 @@ def _materialise(model: torch.nn.Module, init: bool | str) -> None:
                                                                 requires_grad=param.requires_grad)
         with torch.no_grad():
             for adapter in module.active_adapters:
-                module.reset_lora_parameters(adapter, init)
+                module.reset_lora_parameters(adapter, True)  # PEFT's default init (init_lora_weights=True)
 
 
 def _targets(model: torch.nn.Module, request: LoraRequest, model_name: str) -> list[str] | str:
