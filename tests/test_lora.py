@@ -221,3 +221,16 @@ def test_qlora_under_fsdp2_is_one_line_and_exit_2(gpt2):
                         "fsdp2", "--lora", "r=2,quant=nf4")
         assert result.exit_code == 2 and "cannot be sharded by FSDP2" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fit_searches_under_lora_and_its_figure_says_which_recipe(mlp_spec):
+    from memprof.api import fit
+    from memprof.gpus import need
+    from memprof.report.plot import plot_fit
+
+    settings = dict(device="cpu", steps=2, lora="r=2,targets=0+2")
+    (at_8,) = estimate(mlp_spec, "sgd", batch_size=8, **settings)
+    (result,) = fit(mlp_spec, "sgd", "batch-size", memory=f"{need(at_8)}B", **settings)
+    assert result.value == 8 and result.record.settings.lora == "r=2,targets=0+2"
+    assert result.record.components("weights")["adapter"] == at_8.components("weights")["adapter"] > 0
+    assert "LoRA r=2,targets=0+2" in plot_fit([result]).axes[0].get_title(loc="left")

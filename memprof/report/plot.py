@@ -93,7 +93,15 @@ def _title(records: Sequence[RunRecord]) -> str:
     s = records[0].settings
     models = ", ".join(dict.fromkeys(_model(r.settings.model) for r in records))
     shape = f"batch {s.batch_size}" + (f", seq {s.seq_len}" if s.seq_len else "")
-    return f"{models} · {shape} · {s.dtype}{' · amp ' + s.amp if s.amp else ''} · {s.device} · {s.steps} steps"
+    return (f"{models} · {shape} · {s.dtype}{' · amp ' + s.amp if s.amp else ''}{_lora(s)} · {s.device} · "
+            f"{s.steps} steps")
+
+
+def _lora(settings) -> str:
+    """The fine-tuning recipe for a title: `` · LoRA r=8,…`` (QLoRA with a quantized base), or nothing."""
+    if not settings.lora:
+        return ""
+    return f" · {'QLoRA' if 'quant=' in settings.lora else 'LoRA'} {settings.lora}"
 
 
 def _figure(width: float, height: float) -> "Figure":
@@ -367,8 +375,8 @@ def plot_fit(fits, *, unit: str = "GiB") -> "Figure":
     ax.set_ylabel(f"needs ({unit})")
     record = next((f.record for f in fits if f.record is not None), None)
     if record is not None:
-        ax.set_title(f"{_model(record.settings.model)}: largest {fits[0].setting.replace('_', ' ')} that fits",
-                     fontsize=10, loc="left")
+        ax.set_title(f"{_model(record.settings.model)}{_lora(record.settings)}: largest "
+                     f"{fits[0].setting.replace('_', ' ')} that fits", fontsize=10, loc="left")
     ax.legend(fontsize=8, frameon=False)
     return fig
 
