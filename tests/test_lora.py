@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -20,6 +21,9 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_s
          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128,
          "max_position_embeddings": 32}
 TINY = dict(batch_size=1, seq_len=8, steps=1, timeline=False)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="PEFT is not installed: pip install '.[lora]' runs these tests")
 
 
 def _config(tmp_path_factory, name: str, config: dict) -> str:
@@ -61,6 +65,14 @@ def test_bad_lora_is_one_line_and_exit_2(gpt2, lora, message):
                     "--lora", lora)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_without_peft_lora_is_one_line_naming_the_extra(mlp_spec, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    with pytest.raises(UsageError, match=r"--lora needs PEFT, which is not installed: pip install 'memprof\[lora\]'"):
+        measure(mlp_spec, ["adam"], device="cpu", lora="r=2,targets=0", **TINY)
 
 
 def test_a_model_without_default_targets_names_its_layers(mlp_spec):
