@@ -150,6 +150,7 @@ def test_depth_probes_stay_exact_under_lora(tmp_path_factory, lora):
     assert probed.notes[:-1] == full.notes and probed.environment["estimate"] == full.environment["estimate"]
 
 
+@pytest.mark.slow  # two gloo ranks, each a process of its own
 def test_fsdp2_shards_frozen_base_and_adapters_in_one_unit_and_the_simulation_agrees(gpt2):
     # FSDP2 accepts a block whose parameters mix requires_grad (the frozen base and its adapters): each rank holds
     # half of each, gradients and Adam state for its half of the adapters alone.
