@@ -43,6 +43,7 @@ class ParameterState:
     by_key: dict[str, int]
     unfactored: bool  # keeps a full-size moment while the optimizer factors others
     roles: dict[str, str] = field(default_factory=dict)  # each state tensor's role, by its path (as by_key)
+    component: str = "param"  # its component of ``weights`` (memprof.taxonomy.WEIGHT_COMPONENTS): "adapter" under LoRA
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 from memprof import parallel
 from memprof.errors import UsageError
 from memprof.gpus import GPUS
+from memprof.lora import problem as lora_problem
 from memprof.units import parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,6 +102,10 @@ class Settings:
                          csv="id", choices=DTYPES)
     amp: str | None = setting(None, help="Mixed precision with fp32 weights: bf16 or fp16 autocast.", flag="--amp",
                               config="amp", csv="id", choices=AMP_MODES)
+    lora: str | None = setting(None, help="Fine-tune LoRA adapters (PEFT) on a frozen base: r=8,alpha=16,dropout=0.05,"
+                               "targets=all-linear or module names joined by '+' (default: PEFT's for the model), "
+                               "quant=nf4|int8 for QLoRA (the frozen base quantized).", flag="--lora",
+                               config="lora", csv="id", check=lora_problem, metavar="KEY=VALUE,…")
     batch_size: int = setting(2, help="Batch size.", flag="--batch-size", config="batch_size", csv="id", minimum=1)
     seq_len: int = setting(128, help="Sequence length (text models).", flag="--seq-len", config="seq_len", csv="id",
                            minimum=1)
@@ -158,8 +163,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def recipes(self) -> str:
-        """The training recipes in effect, for a title ("checkpointing full · grad-accum 4"); empty when none."""
-        parts = [f"checkpointing {self.checkpointing}" if self.checkpointing != "none" else "",
+        """The training recipes in effect, for a title ("LoRA r=8 · checkpointing full · grad-accum 4"); empty when
+        none (QLoRA where the base is quantized)."""
+        parts = [f"{'QLoRA' if 'quant=' in self.lora else 'LoRA'} {self.lora}" if self.lora else "",
+                 f"checkpointing {self.checkpointing}" if self.checkpointing != "none" else "",
                  f"grad-accum {self.grad_accum}" if self.grad_accum > 1 else ""]
         return " · ".join(p for p in parts if p)
 

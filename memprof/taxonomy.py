@@ -46,6 +46,32 @@ COLLECTIVE_COMPONENTS: dict[tuple[str, str], str] = {
 """Components that only distributed runs have (``memprof.measure.attribution.CollectiveBuffers`` tags
 them); their rows give the most bytes live at once during the last step."""
 
+WEIGHT_COMPONENTS: dict[str, str] = {
+    "param": "parameters the optimizer trains",
+    "adapter": "LoRA adapters (PEFT's lora_A/lora_B, --lora): the only parameters trained on a frozen base",
+    "frozen": "parameters without gradient or optimizer state (requires_grad False): LoRA's frozen base",
+    "quant codes": "a quantized frozen base's codes (QLoRA, --lora …,quant=: 4-bit NF4 packed two per byte, or int8)",
+    "quant scales": "a quantized frozen base's scales: NF4's 8-bit block absmax with their fp32 second-level scales "
+                    "and offset (double quantization), int8's fp32 scale per row",
+}
+"""Components of ``weights``, in display order: a run that trains every parameter has ``param`` alone."""
+
+ADAPTER_PREFIX = "lora_"
+"""PEFT names a LoRA layer's adapter modules ``lora_A``, ``lora_B``, ``lora_embedding_A``… (its tuner prefix)."""
+QUANT_PREFIX = "quant_"
+"""``memprof.models.quant`` names a quantized layer's storage ``quant_codes``, ``quant_absmax``…"""
+
+
+def weight_component(name: str, trainable: bool) -> str:
+    """The component of ``weights`` a parameter belongs to, from its name and whether it is trained."""
+    leaf = name.rpartition(".")[2]
+    if leaf.startswith(QUANT_PREFIX):
+        return "quant codes" if leaf == f"{QUANT_PREFIX}codes" else "quant scales"
+    if not trainable:
+        return "frozen"
+    return "adapter" if any(part.startswith(ADAPTER_PREFIX) for part in name.split(".")) else "param"
+
+
 PERSISTENT: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_state", "inputs")
 """Counted exactly from tensors (unique storage bytes): identical on every device, gated at 0 %."""
 

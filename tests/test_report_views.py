@@ -76,8 +76,9 @@ def records() -> list[RunRecord]:
 def test_csv_keeps_tidy_columns_and_adds_settings_and_environment(records):
     rows = list(csv.DictReader(io.StringIO(to_csv(records))))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert CSV_COLUMNS[:16] == ("model", "optimizer", "spec", "device", "dtype", "amp", "batch_size", "seq_len",
-                                "image_size", "steps", "status", "measure", "category", "component", "bytes", "basis")
+    assert CSV_COLUMNS[:17] == ("model", "optimizer", "spec", "device", "dtype", "amp", "lora", "batch_size",
+                                "seq_len", "image_size", "steps", "status", "measure", "category", "component", "bytes",
+                                "basis")
     adam = [r for r in rows if r["spec"] == "adam"]
     assert {r["gpu"] for r in adam} == {"NVIDIA H100 80GB HBM3"} and {r["driver"] for r in adam} == {"580.65"}
     assert {r["torch"] for r in adam} == {"2.14.1"} and {r["seed"] for r in adam} == {"0"}

@@ -39,8 +39,10 @@ from memprof.taxonomy import (
     PHASES,
     RECOMPUTE_SCRATCH,
     RECOMPUTED,
+    WEIGHT_COMPONENTS,
     category_of_recomputed,
     category_of_untagged,
+    weight_component,
 )
 
 TIMELINE_POINTS = 4000
@@ -59,6 +61,7 @@ class Capture:
         self.block_marks: list[tuple[float, int]] = []  # (time, block index): a block starts or ends
         self.depth = 0  # blocks watched (a depth probe's), 0 when none
         self.recompute_windows: list[tuple[float, float]] = []  # (start, end): activation checkpointing recomputes
+        self.weight_components: dict[torch.Tensor, str] = {}  # each weight tensor's component (``weights``)
 
     def mark(self, phase: str, step: int, micro: int = 0) -> None:
         self.tracker.sync()
@@ -66,8 +69,11 @@ class Capture:
         self.allocated_at_marks.append(self.tracker.memory_allocated())
 
     # -- identities: the only places a tensor is given a category ------------------------------
-    def weights(self, params) -> None:
-        self._tag(params, "weights", "param")
+    def weights(self, components: dict[torch.Tensor, str]) -> None:
+        """Tag each weight tensor with its component (``weight_components``)."""
+        self.weight_components = components
+        for tensor, component in components.items():
+            self._tag([tensor], "weights", component)
 
     def buffers(self, buffers) -> None:
         self._tag(buffers, "buffers", "buffer")
@@ -94,7 +100,9 @@ class Capture:
         """Mark when each of the model's ``depth`` repeated blocks starts and ends, in forward and in backward
         (a depth probe's: ``memprof.measure.depth`` reads each phase's peak before, in the first and the last
         block, and after them). The backward marks are gradient hooks on the blocks' inputs and outputs,
-        which add nothing to the graph; nothing is marked where no one module list holds the blocks."""
+        which add nothing to the graph; nothing is marked where no one module list holds the blocks. A block
+        whose input needs no gradient (the first block over a frozen embedding, --lora) marks the end of its
+        backward by hooks on its trained parameters' gradients instead."""
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth
                  and len({type(child) for child in m}) == 1]
         if len(lists) != 1:
@@ -108,9 +116,16 @@ class Capture:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                 tensor.register_hook(lambda grad: mark(index))
 
+        hooked: set[int] = set()  # blocks whose parameters' gradients mark them
+
         def before(index: int, args: tuple, kwargs: dict) -> None:
             mark(index)
-            on_grad(index, args[0] if args else kwargs.get("hidden_states"))
+            tensor = args[0] if args else kwargs.get("hidden_states")
+            on_grad(index, tensor)
+            if isinstance(tensor, torch.Tensor) and not tensor.requires_grad and index not in hooked:
+                hooked.add(index)
+                for param in (p for p in lists[0][index].parameters() if p.requires_grad):
+                    param.register_hook(lambda grad, i=index: mark(i))
 
         def after(index: int, output) -> None:
             mark(index)
@@ -193,6 +208,13 @@ class CollectiveBuffers(TorchDispatchMode):
         return out
 
 
+def weight_components(model: torch.nn.Module, names: dict[torch.Tensor, str]) -> dict[torch.Tensor, str]:
+    """The ``weights`` component of each tensor this rank holds (``names``: tensor → parameter name), by the
+    name and whether the model trains that parameter (``memprof.taxonomy.weight_component``)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {tensor: weight_component(name, name in trained) for tensor, name in names.items()}
+
+
 def assign(allocations: list[Allocation], tags: list[Tag], marks: list[PhaseMark],
            recompute_windows: list[tuple[float, float]] = ()) -> None:
     """Give every allocation one category: its best identity tag, else what made it: a recomputation in
@@ -254,7 +276,7 @@ def attribute(
     params = list(names)
     rows: list[Row] = []
     param_storages = {storage_key(t) for p in params for t in storage_tensors(p)}
-    rows.append(Row("weights", "param", unique_bytes(params)))
+    rows += _weight_rows(capture.weight_components)
     rows.append(Row("buffers", "buffer", unique_bytes([b for b in buffers if storage_key(b) not in param_storages])))
     rows.append(Row("gradients", record.gradient_component, unique_bytes(gradients)))
     by_role: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -309,7 +331,7 @@ def attribute(
     ]
     record.timings_ms = _medians(capture.phase_ms)
     record.timeline = Timeline(**result.timeline) if result.timeline else Timeline()
-    record.parameters = _parameter_table(names, state)
+    record.parameters = _parameter_table(names, state, capture.weight_components)
 
 
 def move_global_peak(record: RunRecord, top: PhasePeak) -> None:
@@ -353,8 +375,19 @@ def _rows(composition: dict[tuple[str, str], int]) -> list[Row]:
     return [Row(c, comp, v, "allocator") for (c, comp), v in sorted(composition.items())]
 
 
-def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -> list[ParameterState]:
-    """Optimizer state per parameter, largest first."""
+def _weight_rows(components: dict[torch.Tensor, str]) -> list[Row]:
+    """Bytes of ``weights`` by component (``param`` alone, 0 bytes, where nothing was told)."""
+    by_component: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for tensor, component in components.items():
+        by_component[component].append(tensor)
+    order = [c for c in WEIGHT_COMPONENTS if c in by_component] + sorted(set(by_component) - set(WEIGHT_COMPONENTS))
+    return [Row("weights", c, unique_bytes(by_component[c])) for c in order] or [Row("weights", "param", 0)]
+
+
+def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor],
+                     components: dict[torch.Tensor, str]) -> list[ParameterState]:
+    """Optimizer state per parameter, largest first, with each parameter's ``weights`` component."""
+    component_of = {name: components.get(p, "param") for p, name in names.items()}
     per_param: dict[str, list[StateTensor]] = defaultdict(list)
     for item in state:
         per_param[item.param_name].append(item)
@@ -381,6 +414,7 @@ def _parameter_table(names: dict[torch.Tensor, str], state: list[StateTensor]) -
                 by_key=dict(by_key),
                 unfactored=factored and numel > 1 and any(i.role == "moment" and i.tensor.numel() == numel for i in items),
                 roles=roles,
+                component=component_of.get(name, "param"),
             )
         )
     return sorted(table, key=lambda row: -row.state_bytes)

@@ -19,7 +19,7 @@ import torch
 
 from memprof.errors import UsageError, describe
 from memprof.measure import checkpointing, environment, snapshot
-from memprof.measure.attribution import Capture, attribute
+from memprof.measure.attribution import Capture, attribute, weight_components
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
 from memprof.models.base import ModelOptions
@@ -37,7 +37,7 @@ trained_here = False
 def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
     """Measure one optimizer on one model in this process (on fake tensors when ``settings.estimate``);
     ``strategy``: how this rank shares the model with the others (default: it does not)."""
-    from memprof.models import build_model
+    from memprof.models import build_model, parameter_count
 
     global trained_here
     trained_here = True
@@ -59,7 +59,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         options = ModelOptions.of(settings)
         built = build_model(settings.model, options, device=_build_device(settings, device),
                             fake=settings.estimate, weights_on_meta=strategy.builds_on_meta)
-        record.n_params = sum(p.numel() for p in built.model.parameters())  # before a strategy partitions them
+        record.n_params = parameter_count(built.model)  # before a strategy partitions them
+        record.notes += built.notes
         applied = checkpointing.apply(built.model, settings.checkpointing, capture, settings.model)
         record.notes += [applied] if applied else []
         model, batch = strategy.prepare(built.model), built.batch
@@ -75,7 +76,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         tracker.adopt([*params, *buffers, *inputs])
         record.model_config = built.config
         record.gradient_component = protocol.gradient_component(optimizer)
-        capture.weights(params)
+        capture.weights(weight_components(model, names))
         capture.buffers(buffers)
         capture.inputs(inputs)
         roles = spec.entry.state_roles()

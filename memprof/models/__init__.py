@@ -45,13 +45,32 @@ def build_model(name: str, options: ModelOptions, device: str | torch.device = "
         device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):  # fixed-seed weights; the caller's RNG is left alone
         torch.manual_seed(SEED)  # the same weights on every build on one device type
-        built = _build(name, options, device, weights_on_meta)
+        quant = _quantization(options, weights_on_meta)
+        built = _build(name, options, device, weights_on_meta or quant is not None)  # QLoRA: quantized from meta
+        if options.lora:
+            from memprof.models import lora
+
+            lora.apply(built, options.lora)
+        if quant is not None:
+            from memprof.models import quant as quantized
+
+            quantized.apply(built, quant, device)
     built.config.update(
         name=name, family=built.family, parameters=parameter_count(built.model), dtype=options.dtype,
         batch_size=options.batch_size, batch={k: [list(v.shape), str(v.dtype)] for k, v in built.batch.items()},
     )
     _refuse_one_value_per_channel(built.model, name)
     return built
+
+
+def _quantization(options: ModelOptions, weights_on_meta: bool) -> str | None:
+    """The layout ``--lora …,quant=`` asks the frozen base in (None: not quantized)."""
+    from memprof.lora import parse, sharding_problem
+
+    problem = sharding_problem(options.lora) if weights_on_meta else None
+    if problem:
+        raise UsageError(problem)
+    return parse(options.lora).quant if options.lora else None
 
 
 def _refuse_one_value_per_channel(model: torch.nn.Module, name: str) -> None:

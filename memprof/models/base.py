@@ -28,6 +28,7 @@ class ModelOptions:
     num_classes: int | None = None  # vision models: None = the model's default (1000); text: ignored
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"; weights are cast to it
     blocks: int | None = None  # text models: only the first this many repeated blocks (a depth probe's; None: all)
+    lora: str | None = None  # LoRA adapters (memprof.lora's text), injected after the build (memprof.models.lora)
 
     @classmethod
     def of(cls, settings: Any) -> "ModelOptions":
@@ -63,11 +64,16 @@ class BuiltModel:
     batch: dict[str, torch.Tensor]  # on the device; the inputs AND labels
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     config: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable record of what was built
+    notes: list[str] = field(default_factory=list)  # what the run record should say about how it was built
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Elements in the model's parameters, each shared (tied) parameter counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Elements in the model's parameters, each shared (tied) parameter counted once; a quantized layer
+    (``memprof.models.quant``) counts the weights it stands for, not its codes and scales."""
+    from memprof.taxonomy import QUANT_PREFIX
+
+    stored = sum(p.numel() for n, p in model.named_parameters() if not n.rpartition(".")[2].startswith(QUANT_PREFIX))
+    return stored + sum(getattr(m, "quantized_numel", 0) for m in model.modules())
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device,

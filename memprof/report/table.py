@@ -167,11 +167,14 @@ def parameter_table(record: RunRecord, *, unit: str = "MiB", top: int = 20) -> T
     roles = sorted({role for p in record.parameters for role in p.by_role})
     table = Table(title=f"Top {top} parameters by {record.settings.spec} state ({unit})",
                   title_justify="left", header_style="bold")
-    for name in ("parameter", "shape", "param", "state", *roles, "state/param", "unfactored"):
-        table.add_column(name, justify="left" if name in ("parameter", "shape") else "right")
+    labelled = any(p.component != "param" for p in record.parameters)  # adapters (--lora) say so
+    for name in ("parameter", *(("component",) if labelled else ()), "shape", "param", "state", *roles,
+                 "state/param", "unfactored"):
+        table.add_column(name, justify="left" if name in ("parameter", "component", "shape") else "right")
     for p in record.parameters[:top]:
         ratio = f"{p.state_bytes / p.param_bytes:.3f}" if p.param_bytes else ""
-        table.add_row(p.name, "×".join(map(str, p.shape)), fmt(p.param_bytes, unit, 2), fmt(p.state_bytes, unit, 3),
+        table.add_row(p.name, *((p.component,) if labelled else ()), "×".join(map(str, p.shape)),
+                      fmt(p.param_bytes, unit, 2), fmt(p.state_bytes, unit, 3),
                       *(fmt(p.by_role.get(r, 0), unit, 3) for r in roles), ratio, "yes" if p.unfactored else "")
     fallback = sum(1 for p in record.parameters if p.unfactored)
     if fallback:

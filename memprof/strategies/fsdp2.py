@@ -33,6 +33,12 @@ class FSDP2(Distributed):
     name = "fsdp2"
     builds_on_meta = True
 
+    @classmethod
+    def problem(cls, settings: "Settings") -> str | None:
+        from memprof.lora import sharding_problem
+
+        return sharding_problem(settings.lora)
+
     def __init__(self, device: "torch.device", settings: "Settings") -> None:
         import torch.distributed.fsdp  # noqa: F401 - defines torch.ops.fsdp, whose copy-out the capture tags
         from torch.distributed.device_mesh import init_device_mesh
