@@ -192,20 +192,29 @@ def _problem(item: dataclasses.Field, value: Any) -> str | None:
         return None if "None" in str(item.type) else f"{name} needs a value"
     kind = _base_type(item)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"{name} must be an integer, got {value!r}"
+        return f"{name} must be an integer, got {_shown(value)}"
     if kind is str and not isinstance(value, str):
-        return f"{name} must be text, got {value!r}"
+        return f"{name} must be text, got {_shown(value)}"
     if kind is bool and not isinstance(value, bool):
-        return f"{name} must be true or false, got {value!r}"
+        return f"{name} must be true or false, got {_shown(value)}"
     if meta.minimum is not None and meta.maximum is not None and not meta.minimum <= value <= meta.maximum:
-        return f"{name} must be between {meta.minimum} and {meta.maximum}, got {value}"
+        return f"{name} must be between {meta.minimum} and {meta.maximum}, got {_shown(value)}"
     if meta.minimum is not None and value < meta.minimum:
-        return f"{name} must be at least {meta.minimum}, got {value}"
+        return f"{name} must be at least {meta.minimum}, got {_shown(value)}"
     if kind is int and value > INT64_MAX and meta.maximum is None:
-        return f"{name} must be at most {INT64_MAX} (torch sizes are 64-bit), got {value}"
+        return f"{name} must be at most {INT64_MAX} (torch sizes are 64-bit), got {_shown(value)}"
     if meta.choices is not None and value not in meta.choices:
         return f"unknown {item.name} {value!r}; choose {', '.join(meta.choices)}"
     return meta.check(value) if meta.check else None
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message quotes it: an integer too long to print (Python refuses past 4,300 digits)
+    by its length, long text cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
 
 
 def _base_type(item: dataclasses.Field) -> type:

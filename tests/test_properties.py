@@ -485,3 +485,12 @@ def test_a_write_that_fails_anywhere_is_one_line_and_changes_no_file(tmp_path, o
     errors = [line for line in result.stderr.splitlines() if line != "adam: ok"]
     assert len(errors) == 1 and errors[0].startswith("error: cannot write ") and os.strerror(code) in errors[0]
     assert after == before  # byte for byte, and no temporary left
+
+
+@BOMB
+@given(digits=st.integers(30, 20_000), name=st.sampled_from(["batch_size", "seq_len", "steps", "seed"]))
+def test_an_integer_setting_of_any_length_is_one_line(digits, name):
+    from memprof.settings import Settings
+
+    message = one_line_usage_error(lambda: Settings(model="gpt2", spec="adam", **{name: 10 ** digits}))
+    assert len(message) < 300
