@@ -1,7 +1,5 @@
 """FSDP2 mixed precision (``--fsdp-mixed-precision``): fp32 shards, bf16 all-gathered parameters, fp32 reduce."""
 
-import json
-
 import pytest
 import torch
 from cli_for_tests import invoke
@@ -74,18 +72,6 @@ def test_simulated_rank_agrees_with_the_gloo_run(real_runs, tiny_configs, rank):
 def test_simulated_policy_halves_the_gathered_parameters(tiny_configs, precision):
     _assert_halves_the_gathered_parameters(simulated(tiny_configs["gpt2"], None),
                                            simulated(tiny_configs["gpt2"], precision))
-
-
-def test_depth_probes_stay_exact_under_the_policy(tmp_path):
-    from configs_for_tests import LLAMA
-
-    path = tmp_path / "llama.json"
-    path.write_text(json.dumps({**LLAMA, "num_hidden_layers": 5}))
-    probed = simulated(str(path), "bf16", timeline=False)
-    full = simulated(str(path), "bf16", timeline=False, full_depth=True)
-    assert any(n.startswith("extrapolated to 5 blocks") for n in probed.notes)
-    for key in ("breakdown", "peak", "peaks", "phase_peaks", "n_params", "parameters"):
-        assert getattr(probed, key) == getattr(full, key), key
 
 
 def test_the_setting_is_a_csv_column_a_config_key_a_title_and_a_reproduce_flag(tiny_configs, tmp_path):
