@@ -24,6 +24,7 @@ from memprof.units import parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
 AMP_MODES = ("bf16", "fp16")
+FSDP_PARAM_DTYPES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINTING = ("none", "full", "selective", "every:N")
 INT64_MAX = 2**63 - 1
@@ -141,6 +142,11 @@ class Settings:
                          flag="--nproc", config="nproc", csv="extra", group="distributed", minimum=1)
     parallel: str = setting("none", help=parallel.HELP,
                             flag="--parallel", config="parallel", csv="extra", group="distributed", choices=PARALLEL)
+    fsdp_mixed_precision: str | None = setting(
+        None, help="FSDP2 mixed precision (MixedPrecisionPolicy, as torchtitan trains): the fp32 shards stay the "
+        "master copy, parameters are all-gathered and computed in bf16 or fp16, gradients reduced in fp32. "
+        "Needs --parallel fsdp2 and --dtype float32. docs/recipes.md.", flag="--fsdp-mixed-precision",
+        config="fsdp_mixed_precision", csv="extra", group="distributed", choices=FSDP_PARAM_DTYPES)
     full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
                                "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",
                                flag="--full-depth", csv="extra", group="estimate")
@@ -158,6 +164,8 @@ class Settings:
             raise UsageError(f"{ranks} {self.nproc} needs --parallel: choose {', '.join(PARALLEL[1:])}")
         if self.rank >= self.nproc:
             raise UsageError(f"rank {self.rank} is outside {ranks} {self.nproc}")
+        if self.fsdp_mixed_precision:
+            _check_fsdp_mixed_precision(self)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -167,8 +175,24 @@ class Settings:
         none (QLoRA where the base is quantized)."""
         parts = [f"{'QLoRA' if 'quant=' in self.lora else 'LoRA'} {self.lora}" if self.lora else "",
                  f"checkpointing {self.checkpointing}" if self.checkpointing != "none" else "",
-                 f"grad-accum {self.grad_accum}" if self.grad_accum > 1 else ""]
+                 f"grad-accum {self.grad_accum}" if self.grad_accum > 1 else "",
+                 f"mixed precision {self.fsdp_mixed_precision} (fp32 reduce)" if self.fsdp_mixed_precision else ""]
         return " · ".join(p for p in parts if p)
+
+
+def _check_fsdp_mixed_precision(settings: Settings) -> None:
+    """``--fsdp-mixed-precision`` is FSDP2's policy over fp32 master shards: other strategies have no such
+    policy, shards already in bf16 or fp16 would have no master copy, and autocast on top is what torchtitan
+    turns off under the policy."""
+    flag = f"--fsdp-mixed-precision {settings.fsdp_mixed_precision}"
+    if settings.parallel != "fsdp2":
+        raise UsageError(f"{flag} is FSDP2's MixedPrecisionPolicy: it needs --parallel fsdp2 (got "
+                         f"{settings.parallel})")
+    if settings.dtype != "float32":
+        raise UsageError(f"{flag} keeps fp32 shards as the master copy: it needs --dtype float32 (got "
+                         f"{settings.dtype}); for {settings.dtype} shards drop --fsdp-mixed-precision")
+    if settings.amp:
+        raise UsageError(f"{flag} already computes in {settings.fsdp_mixed_precision}: drop --amp {settings.amp}")
 
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:

@@ -9,6 +9,8 @@ from memprof.strategies.base import Distributed, NotSupported
 if TYPE_CHECKING:
     import torch
 
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from memprof.optim.registry import OptimizerSpec
     from memprof.settings import Settings
 
@@ -53,13 +55,26 @@ class FSDP2(Distributed):
 
         from memprof.models.base import outside_dispatch_modes
 
+        policy = self._mixed_precision()
         with outside_dispatch_modes():  # sharding a meta model: nothing allocated, nothing for a tracker
             for module in shard_units(model):
-                fully_shard(module, mesh=self.mesh)
-            fully_shard(model, mesh=self.mesh)
+                fully_shard(module, mesh=self.mesh, mp_policy=policy)
+            fully_shard(model, mesh=self.mesh, mp_policy=policy)
         model.to_empty(device=self.device)  # FSDP2 re-pads each local shard into its own storage
         initialise_materialised(model, seed=self.rank)
         return model
+
+    def _mixed_precision(self) -> "MixedPrecisionPolicy":
+        """``--fsdp-mixed-precision``: parameters all-gathered and computed in bf16 or fp16 over the fp32
+        shards, gradients reduce-scattered in fp32 into fp32 shards (torchtitan's policy); else FSDP2's
+        default, which gathers and reduces in the parameters' own dtype."""
+        import torch
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not self.settings.fsdp_mixed_precision:
+            return MixedPrecisionPolicy()
+        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.fsdp_mixed_precision]
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
     def make_optimizer(self, spec: "OptimizerSpec", model: "torch.nn.Module") -> "torch.optim.Optimizer":
         import torch
@@ -95,12 +110,18 @@ class FSDP2(Distributed):
         split = sum(1 for p in sharded.values() if tuple(p.to_local().shape) != tuple(p.shape))
         notes = [built, f"the optimizer steps this rank's shard of each parameter (Shard(0) rows; {split} of "
                         f"{len(named)} parameters split): a factored optimizer factors the shard"]
+        precision = self.settings.fsdp_mixed_precision
+        if precision:
+            notes.append(f"mixed precision (MixedPrecisionPolicy): fp32 shards are the master copy; parameters "
+                         f"are all-gathered and computed in {precision}, gradients reduce-scattered in fp32 into "
+                         "fp32 shards")
         uneven = {n: p for n, p in sharded.items() if p.dim() and p.shape[0] % self.world_size}
         return notes + ([self._padding(uneven, len(named))] if uneven else [])
 
     def _padding(self, uneven: dict[str, "torch.Tensor"], total: int) -> str:
         """What FSDP2 pads where ``world_size`` does not divide a parameter's rows: every rank's shard holds
         ceil(rows / world_size) rows (``torch.chunk``), and the all-gathered buffer world_size times that."""
+        gathered_size = 2 if self.settings.fsdp_mixed_precision else None  # bf16 and fp16: 2 bytes
         here = gathered = 0
         worst = (0, "", 0, 0)
         for name, p in uneven.items():
@@ -108,7 +129,7 @@ class FSDP2(Distributed):
             per_rank = -(-rows // self.world_size)
             padding = (per_rank * self.world_size - rows) * row_bytes
             here += (per_rank - p.to_local().shape[0]) * row_bytes
-            gathered += padding
+            gathered += padding * (gathered_size or p.element_size()) // p.element_size()
             if padding > worst[0]:  # the first of equals (block 0's): the same name at any depth
                 worst = (padding, name, rows, per_rank)
         _, name, rows, per_rank = worst
