@@ -53,28 +53,29 @@ def test_every_allocation_is_an_alloc_and_a_free_with_its_category_and_phase():
     assert len(set(addresses)) == 3  # never reused, though the tracker's pointers were
 
 
-def test_a_cpu_run_writes_a_snapshot_memory_viz_reads(tmp_path, gpt2_spec):
-    path, run = tmp_path / "cpu.pickle", tmp_path / "run.json"
-    result = invoke("compare", "--model", gpt2_spec, "--opt", "adam", "--device", "cpu", "--steps", "2",
-                    "--seq-len", "16", "--snapshot", path, "--json", run)
-    assert result.exit_code == 0, result.output
-    snap = pickle.loads(path.read_bytes())
-    check_memory_viz(snap)
-    (record,) = json.loads(run.read_text())["records"]
-    assert allocated_over_time(snap)[0] == record["peaks"]["allocated"]  # the same allocations as the record's
-    names = {f["name"] for e in snap["device_traces"][0] for f in e["frames"]}
-    assert {"optimizer_state · moment", "gradients · grad", "activations · saved", "step (step 2)"} <= names
-
-
-def test_an_estimate_writes_a_snapshot_memory_viz_reads(tmp_path, gpt2_spec):
-    path, run = tmp_path / "estimate.pickle", tmp_path / "run.json"
-    result = invoke("estimate", "--model", gpt2_spec, "--opt", "adam", "--seq-len", "16", "--world-size", "2",
-                    "--parallel", "fsdp2", "--snapshot", path, "--json", run)
+def _snapshot_of(tmp_path, *args) -> dict:
+    """The snapshot a command writes with ``--snapshot``, checked as memory_viz reads it and against the
+    record's peak (the same allocations as the record's)."""
+    path, run = tmp_path / "snapshot.pickle", tmp_path / "run.json"
+    result = invoke(*args, "--snapshot", path, "--json", run)
     assert result.exit_code == 0, result.output
     snap = pickle.loads(path.read_bytes())
     check_memory_viz(snap)
     (record,) = json.loads(run.read_text())["records"]
     assert allocated_over_time(snap)[0] == record["peaks"]["allocated"]
+    return snap
+
+
+def test_a_cpu_run_writes_a_snapshot_memory_viz_reads(tmp_path, gpt2_spec):
+    snap = _snapshot_of(tmp_path, "compare", "--model", gpt2_spec, "--opt", "adam", "--device", "cpu", "--steps", "2",
+                        "--seq-len", "16")
+    names = {f["name"] for e in snap["device_traces"][0] for f in e["frames"]}
+    assert {"optimizer_state · moment", "gradients · grad", "activations · saved", "step (step 2)"} <= names
+
+
+def test_an_estimate_writes_a_snapshot_memory_viz_reads(tmp_path, gpt2_spec):
+    snap = _snapshot_of(tmp_path, "estimate", "--model", gpt2_spec, "--opt", "adam", "--seq-len", "16",
+                        "--world-size", "2", "--parallel", "fsdp2")
     sizes = {e["size"] for e in snap["device_traces"][0]}
     assert all(size % 512 == 0 for size in sizes)  # a CUDA target's blocks
     names = {f["name"] for e in snap["device_traces"][0] for f in e["frames"]}
