@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from memprof.parallel import HELP, STRATEGIES, Choice
+from memprof.parallel import STRATEGIES
 from memprof.strategies.base import NotSupported, Strategy
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from memprof.settings import Settings
 
-__all__ = ["STRATEGIES", "HELP", "Choice", "NotSupported", "Strategy", "for_settings", "problem", "strategy_class"]
+__all__ = ["NotSupported", "Strategy", "for_settings", "problem", "strategy_class"]
 
 
 
