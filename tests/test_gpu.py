@@ -13,7 +13,19 @@ pytestmark = [
 PERSISTENT = ("weights", "gradients", "optimizer_state")
 
 
-@pytest.mark.parametrize("model, kwargs", [("gpt2", {"batch_size": 4, "seq_len": 512}), ("resnet50", {"batch_size": 32})])
+RECIPES = [
+    ("gpt2", {"batch_size": 4, "seq_len": 512}),
+    ("resnet50", {"batch_size": 32}),
+    ("gpt2", {"batch_size": 4, "seq_len": 512, "checkpointing": "full"}),
+    ("gpt2", {"batch_size": 4, "seq_len": 512, "checkpointing": "selective", "amp": "bf16"}),
+    ("gpt2", {"batch_size": 4, "seq_len": 512, "lora": "r=8"}),
+    ("gpt2", {"batch_size": 4, "seq_len": 512, "lora": "r=8,quant=nf4", "checkpointing": "every:2"}),
+    ("gpt2", {"batch_size": 2, "seq_len": 512, "grad_accum": 2}),
+    ("resnet50", {"batch_size": 32, "checkpointing": "full"}),
+]
+
+
+@pytest.mark.parametrize("model, kwargs", RECIPES)
 def test_peak_composition_adds_up_to_max_memory_allocated(model, kwargs):
     for record in measure(model, "adam,smmf", device="cuda", steps=3, **kwargs):
         assert record.status == "ok", record.failure
