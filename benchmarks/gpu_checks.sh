@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every CUDA check still owed, in one call of the device tool (about 6 minutes on an H200):
-#   run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=480)
+# Every CUDA check still owed, in one call of the device tool (about 7 minutes on an H200):
+#   run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=540)
+# On the H200 of 2026-12-04 one `memprof compare` process took 10-20 s to start and build (a 2-optimizer GPT-2
+# compare 37-51 s), so a lane holds about 20 optimizer runs in its 330 s. What that session finished is in
+# reports/gpu/ (*-h200*); this script keeps only what is still owed.
 # Independent memory runs go in parallel lanes: each process reads its own allocator's counters and NVML's
 # per-process figure, so they do not disturb one another; the step-time benchmark runs last, alone.
-# What comes back ($OUT): log.txt, results.tar.xz (records, tables, logs), traces.tar (allocator traces).
+# What comes back ($OUT): log.txt, results.tar.gz (records, tables, logs), traces.tar (allocator traces).
 # Unpack into reports/gpu/ (records) and tests/data/ (traces) as the note of the session that ran it says.
 set -uo pipefail
 OUT=${OUT:-/tmp/memprof-gpu}; mkdir -p "$OUT"
@@ -12,7 +15,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q -e . --no-deps
+# No `pip install -e .` there: it needs setuptools>=77 from the network to build. The checkout on the path instead,
+# and a `memprof` command that runs its CLI.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "import sys; from memprof.cli import main; sys.argv[0] = \x27memprof\x27; sys.exit(main())" "$@"\n' >/tmp/bin/memprof
+chmod +x /tmp/bin/memprof && export PATH="/tmp/bin:$PATH"
 export PYTHONUNBUFFERED=1
 GPU=$(python3 -c "import torch; n=torch.cuda.get_device_name().lower(); print('h200' if 'h200' in n else 'h100' if 'h100' in n else 'gpu')")
 python3 -c "import torch, transformers, peft; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__, peft.__version__)" | tee "$OUT/log.txt"
@@ -23,7 +30,7 @@ step() {
   echo "== $*" >>"$R/logs/$lane.log"; timeout 320 "$@" >>"$R/logs/$lane.log" 2>&1; local rc=$?
   echo "[$lane] exit $rc in $((SECONDS - t0)) s: $*" | tee -a "$OUT/log.txt"
 }
-pack() { tar -C "$R" -cJf "$OUT/results.tar.xz" --exclude=traces --exclude='*.pickle' . 2>/dev/null
+pack() { GZIP=-1 tar -C "$R" -czf "$OUT/results.tar.gz" --exclude=traces --exclude='*.pickle' . 2>/dev/null
          tar -C "$R" -cf "$OUT/traces.tar" traces 2>/dev/null; }
 cmp() { local lane=$1 name=$2; shift 2; step "$lane" memprof compare "$@" --device cuda --json "$R/$name.json" --csv "$R/$name.csv"; }
 trace() {  # a run with the allocator's history kept, stripped of frames into traces/
@@ -32,62 +39,41 @@ trace() {  # a run with the allocator's history kept, stripped of frames into tr
   step traces python3 benchmarks/allocator_trace.py "$R/$name.pickle" "$R/traces/$name.pkl.xz"
 }
 
-# Lane 1: the engine's CUDA checks (composition adds up under every recipe, blocks vs tensors, CPU==CUDA state,
-# isolation) and the SMMF Triton kernel against torch.
+# Lane 1: the engine's CUDA checks (composition adds up under every recipe: passed on the H200 on 2026-12-04;
+# the two tests fixed after that run are owed) and --snapshot under checkpointing (failed there: a SystemError
+# from dropout in the recompute while the history recorded Python stacks).
 lane_tests() {
-  step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider -n 2 tests/test_gpu.py
-  step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/optim/test_smmf.py
+  step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k "tensor_bytes_match or each_optimizer_runs"
+  trace gpt2-smmf-ckpt-full --model gpt2 --opt smmf --batch-size 4 --seq-len 512 --steps 3 --checkpointing full
 }
-# Lane 2: the training recipes on CUDA, each against its estimate afterwards (issue 20).
+# Lane 2: the training recipes not yet run on CUDA (issue 20), each against its estimate afterwards.
 lane_recipes() {
   local g="--model gpt2 --opt adam,smmf --batch-size 4 --seq-len 512 --steps 3"
-  cmp recipes gpt2-none $g
-  cmp recipes gpt2-ckpt-full $g --checkpointing full
-  cmp recipes gpt2-ckpt-selective $g --checkpointing selective
-  cmp recipes gpt2-ckpt-every2 $g --checkpointing every:2
-  cmp recipes gpt2-lora $g --lora r=8
   cmp recipes gpt2-qlora-nf4 $g --lora r=8,quant=nf4
   cmp recipes gpt2-accum2 --model gpt2 --opt adam,smmf --batch-size 2 --grad-accum 2 --seq-len 512 --steps 3
   cmp recipes gpt2-bf16-ckpt-full $g --amp bf16 --checkpointing full
   cmp recipes resnet50-ckpt-full --model resnet50 --opt adam,smmf --batch-size 32 --steps 3 --checkpointing full
 }
-# Lane 3: allocator traces for the simulator (issue 22) and the snapshot checks (memory_viz, T5 + Adafactor).
-lane_traces() {
-  trace t5-adafactor --model t5-small --opt hf_adafactor --batch-size 1 --seq-len 128 --steps 3
-  step traces python3 benchmarks/snapshot_peak.py "$R/t5-adafactor.pickle" --min-mib 8 --frames 6
-  step traces python3 -c "import pickle, torch.cuda._memory_viz as v; d=pickle.load(open('$R/t5-adafactor.pickle','rb')); print('memory_viz trace_plot chars', len(v.trace_plot(d)))"
-  trace gpt2-adam --model gpt2 --opt adam --batch-size 4 --seq-len 512 --steps 3
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True trace gpt2-adam-expandable --model gpt2 --opt adam --batch-size 4 --seq-len 512 --steps 3
-  PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:64,roundup_power2_divisions:4 trace gpt2-adam-split64-pow4 --model gpt2 --opt adam --batch-size 4 --seq-len 512 --steps 3
-  trace roberta-io-adam --model reports/configs/roberta-base-cola/config.json --opt io_adam:buffer_size=16 --batch-size 16 --seq-len 128 --steps 3
-  trace llama-350m-smmf-bf16 --model llama-350m --opt smmf --amp bf16 --batch-size 4 --seq-len 512 --steps 3
-  trace gpt2-smmf-ckpt-full --model gpt2 --opt smmf --batch-size 4 --seq-len 512 --steps 3 --checkpointing full
-  trace resnet50-adam --model resnet50 --opt adam --batch-size 32 --steps 3
-  rm -f "$R"/*.pickle
-}
-# Lanes 4-7: the papers' peak cells (issue 24), as reports/README.md's GPU commands. The largest runs (Adapprox's
-# GPT-2 345M at 16 x 1024, GPT2-XL) share a lane so that the lanes together stay well inside the GPU's memory.
+# Lanes 3-6: the papers' peak cells still owed (issue 24), as reports/README.md's GPU commands. The largest runs
+# share a lane so that the lanes together stay well inside the GPU's memory.
 lane_papers_a() { cmp papers-a smmf-table1-gpu --config reports/smmf-table1.toml; }
 lane_papers_b() {
-  cmp papers-b smmf-table4-gpu --config reports/smmf-table4.toml
   cmp papers-b smmf-table6-gpu --config reports/smmf-table6.toml
   cmp papers-b io-adam-table4-gpu --config reports/io-adam-table4.toml
 }
-lane_papers_c() {
-  cmp papers-c smmf-table8-gpu --config reports/smmf-table8.toml
-  cmp papers-c llama-350m-bf16 --model llama-350m --opt adam,smmf --amp bf16 --batch-size 4 --seq-len 512 --steps 2
-}
+lane_papers_c() { cmp papers-c smmf-table8-gpu --config reports/smmf-table8.toml; }
 lane_papers_d() {
-  cmp papers-d adapprox-table2-gpu --config reports/adapprox-table2.toml
   cmp papers-d alada-table4-gpt2-xl-gpu --model gpt2-xl --opt adam,hf_adafactor,alada --batch-size 1 --seq-len 1024 --steps 3
+  cmp papers-d llama-350m-bf16 --model llama-350m --opt adam,smmf --amp bf16 --batch-size 4 --seq-len 512 --steps 2
 }
 
-for lane in lane_tests lane_recipes lane_traces lane_papers_a lane_papers_b lane_papers_c lane_papers_d; do $lane & done
-while [ -n "$(jobs -r)" ] && [ $SECONDS -lt 330 ]; do sleep 5; pack; done
+for lane in ${LANES:-lane_tests} lane_recipes lane_papers_a lane_papers_b lane_papers_c lane_papers_d; do $lane & done
+while [ -n "$(jobs -r)" ] && [ $SECONDS -lt ${LANES_UNTIL:-330} ]; do sleep 10; pack; done
 if [ -n "$(jobs -r)" ]; then echo "lanes still running at ${SECONDS} s: stopped" | tee -a "$OUT/log.txt"; kill $(jobs -p) 2>/dev/null; fi
 pack
 # Last and alone: seed optimizers vs fused AdamW, step ms and ratios measured in one run.
-if [ $SECONDS -lt 360 ]; then
+if [ $SECONDS -lt ${BENCH_UNTIL:-360} ]; then
   step bench python3 benchmarks/optimizers.py --model gpt2 --steps 12 --json "$R/benchmark-gpt2-$GPU.json" \
     --out "$R/benchmark-gpt2-$GPU.md"
 fi

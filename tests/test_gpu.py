@@ -43,9 +43,11 @@ def test_tensor_bytes_match_allocator_blocks_up_to_rounding():
     for category in PERSISTENT:
         tensor = record.total(category)
         blocks = record.total(category, at_peak=True)
-        # Blocks are 512-byte multiples, and the allocator hands out a whole free block rather
-        # than split off a remainder of 1 MiB or less in its large pool.
-        assert 0 <= blocks - tensor <= 0.005 * tensor, (category, tensor, blocks)
+        # Blocks are 512-byte multiples, and the allocator hands out a whole free block rather than
+        # split off a remainder of 1 MiB or less in its large pool: at most that much more per tensor
+        # (the H200 run of 2026-12-04 gave gradients 4.8 MiB over on 148 tensors, 1.0 %).
+        bound = len(record.parameters) * ((1 << 20) + 512)
+        assert 0 <= blocks - tensor <= bound, (category, tensor, blocks)
 
 
 def test_state_bytes_identical_on_cpu_and_cuda():
@@ -59,6 +61,6 @@ def test_state_bytes_identical_on_cpu_and_cuda():
 
 
 def test_each_optimizer_runs_in_its_own_process():
-    first, second = measure("gpt2", "adam,adam", device="cuda", steps=2, batch_size=2, seq_len=128)
+    first, second = measure("gpt2", "adam,adam:lr=0.001", device="cuda", steps=2, batch_size=2, seq_len=128)
     assert first.peaks.max_allocated == second.peaks.max_allocated
     assert first.peaks.reserved_end == second.peaks.reserved_end
