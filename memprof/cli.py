@@ -83,8 +83,10 @@ def _measure(request, estimate: bool = False, plan=None) -> list:
         progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
     def on_result(record) -> None:
+        from memprof.report.trace import record_label
+
         status = "ok" if record.status == "ok" else record.failure
-        progress.console.print(f"[dim]{escape(f'{record.settings.spec}: {status}')}[/dim]", highlight=False)
+        progress.console.print(f"[dim]{escape(f'{record_label(record)}: {status}')}[/dim]", highlight=False)
 
     try:
         if plan is not None:
