@@ -265,7 +265,7 @@ def profile(
 @run_options("run", "estimate", "distributed", "capture",
              nproc={"flags": ("--world-size", "--nproc"),
                     "help": "Ranks to simulate (with --parallel): one process, a fake process group; --rank picks "
-                            "the rank whose figures are given (default 0)."},
+                            "the rank whose figures are given (default 0), --all-ranks gives every rank's."},
              device={"flags": ("--target", "--device"), "default": "cuda",
                                         "help": "What the estimate is for: cuda (a GPU run, the default; no GPU "
                                                 "needed) or cpu."},
@@ -290,6 +290,7 @@ def estimate(
 
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
              memprof estimate --model llama-7b --opt adam --world-size 64 --parallel fsdp2 --rank 0
+             memprof estimate --model llama-7b --opt adam,smmf --world-size 8 --parallel fsdp2 --all-ranks --html ranks.html
     """
     from memprof import api
     from memprof.report.ranks import rank_table
