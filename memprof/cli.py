@@ -290,7 +290,7 @@ def estimate(
 
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
              memprof estimate --model llama-7b --opt adam --world-size 64 --parallel fsdp2 --rank 0
-             memprof estimate --model llama-7b --opt adam,smmf --world-size 8 --parallel fsdp2 --all-ranks --html ranks.html
+             memprof estimate --model llama-7b --opt adam --world-size 8 --parallel fsdp2 --all-ranks --html ranks.html
     """
     from memprof import api
     from memprof.report.ranks import rank_table
