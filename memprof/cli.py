@@ -83,8 +83,10 @@ def _measure(request, estimate: bool = False, plan=None) -> list:
         progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
 
     def on_result(record) -> None:
+        from memprof.report.trace import record_label
+
         status = "ok" if record.status == "ok" else record.failure
-        progress.console.print(f"[dim]{escape(f'{record.settings.spec}: {status}')}[/dim]", highlight=False)
+        progress.console.print(f"[dim]{escape(f'{record_label(record)}: {status}')}[/dim]", highlight=False)
 
     try:
         if plan is not None:
@@ -263,7 +265,7 @@ def profile(
 @run_options("run", "estimate", "distributed", "capture",
              nproc={"flags": ("--world-size", "--nproc"),
                     "help": "Ranks to simulate (with --parallel): one process, a fake process group; --rank picks "
-                            "the rank whose figures are given (default 0)."},
+                            "the rank whose figures are given (default 0), --all-ranks gives every rank's."},
              device={"flags": ("--target", "--device"), "default": "cuda",
                                         "help": "What the estimate is for: cuda (a GPU run, the default; no GPU "
                                                 "needed) or cpu."},
@@ -288,6 +290,7 @@ def estimate(
 
     Example: memprof estimate --model llama-7b --opt adam,smmf,adafactor --seq-len 2048 --gpu h100
              memprof estimate --model llama-7b --opt adam --world-size 64 --parallel fsdp2 --rank 0
+             memprof estimate --model llama-7b --opt adam --world-size 8 --parallel fsdp2 --all-ranks --html ranks.html
     """
     from memprof import api
     from memprof.report.ranks import rank_table

@@ -113,8 +113,9 @@ def data_ranges(texts: list[str]) -> list[tuple[str, str | None]]:
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked request: the settings of each run (one per spec, device resolved), whether each runs in a
-    child process, whether they are distributed, and the note each run's record gets (or None)."""
+    """A checked request: the settings of each run (one per spec, and per rank of an estimate with
+    ``--all-ranks``; device resolved), whether each runs in a child process, whether they are distributed, and
+    the note each run's record gets (or None)."""
 
     runs: list[Settings]
     isolate: bool
@@ -143,14 +144,26 @@ def plan(model: Any, optimizers: Any, settings: dict[str, Any], *, isolate: Any 
     distributed = launch.requested(base)
     if distributed:
         base = launch.check(base.replace(device=device))
-    runs = []
-    for text in texts:
+    runs, notes = [], []
+    for text, note in expanded:
         spec = parse_spec(text)
         if spec.entry.requires == "cuda" and not device.startswith("cuda"):
             raise UsageError(f"optimizer {spec.name} runs only on CUDA; use --device cuda")
-        runs.append(base.replace(optimizer=spec.name, spec=text, device=device,
-                                 snapshot=snapshot_path(base.snapshot, text, len(texts))))
-    return Plan(runs, isolate, distributed, [note for _, note in expanded])
+        for rank in simulated_ranks(base):
+            runs.append(base.replace(optimizer=spec.name, spec=text, device=device, rank=rank,
+                                     snapshot=snapshot_path(base.snapshot, text, len(texts))))
+            notes.append(note)
+    return Plan(runs, isolate, distributed, notes)
+
+
+def simulated_ranks(settings: Settings) -> range:
+    """The ranks an estimate simulates: every rank of its world with ``--all-ranks``, else the one it names."""
+    if not settings.all_ranks:
+        return range(settings.rank, settings.rank + 1)
+    if settings.rank != 0:
+        raise UsageError(f"--all-ranks simulates every rank of --world-size {settings.nproc}: drop --rank "
+                         f"{settings.rank} (or drop --all-ranks to simulate rank {settings.rank} alone)")
+    return range(settings.nproc)
 
 
 def snapshot_path(snapshot: str | None, spec: str, count: int) -> str | None:

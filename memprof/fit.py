@@ -46,6 +46,8 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
     name = FIT_DIMENSIONS[dimension]
     base = execute.checked_settings(model, {**settings, "estimate": True, "device": settings.get("device", "cuda")})
     check_fit_setting(model, name)
+    if base.all_ranks:
+        raise UsageError("--fit searches one rank's figures: drop --all-ranks (pick the rank with --rank)")
     limit = budget(base)
     if limit is None:
         raise UsageError("--fit needs a budget: give --memory (e.g. 24GiB) or --gpu (e.g. h100)")

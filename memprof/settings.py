@@ -153,6 +153,9 @@ class Settings:
     rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
                         "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",
                         minimum=0)
+    all_ranks: bool = setting(False, help="Simulate every rank of --world-size, one record each, and show the "
+                              "imbalance across them (the time grows with the world size).", flag="--all-ranks",
+                              csv="extra", group="estimate")
 
     def __post_init__(self) -> None:
         for item in declared_fields():
@@ -166,6 +169,8 @@ class Settings:
             raise UsageError(f"rank {self.rank} is outside {ranks} {self.nproc}")
         if self.fsdp_mixed_precision:
             _check_fsdp_mixed_precision(self)
+        if self.all_ranks:
+            _check_all_ranks(self)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -193,6 +198,19 @@ def _check_fsdp_mixed_precision(settings: Settings) -> None:
                          f"{settings.dtype}); for {settings.dtype} shards drop --fsdp-mixed-precision")
     if settings.amp:
         raise UsageError(f"{flag} already computes in {settings.fsdp_mixed_precision}: drop --amp {settings.amp}")
+
+
+def _check_all_ranks(settings: Settings) -> None:
+    """``--all-ranks`` simulates each rank of an estimate's world (a real distributed run measures every rank
+    already), and a snapshot records one rank's allocations."""
+    if not settings.estimate:
+        raise UsageError("--all-ranks simulates the ranks of an estimate (memprof estimate); a run with --nproc "
+                         "measures every rank already")
+    if settings.nproc < 2 or settings.parallel == "none":
+        raise UsageError("--all-ranks needs ranks to simulate: give --world-size N (2 or more) and --parallel "
+                         f"({', '.join(PARALLEL[1:])})")
+    if settings.snapshot is not None:
+        raise UsageError("--snapshot records one rank's allocations: drop --all-ranks and pick the rank with --rank")
 
 
 def declared_fields(group: str | None = None) -> list[dataclasses.Field]:
@@ -302,8 +320,8 @@ def request_fields(settings: Settings) -> dict[str, Any]:
     (the per-optimizer fields, ``optimizer`` and ``spec``, are the call's second argument)."""
     return {f.name: getattr(settings, f.name) for f in declared_fields()
             if f.name not in ("model", "optimizer", "spec") and _meta(f).group != "capture"
-            # a real run measures every rank at once; a simulation measures the rank it was asked for
-            and (f.name != "rank" or settings.estimate)}
+            # a real run measures every rank at once; a simulation the rank it was asked for, or all of them
+            and (f.name != "rank" or (settings.estimate and not settings.all_ranks))}
 
 
 def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:
@@ -314,7 +332,7 @@ def reproduce_command(settings: Settings, specs: Sequence[str]) -> str:
     for item in [*declared_fields("run"), *optional]:
         meta = _meta(item)
         value = ",".join(specs) if item.name == "spec" else getattr(settings, item.name)
-        if value is None or value is False:
+        if value is None or value is False or (item.name == "rank" and settings.all_ranks):
             continue
         parts.append(meta.flag if value is True else f"{meta.flag} {shlex.quote(str(value))}")
     return " ".join(parts)

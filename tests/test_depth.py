@@ -67,6 +67,41 @@ def test_extrapolated_estimate_equals_the_full_depth_one(estimated, spec):
     assert probed.environment["estimate"] == full.environment["estimate"]  # host reads counted for 6 blocks
 
 
+# Each recipe: the model's changes to CONFIG (its depth: the blocks probed in all may not exceed it), the run's
+# settings and the probes that serve. Sizes matter: where a figure is not affine at the probes (checkpointing at
+# batch 2 × 32 peaks in backward at one block and in the step from two; LoRA's peaks at 512 tokens of vocabulary)
+# the model is estimated op by op, equal by construction, so each recipe has sizes whose probes serve. LoRA: over
+# a frozen embedding block 0's input needs no gradient, so block 0 differs (probes from 2). FSDP2: at one block
+# no all-gather is prefetched while another is held (probes from 2, from 10 blocks); under mixed precision the
+# peak before the blocks in step 2's forward grows by 313,344 B, 412,160 B, then 413,696 B per block from 2 to 5
+# blocks, affine from 4: probes of 4, 5, 6 blocks, which only a model of 21 blocks or more gets (1 + 2 + … + 6).
+RECIPES = {
+    "checkpointing full": ({"n_layer": 6}, dict(checkpointing="full", batch_size=4, seq_len=64), "1, 2, 3"),
+    "checkpointing selective": ({"n_layer": 6}, dict(checkpointing="selective", batch_size=4, seq_len=64), "1, 2, 3"),
+    "checkpointing every:2": ({"n_layer": 12}, dict(checkpointing="every:2"), "2, 4, 6"),
+    "amp and checkpointing": ({"n_layer": 6}, dict(amp="bf16", checkpointing="full", batch_size=4, seq_len=64),
+                              "1, 2, 3"),
+    "lora": ({"n_layer": 10, "vocab_size": 1024}, dict(lora="r=4,targets=all-linear", seq_len=16), "2, 3, 4"),
+    "qlora": ({"n_layer": 10}, dict(lora="r=4,quant=nf4"), "2, 3, 4"),
+    "grad-accum": ({"n_layer": 6}, dict(grad_accum=2), "1, 2, 3"),
+    "fsdp2": ({"n_layer": 10}, dict(nproc=2, parallel="fsdp2", rank=1), "2, 3, 4"),
+    "fsdp2 mixed precision": ({"n_layer": 21}, dict(nproc=2, parallel="fsdp2", fsdp_mixed_precision="bf16", rank=1),
+                              "4, 5, 6"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_depth_probes_stay_exact_under_every_recipe(tmp_path_factory, recipe):
+    changes, settings, probes = RECIPES[recipe]
+    (full,) = estimate(_config(tmp_path_factory, {**CONFIG, **changes}), ["adam"], full_depth=True,
+                       **{**SETTINGS, **settings})
+    (probed,) = estimate(full.settings.model, ["adam"], **{**SETTINGS, **settings})
+    assert full.status == "ok", full.failure
+    assert probed.notes[-1].startswith(f"extrapolated to {changes['n_layer']} blocks from probes of {probes} blocks")
+    _assert_equal(probed, full)
+    assert probed.notes[:-1] == full.notes and probed.environment["estimate"] == full.environment["estimate"]
+
+
 def test_a_peak_that_moves_within_a_phase_is_caught(deep_config):
     # IO-Adam keeps every gradient until the next step. On GPT-2 (12 blocks, batch 2 x 64) step 2's forward
     # peaks at its start (the gradients) at 1-3 blocks and after the blocks (the activations) at 12: two lines

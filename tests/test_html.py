@@ -168,14 +168,9 @@ def test_a_comparison_opens_offline_in_chromium(tmp_path, gpt2_spec):
 
 @needs_chromium
 def test_an_estimate_of_ranks_opens_offline_in_chromium(tmp_path, gpt2_spec):
-    runs = []
-    for rank in (0, 1):
-        runs.append(tmp_path / f"rank{rank}.json")
-        result = invoke("estimate", "--model", gpt2_spec, "--opt", "adam", "--world-size", "2", "--parallel", "fsdp2",
-                        "--rank", str(rank), "--seq-len", "16", "--json", runs[-1])
-        assert result.exit_code == 0, result.output
     page = tmp_path / "ranks.html"
-    result = invoke("report", *runs, "--format", "html", "-o", page)
+    result = invoke("estimate", "--model", gpt2_spec, "--opt", "adam", "--world-size", "2", "--parallel", "fsdp2",
+                    "--all-ranks", "--seq-len", "16", "--html", page)
     assert result.exit_code == 0, result.output
     dom = check_in_browser(page, "ranks", tmp_path)
     assert "peak imbalance" in dom and "adam · rank 1 of 2" in dom and ">estimated<" in dom

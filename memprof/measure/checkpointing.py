@@ -139,20 +139,25 @@ def _policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
 
 def _contexts(capture, selective: bool):
     """The (forward, recomputation) contexts of one checkpointed call: the recomputation inside the capture's
-    window; with ``selective``, torch's selective-checkpointing modes, the kept outputs tagged as saved."""
+    window, cast as the forward was (an estimate's CUDA autocast on CPU tensors, ``cuda_autocast.recomputation``);
+    with ``selective``, torch's selective-checkpointing modes, the kept outputs tagged as saved."""
+    from memprof.measure.cuda_autocast import recomputation
+
     if not selective:
-        return contextlib.nullcontext(), capture.recomputing()
+        return contextlib.nullcontext(), _all(recomputation(), capture.recomputing())
     forward, recompute = create_selective_checkpoint_contexts(_policy)
     if hasattr(forward, "respect_saved_tensors_hooks"):
         # torch ≥ 2.12 warns that the outputs kept bypass an active saved-tensor hook (memprof's) unless told
         # what to do: bypass, what every torch has done so far (``_SavedOutputs`` tags them instead).
         forward.respect_saved_tensors_hooks = False
-    return _both(forward, _SavedOutputs(capture)), _both(recompute, capture.recomputing())
+    return _all(forward, _SavedOutputs(capture)), _all(recomputation(), recompute, capture.recomputing())
 
 
 @contextlib.contextmanager
-def _both(outer, inner):
-    with outer, inner:
+def _all(*contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
         yield
 
 

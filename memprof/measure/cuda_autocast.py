@@ -13,6 +13,12 @@ dispatch, and replaces the AutocastCPU kernels for its duration through ``torch.
 lists. The casts follow ``autocast_mode.h``'s ``WrapFunction_`` and ``cached_cast`` (fp32 leaf weights'
 lower-precision copies cached until the region ends).
 
+Activation checkpointing recomputes a block in backward, outside the forward's region, under the autocast
+state its forward had, which ``torch.utils.checkpoint`` saves and restores by device type: on fake CPU tensors
+that is CPU autocast, whose kernels are CPU's own again once the region has ended. ``recomputation`` gives the
+recomputation CUDA's kernels back (``memprof.measure.checkpointing`` enters it), as a CUDA run recomputes
+under CUDA's autocast.
+
 Left as CPU autocast has them: ``linalg_matrix_sqrth`` (registered for both keys, in no list of the header)
 and other libraries' ops (torchvision's ``roi_align``…), which register their own kernels for both keys.
 The CUDA-only kernels (``cudnn_convolution``, ``cudnn_convolution_transpose``, ``_cudnn_rnn``) never see CPU tensors.
@@ -20,6 +26,7 @@ The CUDA-only kernels (``cudnn_convolution``, ``cudnn_convolution_transpose``, `
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any, Callable
 
@@ -57,6 +64,7 @@ BANNED = {"binary_cross_entropy": (
 KEPT_AS_CPU = ("linalg_matrix_sqrth",)
 
 _AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+_ACTIVE: list["CudaAutocast"] = []  # the regions entered and not left, innermost last
 
 
 class CudaAutocast:
@@ -74,6 +82,7 @@ class CudaAutocast:
             self._library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
         self._region = torch.autocast("cpu", dtype=self.dtype)
         self._region.__enter__()
+        _ACTIVE.append(self)
         return self
 
     def _policies(self) -> dict[str, tuple[torch._ops.OpOverload, Callable]]:
@@ -89,6 +98,7 @@ class CudaAutocast:
                 if _overload(name) is not None}
 
     def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self)
         self._region.__exit__(*exc)
         self._library._destroy()  # CPU autocast's own kernels are the ops' again
         self._casts.clear()  # as torch.autocast's exit clears its cast cache
@@ -135,6 +145,13 @@ class CudaAutocast:
             elif _eligible(item) and widest != item.dtype:
                 raise RuntimeError("Unexpected floating ScalarType in at::autocast::prioritize")
         return op(*self.cast(args, widest), **{k: self.cast(v, widest) for k, v in kwargs.items()})
+
+
+def recomputation() -> contextlib.AbstractContextManager:
+    """For a checkpointed call made now: the context its recomputation in backward runs in to cast as this
+    forward does, CUDA's autocast where a ``CudaAutocast`` region is active (a fresh one: the recomputation has
+    its own cast cache, as a CUDA run's has), else nothing."""
+    return CudaAutocast(_ACTIVE[-1].dtype) if _ACTIVE else contextlib.nullcontext()
 
 
 def in_lower_precision(*args: Any) -> tuple:

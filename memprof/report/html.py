@@ -139,8 +139,7 @@ def _ranks(records: Sequence[RunRecord], unit: str, drawn: dict) -> str:
         ranks = sorted(r.settings.rank for r in ok)
         if len(ok) < 2:
             notes.append(f"{spec}: rank(s) {', '.join(map(str, ranks)) or 'none'} of {world} measured; the imbalance "
-                         "needs two or more (estimate others with --rank R and combine the --json files with "
-                         "`memprof report a.json b.json --format html -o ranks.html`)")
+                         "needs two or more (memprof estimate --all-ranks simulates every rank)")
             continue
         cells = []
         for pick in (lambda r: r.peaks.allocated or 0, lambda r: r.total("optimizer_state")):
