@@ -24,6 +24,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
+    is_traceable_wrapper_subclass,
     is_traceable_wrapper_subclass_type,
 )
 from torch.utils._pytree import tree_flatten
@@ -49,6 +50,9 @@ class CpuTracker(TorchDispatchMode):
         # along) unless this is set: in a distributed run gloo makes buffers in its own threads, where
         # no dispatch mode sees them, and they reach the run through views.
         self.unseen_are_new = False
+        # A storage first met as an op's input existed before the capture: adopt it, live from time 0 (a
+        # tracked loop's: what the user made before ``memprof.track``, such as a loss's targets).
+        self.adopt_inputs = False
 
     def now(self) -> float:
         return float(next(self._clock))
@@ -113,6 +117,8 @@ class CpuTracker(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented  # the subclass runs and its ops on plain tensors come back here
+        if self.adopt_inputs:
+            self.adopt(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and self._seen(t))
         out = func(*args, **(kwargs or {}))
         for item in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and self._sees(item) and item.layout == torch.strided:
@@ -127,6 +133,10 @@ class CpuTracker(TorchDispatchMode):
                     start = 0.0 if existed else self.now()
                     self._track(storage, start)
         return out
+
+    def _seen(self, tensor: torch.Tensor) -> bool:
+        """Whether the tracker accounts ``tensor``'s storage (a plain strided CPU tensor)."""
+        return self._sees(tensor) and tensor.layout == torch.strided and not is_traceable_wrapper_subclass(tensor)
 
     def memory_allocated(self) -> int:
         return sum(a.nbytes for a in self._live.values())
@@ -222,10 +232,15 @@ def _outside_sharding_propagation(tracker: FakeTracker) -> contextlib.AbstractCo
 class CudaTracker:
     """Reads the CUDA caching allocator's history; the clock is host microseconds."""
 
-    def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False) -> None:
+    def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False,
+                 existing: bool = False) -> None:
         self.device = device
         self.max_entries = max_entries
         self.stacks = stacks
+        # Blocks allocated before the history started count as live from time 0 (a tracked loop's model,
+        # batch and state, made before ``memprof.track``); the runner's history starts before anything.
+        self.existing = existing
+        self._segments_before: list[dict] = []
         self.allocations: list[Allocation] = []
         self.dropped = False
         self.exact_blocks = True
@@ -251,6 +266,8 @@ class CudaTracker:
             max_entries=self.max_entries,
             device=self.device,
         )
+        if self.existing:
+            self._segments_before = torch.cuda.memory._snapshot(self.device)["segments"]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,7 +285,7 @@ class CudaTracker:
         # Expandable segments map ranges instead of allocating segments; the block sizes below
         # follow the classic allocator's rules, so the replay is then approximate.
         self.exact_blocks = not any(e["action"] in ("segment_map", "segment_unmap") for e in trace)
-        return blocks_from_trace(trace)
+        return blocks_from_trace(trace, self._segments_before)
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
@@ -295,8 +312,9 @@ def block_size(requested: int, free_extent: int | None) -> int:
     return rounded if split else free_extent
 
 
-def blocks_from_trace(trace: list[dict]) -> list[Allocation]:
-    """Allocations with their real block sizes, replaying segment and block events in order.
+def blocks_from_trace(trace: list[dict], segments_before: list[dict] = ()) -> list[Allocation]:
+    """Allocations with their real block sizes, replaying segment and block events in order; the blocks of
+    ``segments_before`` (a snapshot's segments, taken as the history started) are live from time 0.
 
     A block's free extent is the gap from its address to the next block in use (or the end of
     its segment); freed neighbours have coalesced. Blocks count as allocated from ``alloc`` to
@@ -309,6 +327,17 @@ def blocks_from_trace(trace: list[dict]) -> list[Allocation]:
     occupied: list[int] = []  # sorted addresses of blocks not yet completely freed
     live: dict[int, Allocation] = {}
     out: list[Allocation] = []
+    for segment in segments_before:
+        segments[segment["address"]] = segment["total_size"]
+        bisect.insort(segment_starts, segment["address"])
+        addr = segment["address"]
+        for block in segment["blocks"]:
+            if block["state"] != "inactive":
+                bisect.insort(occupied, addr)
+            if block["state"] == "active_allocated":
+                live[addr] = Allocation(ptr=addr, nbytes=block["size"], start=0.0)
+                out.append(live[addr])
+            addr += block["size"]
     for entry in trace:
         action, addr = entry["action"], entry["addr"]
         if action == "segment_alloc":
