@@ -61,6 +61,7 @@ class Track:
         self._depth = 0  # module calls in progress
         self._busy = 0  # inside autograd.backward or an optimizer step: module calls there are no forward
         self._stepping = 0  # optimizer steps in progress (one optimizer may step others)
+        self._updating = False  # the outermost optimizer step's update has begun
         self._window: Window | None = None
         self._closed = False
         self._undo: list[Callable[[], None]] = []
@@ -138,21 +139,52 @@ class Track:
 
         return backward
 
-    def _step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._stepping += 1
         self._busy += 1
-        if self._stepping == 1 and not self._closed:
-            if all(o is not optimizer for o in self.optimizers):
-                self.optimizers.append(optimizer)
-            self._begin("step", optimizer)
-            if self._window is not None and not self._closed:
-                self._window.before_update(optimizer)
+        if self._stepping != 1 or self._closed:
+            return None
+        if all(o is not optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
+        self._updating = False
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._update_begins(optimizer)
+            return None
+        # The forward and backward run inside the step (Lightning's automatic optimization, LBFGS): the closure's
+        # first call is measured as they are; the update begins when it returns.
+        called = False
+
+        def measured_closure() -> Any:
+            nonlocal called
+            if called:
+                return closure()
+            called = True
+            self._busy -= 1
+            try:
+                return closure()
+            finally:
+                self._busy += 1
+                self._update_begins(optimizer)
+
+        if len(args) > 1:
+            return (args[0], measured_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": measured_closure}
+
+    def _update_begins(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._updating or self._closed:
+            return
+        self._updating = True
+        self._begin("step", optimizer)
+        if self._window is not None and not self._closed:
+            self._window.before_update(optimizer)
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._stepping -= 1
         self._busy -= 1
         if self._stepping or self._closed:
             return
+        self._update_begins(optimizer)  # a closure the optimizer never called
         self.optimizer_steps += 1
         self._phase = BETWEEN_STEPS
         if self._window is not None:
