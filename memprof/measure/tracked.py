@@ -90,8 +90,11 @@ class Track:
             if self._window is not None and not self._closed:
                 if exc is None or isinstance(exc, StopTracking):
                     self._complete_step(notify=False)
-                    if not self._closed:
+                    if not self._closed and self.completed > self.skip:
                         self._close(None, notify=False)
+                    elif not self._closed:  # no step completed in the window: no record
+                        self._closed = True
+                        self._window.stop()
                 else:
                     self._close(f"{describe(exc, exit_as_call=False)} in {self._window.where()}")
         finally:
