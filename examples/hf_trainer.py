@@ -23,15 +23,16 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def main(output: str = "hf-trainer.json", steps: int = 3, skip: int = 1) -> MemprofCallback:
+def main(output: str = "hf-trainer.json", steps: int = 3, skip: int = 1,
+         train_steps: int | None = None) -> MemprofCallback:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=32, bos_token_id=0,
                         eos_token_id=0)
     model = GPT2LMHeadModel(config)
     callback = MemprofCallback(steps=steps, skip=skip, output=output)
     with tempfile.TemporaryDirectory() as folder:
-        args = TrainingArguments(output_dir=folder, max_steps=skip + steps + 1, per_device_train_batch_size=2,
-                                 learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        args = TrainingArguments(output_dir=folder, max_steps=train_steps or skip + steps + 1,
+                                 per_device_train_batch_size=2, learning_rate=1e-3, report_to=[], save_strategy="no",
+                                 logging_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         Trainer(model=model, args=args, train_dataset=RandomTokens(64, 32, config.vocab_size),
                 callbacks=[callback]).train()
     return callback

@@ -24,11 +24,12 @@ class TinyRegressor(lightning.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def main(output: str = "lightning.json", steps: int = 3, skip: int = 1) -> MemprofCallback:
+def main(output: str = "lightning.json", steps: int = 3, skip: int = 1,
+         train_steps: int | None = None) -> MemprofCallback:
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 32, generator=generator), torch.randn(64, 1, generator=generator))
     callback = MemprofCallback(steps=steps, skip=skip, output=output)
-    trainer = lightning.Trainer(max_steps=skip + steps + 1, accelerator="auto", devices=1, logger=False,
+    trainer = lightning.Trainer(max_steps=train_steps or skip + steps + 1, accelerator="auto", devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 callbacks=[callback])
     trainer.fit(TinyRegressor(), torch.utils.data.DataLoader(data, batch_size=8))
