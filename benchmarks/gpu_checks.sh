@@ -37,6 +37,10 @@ trace() {  # a run with the allocator's history kept, stripped of frames into tr
 lane_tests() {
   step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider -n 2 tests/test_gpu.py
   step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/optim/test_smmf.py
+  # memprof.track on CUDA (issue 21): a runner-shaped loop tracked against compare; memprof run on the example
+  step tests python3 benchmarks/track_accuracy.py --model gpt2 --opt adam --device cuda --batch-size 4 --seq-len 512
+  step tests python3 benchmarks/track_accuracy.py --model resnet18 --opt smmf --device cuda --batch-size 8
+  step tests memprof run examples/train_gpt2.py --steps 3 --json "$R/track-train-gpt2.json"
 }
 # Lane 2: the training recipes on CUDA, each against its estimate afterwards (issue 20).
 lane_recipes() {
@@ -90,6 +94,7 @@ pack
 if [ $SECONDS -lt 360 ]; then
   step bench python3 benchmarks/optimizers.py --model gpt2 --steps 12 --json "$R/benchmark-gpt2-$GPU.json" \
     --out "$R/benchmark-gpt2-$GPU.md"
+  step bench python3 benchmarks/track_overhead.py --device cuda --layers 12 --width 768 --batch-size 8 --seq-len 512
 fi
 pack
 echo "done in $SECONDS s" | tee -a "$OUT/log.txt"

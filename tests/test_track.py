@@ -152,3 +152,19 @@ def test_a_loop_that_raises_keeps_the_steps_so_far_as_a_failed_record():
 def test_bad_arguments_are_one_usage_error(bad):
     with pytest.raises(UsageError, match="memprof.track: "):
         memprof.track(**bad)
+
+
+def test_cuda_blocks_held_before_the_history_are_live_from_its_start():
+    from memprof.measure.trackers import blocks_from_trace
+
+    mib = 2**20
+    before = [{"device": 0, "address": 0, "total_size": 4 * mib, "blocks": [
+        {"size": 2 * mib, "state": "active_allocated"}, {"size": 2 * mib, "state": "inactive"}]}]
+    trace = [{"action": "alloc", "addr": 2 * mib, "size": mib, "time_us": 10},  # into the free rest: split
+             {"action": "free_requested", "addr": 0, "size": 2 * mib, "time_us": 20},
+             {"action": "free_completed", "addr": 0, "size": 2 * mib, "time_us": 20}]
+    held, new = blocks_from_trace(trace, before)
+    assert (held.ptr, held.nbytes, held.start, held.end) == (0, 2 * mib, 0.0, 20.0)
+    assert (new.ptr, new.nbytes, new.start, new.end) == (2 * mib, mib, 10.0, None)
+    # without the snapshot the free of the held block is of nothing known, and it is not counted at all
+    assert [(a.ptr, a.nbytes) for a in blocks_from_trace(trace)] == [(2 * mib, mib)]

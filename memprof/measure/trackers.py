@@ -267,7 +267,9 @@ class CudaTracker:
             device=self.device,
         )
         if self.existing:
-            self._segments_before = torch.cuda.memory._snapshot(self.device)["segments"]
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._segments_before = [s for s in torch.cuda.memory._snapshot(self.device)["segments"]
+                                     if s.get("device", index) == index]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -332,6 +334,7 @@ def blocks_from_trace(trace: list[dict], segments_before: list[dict] = ()) -> li
         bisect.insort(segment_starts, segment["address"])
         addr = segment["address"]
         for block in segment["blocks"]:
+            addr = block.get("address", addr)
             if block["state"] != "inactive":
                 bisect.insort(occupied, addr)
             if block["state"] == "active_allocated":
