@@ -141,6 +141,6 @@ def test_within(memprof_track):
 @pytest.mark.memprof(max_optimizer_state=33_287)
 def test_one_byte_over(memprof_track):
     loop(memprof_track)
-''')
+''', subprocess=True)  # in a process of its own: an in-process run would drop the torch modules it imports first
     result.assert_outcomes(passed=1, failed=1)
     assert "optimizer_state" in result.stdout.str() and "test_one_byte_over" in result.stdout.str()
