@@ -22,15 +22,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memprof.errors import (
-    GateRegression,
-    MeasurementFailed,
-    MemprofError,
-    OutputsNotWritten,
-    ScriptFailed,
-    Terminated,
-    UsageError,
-)
+from memprof.errors import (GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, ScriptFailed,
+                            Terminated, UsageError)
 from memprof.gpus import DEFAULT_GPU
 from memprof.cli_options import (
     ConfigOpt,
@@ -346,8 +339,8 @@ def run(
 ) -> None:
     """Run your own training script as Python would and measure its steps: the breakdown compare gives.
 
-    memprof's options may come anywhere; the script's own arguments follow it (after -- where one has the name
-    of a memprof option). Exit code 5: the script raised (its traceback shown; the steps measured are written).
+    memprof's options go anywhere; the script's arguments follow it (after -- if one shares a memprof option's name).
+    It stops the script once the steps are measured (--finish: it runs to its end). Exit 5: the script raised.
     Example: memprof run train.py --steps 3 --csv run.csv -- --lr 3e-4
              memprof run --skip 1 -m mypkg.train
     """
@@ -356,7 +349,7 @@ def run(
     from memprof.report.ranks import results_table
     from memprof.report.table import print_tables, profile_tables
 
-    if (script is None) == (module is None) and not (module and script):
+    if script is None and module is None:
         raise UsageError("memprof run needs a script (memprof run train.py) or -m MODULE")
     target, args = (module, [script, *ctx.args] if script else ctx.args) if module else (script, ctx.args)
     _check_outputs(unit, **exports)

@@ -113,3 +113,32 @@ def test_no_script_or_a_missing_one_is_a_usage_error(tmp_path):
     missing = invoke("run", tmp_path / "nope.py")
     assert missing.exit_code == 2 and "no script" in missing.stderr
     assert invoke("run", "-m", "no_such_module_here").exit_code == 2
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_reports_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "train_ddp.py"
+    path.write_text(textwrap.dedent('''
+        import torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 4))
+        optimizer = torch.optim.Adam(model.parameters())
+        for _ in range(5):
+            model(torch.randn(8, 16)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    '''))
+    memprof = [sys.executable, "-c", "import sys; from memprof.cli import main; sys.exit(main())"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", *memprof, "run", path, "--steps", "2", "--csv", tmp_path / "run.csv"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "run.csv").open()))
+    assert {(r["rank"], r["nproc"], r["parallel"]) for r in rows} == {("0", "2", "ddp"), ("1", "2", "ddp")}
+    assert {r["component"] for r in rows if r["category"] == "gradients"} == {"grad", "all-reduce bucket"}
+    assert done.stdout.count("│ adam") == 3  # rank 0 printed both ranks and their range

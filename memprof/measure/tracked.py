@@ -21,6 +21,7 @@ reads it (nothing else can see it).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -271,6 +272,7 @@ class Window:
         self.models: list[torch.nn.Module] = [track.model] if track.model is not None else []
         self.inputs: dict[tuple[str, int], int] = {}  # the last step's inputs: storage → bytes
         self.input_shape: tuple[int, ...] = ()
+        self.input_is_tokens = False  # the first input holds integers (token ids): its second axis is a sequence
         self.gradients: dict[int, int] = {}  # bytes of each optimizer's gradients before its last update
         self.state_owner: dict[int, torch.optim.Optimizer] = {}  # index in capture.tags → whose state
         self.amp: torch.dtype | None = None
@@ -280,6 +282,11 @@ class Window:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         self.tracker.__enter__()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # Under torchrun, the buffers of collectives (DDP's gradient buckets, FSDP's all-gathers), as a rank's
+        self._collectives = self.capture.collectives() if distributed and torch.distributed.get_world_size() > 1 \
+            else contextlib.nullcontext()
+        self._collectives.__enter__()
         self._saved = self.capture.saved_tensor_hooks()
         self._saved.__enter__()
         known = [t for m in self.models for t in (*m.parameters(), *m.buffers())]
@@ -328,6 +335,7 @@ class Window:
                 self.inputs[storage_key(tensor)] = tensor.untyped_storage().nbytes()
         if tensors and not self.input_shape:
             self.input_shape = tuple(tensors[0].shape)
+            self.input_is_tokens = not tensors[0].is_floating_point() and not tensors[0].is_complex()
 
     def before_update(self, optimizer: torch.optim.Optimizer) -> None:
         from memprof.measure.state import unique_bytes
@@ -347,6 +355,7 @@ class Window:
         """Stop capturing (the window closes)."""
         self.mark("end")
         self._saved.__exit__(None, None, None)
+        self._collectives.__exit__(None, None, None)
         self.tracker.__exit__(None, None, None)
 
 

@@ -121,11 +121,11 @@ def _labels(optimizers: list[torch.optim.Optimizer]) -> dict[torch.optim.Optimiz
 def _settings(window: "Window", models: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
               labels: dict[torch.optim.Optimizer, str], steps: int) -> Settings:
     """What was measured, read from the loop: its models, optimizers, device, dtype, autocast, the first input's
-    shape (batch, sequence length or image side) and the micro-batches of its last step."""
+    shape (batch; the sequence length of token ids, the side of an image) and the micro-batches of its last step."""
     spec = "+".join(labels.values()) or "none"
     shape = window.input_shape
     sizes = {"batch_size": shape[0]} if shape and shape[0] > 0 else {}
-    if len(shape) == 2 and shape[1] > 0:
+    if len(shape) == 2 and shape[1] > 0 and window.input_is_tokens:
         sizes["seq_len"] = shape[1]
     if len(shape) == 4 and shape[2] >= 8:
         sizes["image_size"] = shape[2]
