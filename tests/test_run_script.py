@@ -67,7 +67,10 @@ def test_a_module_runs_as_python_m_runs_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     result = invoke("run", "-m", "trainmod", "--steps", "2", "--json", tmp_path / "run.json")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "run.json").exists()
+    import json
+
+    reproduce = json.loads((tmp_path / "run.json").read_text())["reproduce"]
+    assert len(reproduce) == 1 and not reproduce[0].startswith("memprof compare")  # the command that ran it
 
 
 def test_a_raising_script_shows_its_traceback_writes_the_steps_so_far_and_exits_5(tmp_path):
