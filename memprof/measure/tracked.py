@@ -15,8 +15,8 @@ runner's (``memprof.measure.runner``): the CPU dispatch-mode tracker or the CUDA
 told to a ``Capture`` (inputs after each outermost forward, gradients before each optimizer step, optimizer
 state by role after it, tensors saved for backward, weights and buffers at the end) and one replay
 (``memprof.measure.tracked_record``). What existed before the window (the model, the batch, state of skipped
-steps) is live from its start: on CUDA every block the allocator held then; on CPU a storage once an op
-reads it (nothing else can see it).
+steps) is live from its start: on CUDA every block the allocator held then; on CPU the storages of the
+models and optimizers, the models' inputs and the tensors saved for backward (nothing else can see them).
 """
 
 from __future__ import annotations
@@ -264,7 +264,6 @@ class Window:
         self.device = device
         cuda = device.type == "cuda"
         self.tracker = CudaTracker(device, existing=True) if cuda else CpuTracker()
-        self.tracker.adopt_inputs = not cuda
         self.capture = Capture(self.tracker)
         self.step = 0
         self.micro = 0
@@ -287,13 +286,31 @@ class Window:
         self._collectives = self.capture.collectives() if distributed and torch.distributed.get_world_size() > 1 \
             else contextlib.nullcontext()
         self._collectives.__enter__()
-        self._saved = self.capture.saved_tensor_hooks()
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
         self._saved.__enter__()
-        known = [t for m in self.models for t in (*m.parameters(), *m.buffers())]
+        self._adopted: set[int] = set()  # the models and optimizers whose tensors are adopted
+        for model in self.models:
+            self._adopt(model)
         for optimizer in track.optimizers:
-            known += [p.grad for p in _parameters(optimizer) if p.grad is not None]
-            known += [s.tensor for s in walk_state(optimizer, {}, {})]
-        self.tracker.adopt(known)
+            self._adopt(optimizer)
+
+    def _adopt(self, owner: torch.nn.Module | torch.optim.Optimizer) -> None:
+        """Declare a model's or an optimizer's tensors live from the window's start (on CPU: made before it; the
+        CUDA history holds them already). Once per owner: later ones are made in the window, and tracked."""
+        if id(owner) in self._adopted:
+            return
+        self._adopted.add(id(owner))
+        if isinstance(owner, torch.nn.Module):
+            self.tracker.adopt([*owner.parameters(), *owner.buffers()])
+            return
+        self.tracker.adopt([*_parameters(owner), *(p.grad for p in _parameters(owner) if p.grad is not None),
+                            *(s.tensor for s in walk_state(owner, {}, {}))])
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor saved for backward, made before the window where it is unknown (a loss's targets)."""
+        self.tracker.adopt([tensor])
+        self.capture.saved_outputs([tensor])
+        return tensor
 
     def where(self) -> str:
         mark = self.capture.marks[-1] if self.capture.marks else None
@@ -322,6 +339,7 @@ class Window:
         """A module called outermost: a model, where it holds parameters (not a loss module)."""
         if all(module is not m for m in self.models) and next(module.parameters(), None) is not None:
             self.models.append(module)
+            self._adopt(module)
 
     def saw_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """A model's arguments that no autograd graph made (not another model's output: a GAN's) are inputs."""
@@ -329,6 +347,7 @@ class Window:
             return
         tensors = [t for t in tree_flatten((args, kwargs))[0]
                    if isinstance(t, torch.Tensor) and t.grad_fn is None and not t.requires_grad]
+        self.tracker.adopt(tensors)
         self.capture.inputs(tensors)
         for tensor in (t for outer in tensors for t in storage_tensors(outer)):
             if tensor.layout == torch.strided:
@@ -341,6 +360,7 @@ class Window:
         from memprof.measure.state import unique_bytes
         from memprof.optim import protocol
 
+        self._adopt(optimizer)
         grads = [p.grad for p in _parameters(optimizer) if p.grad is not None]
         self.capture.gradients(grads, protocol.gradient_component(optimizer))
         self.gradients[id(optimizer)] = unique_bytes(grads)

@@ -153,5 +153,6 @@ def _describe(record: RunRecord, window: "Window", models: list[torch.nn.Module]
                         f"{f' after {skipped} skipped' if skipped else ''}; batch sizes read from the first input's "
                         f"shape {shape}; seed and other settings are memprof's defaults, not the loop's")
     if window.device.type == "cpu":
-        record.notes.append("tracked on CPU: storages made before the window count from its start once an op reads "
-                            "them; tensors the loop never reads are not seen")
+        record.notes.append("tracked on CPU: of what was made before the window, the models' and optimizers' "
+                            "tensors, the inputs and the tensors saved for backward count from its start; the rest "
+                            "(a dataset held in memory) is not seen")

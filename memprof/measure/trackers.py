@@ -24,7 +24,6 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
-    is_traceable_wrapper_subclass,
     is_traceable_wrapper_subclass_type,
 )
 from torch.utils._pytree import tree_flatten
@@ -50,9 +49,6 @@ class CpuTracker(TorchDispatchMode):
         # along) unless this is set: in a distributed run gloo makes buffers in its own threads, where
         # no dispatch mode sees them, and they reach the run through views.
         self.unseen_are_new = False
-        # A storage first met as an op's input existed before the capture: adopt it, live from time 0 (a
-        # tracked loop's: what the user made before ``memprof.track``, such as a loss's targets).
-        self.adopt_inputs = False
 
     def now(self) -> float:
         return float(next(self._clock))
@@ -117,8 +113,6 @@ class CpuTracker(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented  # the subclass runs and its ops on plain tensors come back here
-        if self.adopt_inputs:
-            self.adopt(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and self._seen(t))
         out = func(*args, **(kwargs or {}))
         for item in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and self._sees(item) and item.layout == torch.strided:
@@ -133,10 +127,6 @@ class CpuTracker(TorchDispatchMode):
                     start = 0.0 if existed else self.now()
                     self._track(storage, start)
         return out
-
-    def _seen(self, tensor: torch.Tensor) -> bool:
-        """Whether the tracker accounts ``tensor``'s storage (a plain strided CPU tensor)."""
-        return self._sees(tensor) and tensor.layout == torch.strided and not is_traceable_wrapper_subclass(tensor)
 
     def memory_allocated(self) -> int:
         return sum(a.nbytes for a in self._live.values())
