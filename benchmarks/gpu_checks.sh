@@ -46,6 +46,10 @@ lane_tests() {
   step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpu.py \
     -k "tensor_bytes_match or each_optimizer_runs"
   trace gpt2-smmf-ckpt-full --model gpt2 --opt smmf --batch-size 4 --seq-len 512 --steps 3 --checkpointing full
+  # memprof.track on CUDA (issue 21): a runner-shaped loop tracked against compare; memprof run on the example
+  step tests python3 benchmarks/track_accuracy.py --model gpt2 --opt adam --device cuda --batch-size 4 --seq-len 512
+  step tests python3 benchmarks/track_accuracy.py --model resnet18 --opt smmf --device cuda --batch-size 8
+  step tests memprof run examples/train_gpt2.py --steps 3 --json "$R/track-train-gpt2.json"
 }
 # Lane 2: the training recipes not yet run on CUDA (issue 20), each against its estimate afterwards.
 lane_recipes() {
@@ -76,6 +80,7 @@ pack
 if [ $SECONDS -lt ${BENCH_UNTIL:-360} ]; then
   step bench python3 benchmarks/optimizers.py --model gpt2 --steps 12 --json "$R/benchmark-gpt2-$GPU.json" \
     --out "$R/benchmark-gpt2-$GPU.md"
+  step bench python3 benchmarks/track_overhead.py --device cuda --layers 12 --width 768 --batch-size 8 --seq-len 512
 fi
 pack
 echo "done in $SECONDS s" | tee -a "$OUT/log.txt"

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from memprof._version import __version__  # noqa: F401 - the package's version, read by users
 from memprof.errors import GateRegression, MeasurementFailed, MemprofError, UsageError
 
-__all__ = ["compare", "profile", "RunRecord", "MemprofError", "UsageError", "MeasurementFailed", "GateRegression"]
+__all__ = ["compare", "profile", "track", "RunRecord", "MemprofError", "UsageError", "MeasurementFailed", "GateRegression"]
 
 if TYPE_CHECKING:
     from memprof.api import compare, profile
+    from memprof.measure.tracked import track
     from memprof.record import RunRecord
 
 
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from memprof import api
 
         return getattr(api, name)
+    if name == "track":
+        from memprof.measure.tracked import track
+
+        return track
     if name == "RunRecord":
         from memprof.record import RunRecord
 

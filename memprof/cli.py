@@ -2,7 +2,8 @@
 
 Exit codes are decided in ``main()`` alone, from ``EXIT_CODES``: 0 ok, 1 a gate regression,
 2 bad input, 3 a measurement failed (its row is still written), 4 measured but the outputs could
-not be written (none was changed); a signal that stops the run gives ``128 + signum``: 130 Ctrl-C
+not be written (none was changed), 5 the script ``memprof run`` ran raised (the steps measured before are
+written, status failed); a signal that stops the run gives ``128 + signum``: 130 Ctrl-C
 (SIGINT), 143 SIGTERM.
 """
 
@@ -21,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memprof.errors import GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, Terminated, UsageError
+from memprof.errors import (GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, ScriptFailed,
+                            Terminated, UsageError)
 from memprof.gpus import DEFAULT_GPU
 from memprof.cli_options import (
     ConfigOpt,
@@ -40,6 +42,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageError, 2),
     (MeasurementFailed, 3),
     (OutputsNotWritten, 4),
+    (ScriptFailed, 5),
 )
 """The first matching type decides the exit code (0 when nothing was raised)."""
 
@@ -321,6 +324,47 @@ def estimate(
     out.print((rank_table if simulated else estimate_table)(records, unit=unit, baseline=reference))
     _write_exports(records, **exports, plot=plot, unit=unit)
     _raise_if_failed(records)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@export_options
+def run(
+    ctx: typer.Context,
+    script: Annotated[Optional[str], typer.Argument(help="Your training script, then its own arguments.", show_default=False)] = None,
+    module: Annotated[Optional[str], typer.Option("-m", "--module", metavar="MODULE", help="Run a module as python -m does (its arguments follow).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps to measure (a step: forward and backward up to the optimizer steps after them).")] = 3,
+    skip: Annotated[int, typer.Option(min=0, help="Warm-up steps to leave out before them.")] = 0,
+    finish: Annotated[bool, typer.Option("--finish", help="Let the script run to its end (default: stop it once the steps are measured).")] = False,
+    top: TopOpt = 20,
+    unit: UnitOpt = "MiB",
+    *,
+    exports: dict,
+) -> None:
+    """Run your own training script as Python would and measure its steps: the breakdown compare gives.
+
+    memprof's options go anywhere; the script's arguments follow it (after -- if one shares a memprof option's name).
+    It stops the script once the steps are measured (--finish: it runs to its end). Exit 5: the script raised.
+    Example: memprof run train.py --steps 3 --csv run.csv -- --lr 3e-4
+             memprof run --skip 1 -m mypkg.train
+    """
+    from memprof import script as scripts
+    from memprof.distributed.launch import reporting
+    from memprof.report.ranks import results_table
+    from memprof.report.table import print_tables, profile_tables
+
+    if script is None and module is None:
+        raise UsageError("memprof run needs a script (memprof run train.py) or -m MODULE")
+    target, args = (module, [script, *ctx.args] if script else ctx.args) if module else (script, ctx.args)
+    _check_outputs(unit, **exports)
+    try:
+        records = scripts.run(target, args, module=module is not None, steps=steps, skip=skip, finish=finish)
+    except ScriptFailed as exc:
+        if exc.record is not None:
+            _write_exports([exc.record], **exports, unit=unit, detail=True)
+        raise
+    if reporting():
+        print_tables(profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)], out)
+        _write_exports(records, **exports, unit=unit, detail=True)
 
 
 @app.command()

@@ -27,6 +27,15 @@ class OutputsNotWritten(MemprofError):
     none of the command's output files was changed."""
 
 
+class ScriptFailed(MemprofError):
+    """``memprof run``: the user's script raised (its traceback is shown); ``record`` holds the steps measured
+    before it did (status failed), or None where none was."""
+
+    def __init__(self, message: str, record: object = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
 class Terminated(BaseException):
     """The command line was told to stop by a signal (SIGTERM): the whole run ends, not one optimizer's row.
     A ``BaseException`` beside ``KeyboardInterrupt`` (Ctrl-C), so that no handler that turns a crash into a

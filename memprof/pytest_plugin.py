@@ -9,8 +9,14 @@ Two ways to use it::
     def test_adam_state(memprof_measure):
         memprof_measure(model="gpt2", opt="adam", device="cpu", steps=1, max_optimizer_state="500MiB")
 
-The marker checks every run the test measured with the ``memprof_measure`` fixture, and a
-``RunRecord`` (or a list of them) the test returns. Budgets are ``max_<category>`` for any
+    @pytest.mark.memprof(max_optimizer_state="1MiB", max_peak="8MiB")
+    def test_my_loop(memprof_track):
+        with memprof_track(model, optimizer):      # memprof.track around the test's own training loop
+            for batch in batches:
+                ...
+
+The marker checks every run the test measured with the ``memprof_measure`` fixture or tracked with the
+``memprof_track`` fixture, and a ``RunRecord`` (or a list of them) the test returns. Budgets are ``max_<category>`` for any
 category of the record (``weights``, ``gradients``, ``optimizer_state``, ``activations``…) or
 ``max_peak`` (the peak of allocated bytes), each a size such as ``"20MiB"``, ``"1.5GB"`` or an int
 of bytes. The check is ``memprof.report.gate.check_budgets``, the same code ``memprof check`` uses.
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
     from memprof.record import RunRecord
 
 RECORDS = pytest.StashKey[list]()
+TRACKS = pytest.StashKey[list]()
 RETURNED = pytest.StashKey[object]()
 
 
@@ -62,6 +69,21 @@ def memprof_measure(request: pytest.FixtureRequest) -> Callable[..., Any]:
     return measure
 
 
+@pytest.fixture
+def memprof_track(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """``with memprof_track(model, optimizer, steps=None, skip=0) as run:`` around the test's own loop
+    (``memprof.track``); ``run.record`` is the record, which the ``memprof`` marker's budgets check."""
+    tracks = request.node.stash.setdefault(TRACKS, [])
+
+    def track(*args: Any, **kwargs: Any) -> Any:
+        from memprof.measure.tracked import track as start
+
+        tracks.append(start(*args, **kwargs))
+        return tracks[-1]
+
+    return track
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     """For marked tests, keep what the test function returns (a record to check) without pytest's
@@ -90,13 +112,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if marker is None or call.when != "call" or not report.passed:
         return
     records = list(item.stash.get(RECORDS, []))
+    records += [track.record for track in item.stash.get(TRACKS, []) if track.record is not None]
     returned = item.stash.get(RETURNED, None)
     records += _as_records(returned)
     if marker.args:
         message = "memprof marker takes keyword budgets only, e.g. @pytest.mark.memprof(max_optimizer_state='20MiB')"
     elif not records:
-        message = ("memprof marker: the test measured nothing; call the memprof_measure fixture or return "
-                   "a RunRecord")
+        message = ("memprof marker: the test measured nothing; call the memprof_measure fixture, track a loop "
+                   "with memprof_track, or return a RunRecord")
     else:
         message = _failures(records, marker.kwargs)
     if message:

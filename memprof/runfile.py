@@ -123,8 +123,12 @@ def provenance(records: Sequence[RunRecord]) -> dict[str, str]:
 
 
 def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
-    """One ``memprof compare`` (or ``estimate``) command per group of records measured with the same settings."""
-    return [reproduce_command(settings, specs) for settings, specs in group_by_request(r.settings for r in records)]
+    """One ``memprof compare`` (or ``estimate``) command per group of records measured with the same settings; for
+    the user's own loop (``memprof.track``: its model_config says ``tracked``), the command that ran it."""
+    own = [r for r in records if "tracked" in r.model_config]
+    ran = [r.environment.get("command") or "the user's own loop (memprof.track)" for r in own]
+    return [*dict.fromkeys(ran), *(reproduce_command(settings, specs) for settings, specs in
+                                   group_by_request(r.settings for r in records if "tracked" not in r.model_config))]
 
 
 # -- reading ----------------------------------------------------------------------------------------

@@ -77,6 +77,9 @@ PERSISTENT: tuple[str, ...] = ("weights", "buffers", "gradients", "optimizer_sta
 
 PHASES: tuple[str, ...] = ("forward", "backward", "step")
 """The phases of one training step."""
+BETWEEN_STEPS = "between steps"
+"""A tracked loop's phase from an optimizer step's end to the next forward: its data loading, logging, scheduler
+(``memprof.measure.tracked``); what it allocates and nothing claims is a temporary of its own."""
 
 
 def category_of_untagged(phase: str) -> tuple[str, str]:
@@ -85,6 +88,8 @@ def category_of_untagged(phase: str) -> tuple[str, str]:
         return "temporaries", phase
     if phase == "step":
         return "step_transient", "step"
+    if phase == BETWEEN_STEPS:
+        return "temporaries", BETWEEN_STEPS
     if phase == "warmup":
         # What the library warm-up leaves allocated is cuBLAS/cuDNN workspace: context that
         # happens to live inside the caching allocator.

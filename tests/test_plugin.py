@@ -119,3 +119,28 @@ def test_marker_is_documented(run):
 def test_entry_point_is_declared():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["pytest11"] == {"memprof": "memprof.pytest_plugin"}
+
+
+def test_the_marker_checks_a_loop_tracked_with_the_memprof_track_fixture(run):
+    result = run('''
+import torch
+
+def loop(memprof_track, steps=2):
+    model = torch.nn.Linear(64, 64)  # 16,640 B of weights: Adam keeps 33,280 B of moments and two 4-B steps
+    optimizer = torch.optim.Adam(model.parameters())
+    with memprof_track(model, optimizer):
+        for _ in range(steps):
+            model(torch.randn(4, 64)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+@pytest.mark.memprof(max_optimizer_state=33_288)
+def test_within(memprof_track):
+    loop(memprof_track)
+
+@pytest.mark.memprof(max_optimizer_state=33_287)
+def test_one_byte_over(memprof_track):
+    loop(memprof_track)
+''', subprocess=True)  # in a process of its own: an in-process run would drop the torch modules it imports first
+    result.assert_outcomes(passed=1, failed=1)
+    assert "optimizer_state" in result.stdout.str() and "test_one_byte_over" in result.stdout.str()

@@ -222,10 +222,15 @@ def _outside_sharding_propagation(tracker: FakeTracker) -> contextlib.AbstractCo
 class CudaTracker:
     """Reads the CUDA caching allocator's history; the clock is host microseconds."""
 
-    def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False) -> None:
+    def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False,
+                 existing: bool = False) -> None:
         self.device = device
         self.max_entries = max_entries
         self.stacks = stacks
+        # Blocks allocated before the history started count as live from time 0 (a tracked loop's model,
+        # batch and state, made before ``memprof.track``); the runner's history starts before anything.
+        self.existing = existing
+        self._segments_before: list[dict] = []
         self.allocations: list[Allocation] = []
         self.dropped = False
         self.exact_blocks = True
@@ -251,6 +256,10 @@ class CudaTracker:
             max_entries=self.max_entries,
             device=self.device,
         )
+        if self.existing:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._segments_before = [s for s in torch.cuda.memory._snapshot(self.device)["segments"]
+                                     if s.get("device", index) == index]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,7 +277,7 @@ class CudaTracker:
         # Expandable segments map ranges instead of allocating segments; the block sizes below
         # follow the classic allocator's rules, so the replay is then approximate.
         self.exact_blocks = not any(e["action"] in ("segment_map", "segment_unmap") for e in trace)
-        return blocks_from_trace(trace)
+        return blocks_from_trace(trace, self._segments_before)
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
@@ -295,8 +304,9 @@ def block_size(requested: int, free_extent: int | None) -> int:
     return rounded if split else free_extent
 
 
-def blocks_from_trace(trace: list[dict]) -> list[Allocation]:
-    """Allocations with their real block sizes, replaying segment and block events in order.
+def blocks_from_trace(trace: list[dict], segments_before: list[dict] = ()) -> list[Allocation]:
+    """Allocations with their real block sizes, replaying segment and block events in order; the blocks of
+    ``segments_before`` (a snapshot's segments, taken as the history started) are live from time 0.
 
     A block's free extent is the gap from its address to the next block in use (or the end of
     its segment); freed neighbours have coalesced. Blocks count as allocated from ``alloc`` to
@@ -309,6 +319,18 @@ def blocks_from_trace(trace: list[dict]) -> list[Allocation]:
     occupied: list[int] = []  # sorted addresses of blocks not yet completely freed
     live: dict[int, Allocation] = {}
     out: list[Allocation] = []
+    for segment in segments_before:
+        segments[segment["address"]] = segment["total_size"]
+        bisect.insort(segment_starts, segment["address"])
+        addr = segment["address"]
+        for block in segment["blocks"]:
+            addr = block.get("address", addr)
+            if block["state"] != "inactive":
+                bisect.insort(occupied, addr)
+            if block["state"] == "active_allocated":
+                live[addr] = Allocation(ptr=addr, nbytes=block["size"], start=0.0)
+                out.append(live[addr])
+            addr += block["size"]
     for entry in trace:
         action, addr = entry["action"], entry["addr"]
         if action == "segment_alloc":

@@ -91,6 +91,7 @@ def _pinned(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optim
     build.__signature__ = inspect.signature(cls)  # type: ignore[attr-defined]
     build.__doc__ = f"{cls.__module__}.{cls.__qualname__} with foreach/fused resolved at construction."
     build.__name__ = build.__qualname__ = cls.__name__
+    build.builds = cls  # type: ignore[attr-defined] - the class (memprof.optim.registry.entry_of)
     return build
 
 
@@ -131,6 +132,14 @@ class _LibraryClass:
         return signature.replace(
             parameters=[p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         )
+
+    @property
+    def builds(self) -> type | None:
+        """The class, where its library is imported already (None otherwise: nothing is imported for it)."""
+        import sys
+
+        module, _, attr = self.target.partition(":")
+        return getattr(sys.modules[module], attr, None) if module in sys.modules else None
 
     def __call__(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         if self.check is not None:

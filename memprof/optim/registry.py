@@ -167,6 +167,27 @@ def _check_keys(entry: OptimizerEntry, kwargs: Mapping[str, Any]) -> None:
             raise UsageError(f"optimizer {entry.name}: unknown hyperparameter {key!r}; valid: {', '.join(valid)}")
 
 
+def entry_of(optimizer: "torch.optim.Optimizer") -> OptimizerEntry | None:
+    """The entry that builds ``optimizer``'s class, or its nearest registered base class; None for any other
+    class (its state roles are then inferred). Imports no library: an entry whose library is not imported
+    cannot have built this instance."""
+    import sys
+
+    classes: dict[type, OptimizerEntry] = {}
+    for entry in registry().values():
+        module = entry.target.partition(":")[0]
+        if module not in sys.modules and not module.startswith("memprof."):
+            continue
+        try:
+            loaded = entry.load()
+        except UsageError:
+            continue
+        built = loaded if inspect.isclass(loaded) else getattr(loaded, "builds", None)
+        if built is not None:
+            classes.setdefault(built, entry)
+    return next((classes[cls] for cls in type(optimizer).__mro__ if cls in classes), None)
+
+
 def build_optimizer(spec: OptimizerSpec, model: "torch.nn.Module", *, analytic: bool = False) -> "torch.optim.Optimizer":
     """Attach the optimizer a spec names to ``model``. Bad values, and any failure of the class
     (an exception, ``sys.exit``), raise ``UsageError``.
