@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,8 +81,13 @@ def test_the_small_pool_splits_off_any_remainder_of_512_bytes():
 
 
 @pytest.mark.parametrize("requested, extent, block", [
-    (1000, None, 1024), (1000, 4096, 1024), (4 * MIB, 5 * MIB, 5 * MIB), (4 * MIB, 5 * MIB + 512, 4 * MIB),
-    (MIB, MIB + 512, MIB),
+    (1, None, 512), (513, None, 1024),  # everything rounds up to 512 B
+    (1000, 4096, 1024),  # small pool: a remainder of >= 512 B is split off
+    (1000, 1024 + 511, 1024 + 511),  # small pool: a remainder under 512 B stays in the block
+    (4 * MIB, 4 * MIB + MIB // 2, 4 * MIB + MIB // 2),  # large pool: a remainder of <= 1 MiB is not split off …
+    (4 * MIB, 5 * MIB, 5 * MIB),
+    (4 * MIB, 5 * MIB + 512, 4 * MIB),  # … one above 1 MiB is
+    (MIB, MIB + 512, MIB),  # exactly 1 MiB is still the small pool's rule
 ])
 def test_block_for_a_free_run_follows_the_split_rule(requested, extent, block):
     assert block_for(requested, extent, DEFAULT) == block
@@ -261,3 +267,17 @@ def test_torch_accepts_and_refuses_the_same_settings():
     texts = BAD + GOOD
     done = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [problem(t) is None for t in texts]
+
+
+# -- real histories (an H200 run each, torch 2.11; benchmarks/allocator_replay.py replays them all) ---------------
+TRACES = sorted((Path(__file__).parent / "data" / "allocator").glob("*.pkl.xz"))
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.name.removesuffix(".pkl.xz"))
+def test_a_real_run_replays_to_its_segments_and_its_max_reserved(path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from allocator_replay import compare
+
+    row = compare(path)
+    assert row["allocs"] > 3000 and row["same"] and row["other_address"] == 0
+    assert row["simulated"] == row["recorded"] == row["torch"]

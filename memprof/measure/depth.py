@@ -41,6 +41,7 @@ import itertools
 import re
 from typing import Any, Callable, Iterator, Sequence
 
+from memprof.measure import reserved
 from memprof.record import RunRecord
 from memprof.settings import Settings
 
@@ -105,6 +106,12 @@ def estimate(settings: Settings, measure: Callable[[Settings], RunRecord]) -> Ru
         record.notes.append(f"extrapolated to {depth} blocks from probes of {', '.join(map(str, probed))} blocks "
                             "(every figure affine in the depth, exactly, at the probes); no timeline: "
                             "--full-depth estimates op by op")
+        if reserved.over_budget(record):
+            whole = measure(settings)
+            whole.notes.append("estimated op by op at full depth: extrapolated from probes, it needs more than "
+                               "its budget, and only the whole model's simulated allocator names the allocation "
+                               "that fails first")
+            return whole
         return record
     record = measure(settings)
     record.notes.append("estimated op by op at full depth: " + "; ".join(reasons))
@@ -200,7 +207,9 @@ def extrapolate(records: Sequence[RunRecord], probed: Sequence[int], depth: int,
     settings = [item.pop("settings") for item in data][-1]
     telemetry = [item.pop("telemetry") for item in data]
     parameters = _parameters([item.pop("parameters") for item in data], probed, depth)
+    simulated = reserved.take_simulated(data)  # the allocator's figures: not held to exact affinity
     out = _affine(data, probed, depth, "record")
+    reserved.put_simulated(out, simulated, probed, depth)
     out.update(settings=settings, parameters=parameters,
                telemetry=telemetry[0] if all(t == telemetry[0] for t in telemetry) else [])
     record = RunRecord.from_dict(out)
