@@ -154,7 +154,9 @@ class Settings:
         "Needs --parallel fsdp2 and --dtype float32. docs/recipes.md.", flag="--fsdp-mixed-precision",
         config="fsdp_mixed_precision", csv="extra", group="distributed", choices=FSDP_PARAM_DTYPES)
     full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
-                               "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",
+                               "from shallow probes of 1-3 blocks (slower; a check of the extrapolation). An "
+                               "estimate for CUDA always is: its caching allocator is simulated on every "
+                               "allocation.",
                                flag="--full-depth", csv="extra", group="estimate")
     rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
                         "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",

@@ -22,10 +22,6 @@ from memprof.record import PhasePeak, Row, RunRecord
 from memprof.settings import Settings
 from memprof.taxonomy import FRAGMENTATION
 
-SIMULATED_PEAKS = ("max_allocated", "max_reserved", "reserved_end", "allocated_end")
-"""The record's peaks the simulation fills (``Peaks``' fields)."""
-
-
 def allocator_settings(settings: Settings) -> str:
     """The allocator settings a run has: ``--alloc-conf``, else the environment's."""
     return settings.alloc_conf if settings.alloc_conf is not None else from_environment()
@@ -72,7 +68,8 @@ def run(allocations: Sequence[Allocation], allocator_config: AllocatorConfig, *,
 def simulate(record: RunRecord, allocations: list[Allocation], marks: list[PhaseMark], settings: Settings, *,
              device_total: int, outside: int, budget: int | None) -> None:
     """Fill an estimate's allocator figures (see the module's docstring); ``outside``: the CUDA context outside
-    the allocator, ``budget``: the memory the run must fit in (None: none)."""
+    the allocator, ``budget``: the memory the run must fit in (None: none). The whole model's stream: a
+    deep model is not probed for a CUDA target (``memprof.measure.depth``)."""
     text = allocator_settings(settings)
     allocator_config = parse(text)
     record.environment["allocator_config"] = text
@@ -137,49 +134,3 @@ def reserved_from_trace(trace: list[dict]) -> list[tuple[float, int]]:
         out.append((float(entry["time_us"]), reserved))
     return out
 
-
-def extrapolated(values: Sequence[int | None], probed: Sequence[int], depth: int) -> int | None:
-    """A simulated figure at ``depth`` blocks from the probes': along the line through the two deepest. The
-    allocator's figures need not be exactly affine in the depth (segments are shared between blocks), so
-    they are not held to it as the tensors' are (``memprof.measure.depth``)."""
-    if any(v is None for v in values):
-        return None
-    slope = (values[-1] - values[-2]) / (probed[-1] - probed[-2])
-    return max(0, round(values[-1] + slope * (depth - probed[-1])))
-
-
-def take_simulated(data: list[dict]) -> list[dict]:
-    """Take the simulated figures out of probe records (their plain data), to be extrapolated apart
-    (``put_simulated``): the peaks the simulation fills, each phase's reserved bytes, the allocator row."""
-    taken = []
-    for item in data:
-        figures = {name: item["peaks"].pop(name, None) for name in SIMULATED_PEAKS}
-        figures["phases"] = [phase.pop("reserved", None) for phase in item["phase_peaks"]]
-        rows = item["breakdown"]
-        item["breakdown"] = [r for r in rows if (r["category"], r["component"]) != FRAGMENTATION]
-        figures["row"] = len(rows) != len(item["breakdown"])
-        taken.append(figures)
-    return taken
-
-
-def put_simulated(record: dict, taken: list[dict], probed: Sequence[int], depth: int) -> None:
-    """Put the probes' simulated figures (``take_simulated``) into the extrapolated record at ``depth``."""
-    peaks = record["peaks"]
-    for name in SIMULATED_PEAKS:
-        peaks[name] = extrapolated([figures[name] for figures in taken], probed, depth)
-    for i, phase in enumerate(record["phase_peaks"]):
-        phase["reserved"] = extrapolated([figures["phases"][i] for figures in taken], probed, depth)
-    if taken[-1]["row"] and peaks["max_reserved"] is not None:
-        record["breakdown"].append(dict(zip(("category", "component"), FRAGMENTATION), basis="allocator",
-                                        bytes=peaks["max_reserved"] - peaks["max_allocated"]))
-        most = ", ".join(f"{figures['max_reserved']:,}" for figures in taken)
-        record["notes"].append(f"reserved extrapolated along the two deepest probes' simulated allocators (max "
-                               f"reserved {most} B at {', '.join(map(str, probed))} blocks)")
-
-
-def over_budget(record: RunRecord) -> bool:
-    """Whether an estimate needs more than its budget (``--memory`` or the ``--gpu``'s capacity)."""
-    from memprof.gpus import budget, need
-
-    limit, needs = budget(record.settings), need(record)
-    return record.status == "ok" and limit is not None and needs is not None and needs > limit

@@ -176,14 +176,12 @@ def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTrack
 
 
 def _simulate_allocator(record: RunRecord, tracker: FakeTracker, capture: Capture, settings: Settings) -> None:
-    """An estimate's caching allocator, simulated on its stream; against its budget unless it is a probe of a
-    deep model (``memprof.measure.depth``: the probes' figures are extrapolated, the budget checked after)."""
+    """An estimate's caching allocator, simulated on its stream, against its budget."""
     from memprof.gpus import budget
-    from memprof.measure.depth import Probe
 
     gpu = _gpu(settings)
     reserved.simulate(record, tracker.allocations, capture.marks, settings, device_total=gpu.capacity,
-                      outside=gpu.driver, budget=None if isinstance(settings, Probe) else budget(settings))
+                      outside=gpu.driver, budget=budget(settings))
 
 
 def _mixed_precision(settings: Settings, device: torch.device) -> contextlib.AbstractContextManager:
