@@ -63,6 +63,8 @@ lane_traces() {
   trace llama-350m-smmf-bf16 --model llama-350m --opt smmf --amp bf16 --batch-size 4 --seq-len 512 --steps 3
   trace gpt2-smmf-ckpt-full --model gpt2 --opt smmf --batch-size 4 --seq-len 512 --steps 3 --checkpointing full
   trace resnet50-adam --model resnet50 --opt adam --batch-size 32 --steps 3
+  # The simulator against every history just recorded: same segments, same max_memory_reserved (issue 22).
+  step traces python3 benchmarks/allocator_replay.py "$R/traces"
   rm -f "$R"/*.pickle
 }
 # Lanes 4-7: the papers' peak cells (issue 24), as reports/README.md's GPU commands. The largest runs (Adapprox's

@@ -38,11 +38,21 @@ READING = [
     "- Reserved: the caching allocator simulated on the estimate's allocations (memprof.allocator). Replayed on "
     "the allocation histories of real H200 runs (benchmarks/allocator_replay.py) it reproduces every segment "
     "event and `max_memory_reserved` exactly; what remains here is the estimate's own stream against the run's.",
+    "- GPT-2 (10 runs): allocated within 0.05 %, reserved within 0.09 % (Adapprox: inside its range, or 0.09 % "
+    "below its upper end).",
+    "- RoBERTa: allocated 0.4–2.2 % low, reserved 1.9–2.6 % low (about 60 MiB in each run). The allocation "
+    "history of the same model on an H200 (io_adam, batch 16 × 128; benchmarks/gpu_checks.sh) shows why: the "
+    "real run allocates 540 attention-score tensors of 12 MiB (16 × 12 heads × 128 × 128 fp32: attention "
+    "computed with the scores materialised) that the estimate, which takes the memory-efficient kernel, does "
+    "not. A kernel choice (memprof.measure.cuda_choices), not the allocator: open.",
     "- Adapprox picks its rank from the data: the estimate is a range (initial rank – every factor at k_max); "
     "the real figures should lie inside it.",
-    "- T5-small with transformers' Adafactor is the outlier: the real step transient is 197.9 MB, the "
-    "estimate's 131.7 MB; the 66 MB gap is one more temporary the size of T5's tied 32128 × 512 embedding in "
-    "the CUDA step. Open: the H200 trace of that run (benchmarks/gpu_checks.sh, lane 3) is where to find it.",
+    "- T5-small with transformers' Adafactor is the outlier (allocated −8.8 %, reserved −15.4 %). The H200 "
+    "history of that run explains the allocated gap to the byte: in each step the real run allocates one "
+    "131,596,288-B temporary (T5's tied 32128 × 512 embedding at 8 bytes an element) where the estimate's "
+    "step allocates 65,798,144 B; the 66 MB difference is the gap. It also allocates 36 blocks of 8 MiB the "
+    "estimate does not, which the reserved gap adds to. Which op makes the double-size temporary on CUDA is "
+    "open (a snapshot with frames of that run is where to read it).",
     "",
 ]
 

@@ -115,9 +115,10 @@ def describe_failure(allocation: Allocation, marks: list[PhaseMark]) -> str:
     i = bisect.bisect_right(times, allocation.start) - 1
     mark = marks[i] if i >= 0 else PhaseMark(0, "setup", 0)
     micro = f", micro-batch {mark.micro}" if mark.micro else ""
+    step = f" (step {mark.step}{micro})" if mark.step else ""
     made_by = f" ({allocation.origin})" if allocation.origin else ""
     what = f"{allocation.category}/{allocation.component}" if allocation.category else "an allocation"
-    return f"{mark.phase} (step {mark.step}{micro}): {allocation.nbytes:,} B for {what}{made_by}"
+    return f"{mark.phase}{step}: {allocation.nbytes:,} B for {what}{made_by}"
 
 
 def reserved_from_trace(trace: list[dict]) -> list[tuple[float, int]]:
