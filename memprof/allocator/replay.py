@@ -16,7 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from memprof.allocator.config import AllocatorConfig
-from memprof.allocator.simulator import Block, CachingAllocator
+from memprof.allocator.pool import Block
+from memprof.allocator.simulator import CachingAllocator
 
 SEGMENT_ACTIONS = ("segment_alloc", "segment_free", "segment_map", "segment_unmap")
 GROWS = ("segment_alloc", "segment_map")

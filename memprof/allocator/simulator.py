@@ -3,17 +3,11 @@
 Each rule is ``DeviceCachingAllocator``'s in c10/cuda/CUDACachingAllocator.cpp (torch 2.14.1; the function is
 named beside it), read from the source, not copied. Where torch 2.11 (the GPU runs') differs, it says so.
 
-* A request is rounded up to 512 B, or to a power-of-two division (``round_size``); up to 1 MiB it is the
-  small pool's, else the large pool's (``get_pool``).
-* The smallest free block of the pool on the request's stream that fits is taken (``get_free_block``: the pool
-  is ordered by stream, size, address); it is split if what remains is worth keeping (``should_split``).
-* Else a segment is allocated: 2 MiB for the small pool, ``large_segment_size`` (20 MiB) for a large request
-  under 10 MiB, the request rounded up to 2 MiB above (``get_allocation_size``). If the device has no room:
-  free cached oversize blocks (``release_available_cached_blocks``), else every cached unsplit segment
-  (``release_cached_blocks``), retrying after each; then the allocation fails (out of memory).
-* A freed block merges with free neighbours of its segment (``free_block``, ``try_merge_blocks``).
-* Under expandable segments each pool and stream has one segment mapped page by page (2 MiB small,
-  ``large_segment_size`` large; ``try_allocate_expandable_block``, ``map_block``, ``unmap_block``).
+A request is rounded (``round_size``) and served from the small (<= 1 MiB) or large pool (``get_pool``): the
+best-fitting free block on its stream (``get_free_block``), split where the rest is worth keeping
+(``should_split``); else a new segment (``get_allocation_size``, ``alloc_block``; under expandable segments
+pages mapped into one segment per pool and stream), after freeing cached segments where the device has no room
+(``release_available_cached_blocks``, ``release_cached_blocks``), or out of memory. Frees merge neighbours.
 
 Not simulated: CUDA graphs' private pools, blocks used on other streams (``record_stream``: a replay frees a
 block when its free completed), the free-memory callbacks.
@@ -22,10 +16,10 @@ block when its free completed), the free-memory callbacks.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 from typing import Callable
 
 from memprof.allocator.config import NO_LIMIT, AllocatorConfig
+from memprof.allocator.pool import Block, Expandable, Pool
 
 MIN_BLOCK = 512  # kMinBlockSize: every block is a multiple of it
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest small-pool request
@@ -94,75 +88,6 @@ class OutOfMemory(Exception):
         super().__init__(f"out of memory: {requested:,} B requested (a {segment:,}-B segment) with {reserved:,} B "
                          f"reserved, {allocated:,} B allocated")
         self.requested, self.segment, self.reserved, self.allocated = requested, segment, reserved, allocated
-
-
-class Block:
-    """A range of one segment: handed out (``allocated``), cached free, or (expandable) not mapped."""
-
-    __slots__ = ("ptr", "size", "stream", "small", "allocated", "mapped", "prev", "next", "segment", "gc_base")
-
-    def __init__(self, ptr: int, size: int, stream: int, small: bool, segment: "Expandable | None" = None,
-                 mapped: bool = True) -> None:
-        self.ptr, self.size, self.stream, self.small = ptr, size, stream, small
-        self.allocated, self.mapped, self.segment = False, mapped, segment
-        self.prev: Block | None = None
-        self.next: Block | None = None
-        self.gc_base = 0
-
-    def is_split(self) -> bool:
-        return self.prev is not None or self.next is not None
-
-    def splice(self, before: "Block | None", after: "Block | None") -> None:
-        """Put this block between ``before`` and ``after`` (``Block::splice``)."""
-        if before is not None:
-            before.next = self
-        self.prev = before
-        if after is not None:
-            after.prev = self
-        self.next = after
-
-
-@dataclass
-class Expandable:
-    """One expandable segment's address space and the pages mapped in it (``ExpandableSegment``)."""
-
-    base: int
-    page: int
-    pages: int
-    mapped: set[int] = field(default_factory=set)
-
-
-class Pool:
-    """A pool's cached free blocks, ordered by (stream, size, address), and (expandable) its unmapped ranges
-    ordered by (stream, address) (``BlockPool``)."""
-
-    def __init__(self, small: bool) -> None:
-        self.small = small
-        self.keys: list[tuple[int, int, int]] = []
-        self.blocks: dict[tuple[int, int, int], Block] = {}
-        self.unmapped: list[tuple[int, int]] = []
-        self.unmapped_blocks: dict[tuple[int, int], Block] = {}
-        self.lookups = 0  # get_free_blocks_call_count: the garbage collector's clock
-
-    def insert(self, block: Block) -> None:
-        """``insert_into_blocks``: cached, its age counted from now."""
-        key = (block.stream, block.size, block.ptr)
-        block.gc_base = self.lookups
-        bisect.insort(self.keys, key)
-        self.blocks[key] = block
-
-    def remove(self, block: Block) -> None:
-        key = (block.stream, block.size, block.ptr)
-        del self.keys[bisect.bisect_left(self.keys, key)]
-        del self.blocks[key]
-
-    def add_unmapped(self, block: Block) -> None:
-        bisect.insort(self.unmapped, (block.stream, block.ptr))
-        self.unmapped_blocks[(block.stream, block.ptr)] = block
-
-    def remove_unmapped(self, block: Block) -> None:
-        del self.unmapped[bisect.bisect_left(self.unmapped, (block.stream, block.ptr))]
-        del self.unmapped_blocks[(block.stream, block.ptr)]
 
 
 class CachingAllocator:
@@ -273,6 +198,7 @@ class CachingAllocator:
         return block
 
     def _bump(self, size: int) -> int:
+        """The next free address (a new segment's where no one says otherwise)."""
         address, self._next = self._next, self._next + -(-size // ROUND_LARGE) * ROUND_LARGE
         return address
 

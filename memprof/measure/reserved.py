@@ -16,7 +16,8 @@ import dataclasses
 from typing import Sequence
 
 from memprof.allocator.config import AllocatorConfig, from_environment, parse
-from memprof.allocator.simulator import Block, CachingAllocator, OutOfMemory
+from memprof.allocator.pool import Block
+from memprof.allocator.simulator import CachingAllocator, OutOfMemory
 from memprof.measure.events import Allocation, PhaseMark
 from memprof.record import PhasePeak, Row, RunRecord
 from memprof.settings import Settings
