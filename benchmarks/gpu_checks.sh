@@ -46,6 +46,8 @@ lane_tests() {
   step tests python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpu.py \
     -k "tensor_bytes_match or each_optimizer_runs"
   trace gpt2-smmf-ckpt-full --model gpt2 --opt smmf --batch-size 4 --seq-len 512 --steps 3 --checkpointing full
+  # The allocator simulator against the history just recorded: same segments, same max_memory_reserved (issue 22).
+  step tests python3 benchmarks/allocator_replay.py "$R/traces"
   # memprof.track on CUDA (issue 21): a runner-shaped loop tracked against compare; memprof run on the example
   step tests python3 benchmarks/track_accuracy.py --model gpt2 --opt adam --device cuda --batch-size 4 --seq-len 512
   step tests python3 benchmarks/track_accuracy.py --model resnet18 --opt smmf --device cuda --batch-size 8

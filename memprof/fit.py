@@ -73,13 +73,13 @@ def fit(model: str, optimizers: str | Sequence[str], dimension: str, *,
 
 def _search(model: str, text: str, *, setting: str, start: int, budget: int, settings: dict[str, Any],
             on_result: Callable[[RunRecord], None] | None = None) -> Fit:
-    """One optimizer's ``fit``: doubling ``setting`` from ``start`` while the estimate fits ``budget``,
-    then bisecting."""
-    from memprof.gpus import need
+    """One optimizer's ``fit``: doubling ``setting`` from ``start`` while the estimate fits ``budget`` (what it
+    reserves, simulated, and the context outside the allocator: ``memprof.gpus.fits``), then bisecting."""
+    from memprof.gpus import fits, need
 
     result = Fit(spec=text, setting=setting, budget=budget, value=0, record=None)
 
-    def needs(value: int) -> int | None:
+    def fitting(value: int) -> bool | None:
         (record, *_) = execute.estimate(model, [text], {**settings, setting: value})
         result.estimates.append(record)
         result.probes.append((value, need(record) if record.status == "ok" else None))
@@ -88,15 +88,15 @@ def _search(model: str, text: str, *, setting: str, start: int, budget: int, set
         if record.status != "ok":
             result.failure = record.failure
             return None
-        return need(record)
+        return fits(record, budget)
 
     low, high = 0, None  # low fits (0: nothing yet), high does not
     value = start
     while high is None and value <= FIT_LIMIT:
-        used = needs(value)
-        if used is None:
+        fit_here = fitting(value)
+        if fit_here is None:
             break
-        if used <= budget:
+        if fit_here:
             low, value = value, value * 2
         else:
             high = value
@@ -104,10 +104,10 @@ def _search(model: str, text: str, *, setting: str, start: int, budget: int, set
         lo = low
         while high - lo > 1:
             mid = (lo + high) // 2
-            used = needs(mid)
-            if used is None:
+            fit_here = fitting(mid)
+            if fit_here is None:
                 break
-            lo, high = (mid, high) if used <= budget else (lo, mid)
+            lo, high = (mid, high) if fit_here else (lo, mid)
         low = lo
     result.value = low
     result.record = next((r for r in result.estimates if getattr(r.settings, setting) == low), None)

@@ -68,9 +68,22 @@ def budget(settings) -> int | None:
     return GPUS[settings.target_gpu].capacity if settings.target_gpu else None
 
 
+OUTSIDE_BASES = ("gpu table", "nvml", "assumed")
+"""Bases of the ``context`` rows that lie outside the caching allocator (the driver's, NCCL's)."""
+
+
 def need(record) -> int | None:
-    """What a run needs of the device: its peak allocated bytes plus the context outside the allocator."""
-    if record.peaks.allocated is None:
+    """What a run needs of the device: the most its caching allocator reserved (an estimate for CUDA: as
+    simulated; a CPU run: its peak of live tensors) plus the context outside the allocator."""
+    held = record.peaks.max_reserved if record.peaks.max_reserved is not None else record.peaks.allocated
+    if held is None:
         return None
-    outside = sum(r.bytes for r in record.breakdown if r.category == "context" and r.basis in ("gpu table", "nvml"))
-    return record.peaks.allocated + outside
+    outside = sum(r.bytes for r in record.breakdown if r.category == "context" and r.basis in OUTSIDE_BASES)
+    return held + outside
+
+
+def fits(record, limit: int) -> bool:
+    """Whether a run fits ``limit`` bytes: what it needs does, or (an estimate) its simulated allocator met
+    every allocation within the limit once it freed its cached segments (``Peaks.fails_at`` empty)."""
+    needs = need(record)
+    return needs is not None and (needs <= limit or record.peaks.fails_at == "")

@@ -48,7 +48,8 @@ class ParameterState:
 
 @dataclass
 class Peaks:
-    """The global peak of allocated bytes and, on CUDA, what the allocator and NVML said."""
+    """The global peak of allocated bytes and, on CUDA, what the allocator and NVML said (an estimate for
+    CUDA: what its simulated allocator would say, ``memprof.measure.reserved``)."""
 
     allocated: int | None = None  # replayed (CUDA) or simulated (CPU) global peak
     phase: str = ""  # where the global peak fell
@@ -62,6 +63,8 @@ class Peaks:
     allocated_end: int | None = None
     nvml: int | None = None  # device memory NVML charges to the process
     nvml_basis: str = "n/a"  # "nvml process" | "nvml device delta" | "n/a"
+    fails_at: str | None = None  # an estimate over its budget: the first allocation that fails ("": none, once the
+    # allocator frees its cached segments; memprof.measure.reserved)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Peaks":
@@ -88,6 +91,7 @@ class PhasePeak:
     blocks: dict[str, int] = field(default_factory=dict)  # a depth probe's: the peak before, in the first and
     # the last repeated block, and after them (memprof.measure.depth)
     micro: int = 0  # the micro-batch of the step (--grad-accum N: forward and backward of 0 … N-1, then the step)
+    reserved: int | None = None  # the most the caching allocator reserved in the phase (CUDA, and estimates for it)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from memprof import parallel
+from memprof.allocator.config import problem as alloc_conf_problem
 from memprof.errors import UsageError
 from memprof.gpus import GPUS
 from memprof.lora import problem as lora_problem
@@ -137,6 +138,11 @@ class Settings:
                               check=_gpu)
     memory: str | None = setting(None, help="Memory budget to fit in (24GiB, 80GB); default: the --gpu's capacity.",
                                  flag="--memory", csv="extra", group="estimate", check=_size)
+    alloc_conf: str | None = setting(None, help="The CUDA caching allocator's settings, as PYTORCH_CUDA_ALLOC_CONF takes "
+                                     "them (max_split_size_mb:64,expandable_segments:True): set for a CUDA run, "
+                                     "simulated by an estimate; default: the environment's PYTORCH_CUDA_ALLOC_CONF.",
+                                     flag="--alloc-conf", config="alloc_conf", csv="extra", check=alloc_conf_problem,
+                                     metavar="KEY:VALUE,…")
     nproc: int = setting(1, help="Ranks (the world size): launched on this machine with torch.distributed.run, "
                          "gloo on CPU, NCCL on CUDA (one GPU per rank); under your own torchrun, its WORLD_SIZE.",
                          flag="--nproc", config="nproc", csv="extra", group="distributed", minimum=1)
@@ -148,7 +154,9 @@ class Settings:
         "Needs --parallel fsdp2 and --dtype float32. docs/recipes.md.", flag="--fsdp-mixed-precision",
         config="fsdp_mixed_precision", csv="extra", group="distributed", choices=FSDP_PARAM_DTYPES)
     full_depth: bool = setting(False, help="Estimate every block of the model op by op instead of extrapolating "
-                               "from shallow probes of 1-3 blocks (slower; a check of the extrapolation).",
+                               "from shallow probes of 1-3 blocks (slower; a check of the extrapolation). An "
+                               "estimate for CUDA always is: its caching allocator is simulated on every "
+                               "allocation.",
                                flag="--full-depth", csv="extra", group="estimate")
     rank: int = setting(0, help="The rank to simulate (memprof estimate with --parallel); in a real run, the rank "
                         "this record measured (0 in a single process).", flag="--rank", csv="extra", group="estimate",
@@ -171,6 +179,9 @@ class Settings:
             _check_fsdp_mixed_precision(self)
         if self.all_ranks:
             _check_all_ranks(self)
+        if self.alloc_conf is not None and self.device == "cpu":
+            raise UsageError("--alloc-conf sets the CUDA caching allocator: it cannot take effect on cpu "
+                             "(use --device cuda, or drop it)")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -98,6 +98,10 @@ def category_of_untagged(phase: str) -> tuple[str, str]:
     return "unattributed", phase
 
 
+FRAGMENTATION: tuple[str, str] = ("allocator", "reserved-allocated")
+"""The caching allocator's own bytes: what it reserved beyond what it handed out, at the peaks (max reserved −
+max allocated): free parts of its segments, whole blocks handed out for smaller requests, cached segments."""
+
 RECOMPUTED: tuple[str, str] = ("activations", "recomputed")
 """What a recomputation in backward (activation checkpointing) allocates and still holds when it ends: the
 tensors saved for the backward of the block just recomputed, freed as that backward consumes them."""

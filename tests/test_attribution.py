@@ -1,5 +1,5 @@
 """The core algorithms on synthetic streams: ``assign``, ``replay`` and the caching allocator's block
-rules (``block_size``, ``blocks_from_trace``), plus every registered optimizer's declared roles."""
+rules as a real history is replayed (``blocks_from_trace``), plus every registered optimizer's declared roles."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ import torch
 
 from memprof.measure.attribution import assign
 from memprof.measure.events import Allocation, PhaseMark, Tag, replay
-from memprof.measure.trackers import (
-    MIN_BLOCK,
-    SMALL_SIZE,
-    block_size,
-    blocks_from_trace,
-)
+from memprof.measure.trackers import blocks_from_trace
 from memprof.taxonomy import ROLES
 
 MIB = 1 << 20
@@ -95,20 +90,6 @@ def test_replay_timeline_keeps_every_bucket_maximum():
 
 
 # -- the caching allocator's block rules ------------------------------------------------------------
-@pytest.mark.parametrize("requested, free_extent, block", [
-    (1, None, MIN_BLOCK),  # everything rounds up to 512 B
-    (513, None, 2 * MIN_BLOCK),
-    (1000, 4096, 1024),  # small pool: a remainder of >= 512 B is split off
-    (1000, 1024 + 511, 1024 + 511),  # small pool: a remainder under 512 B stays in the block
-    (4 * MIB, 4 * MIB + MIB // 2, 4 * MIB + MIB // 2),  # large pool: a remainder of <= 1 MiB is not split off …
-    (4 * MIB, 5 * MIB, 5 * MIB),
-    (4 * MIB, 5 * MIB + 512, 4 * MIB),  # … one above 1 MiB is
-    (SMALL_SIZE, SMALL_SIZE + 512, SMALL_SIZE),  # exactly 1 MiB is still the small pool's rule
-])
-def test_block_size_follows_the_allocator_split_rules(requested, free_extent, block):
-    assert block_size(requested, free_extent) == block
-
-
 def _event(action: str, addr: int, size: int, t: int) -> dict:
     return {"action": action, "addr": addr, "size": size, "time_us": t}
 

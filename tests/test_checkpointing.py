@@ -62,7 +62,7 @@ def test_a_checkpointed_cpu_run_is_estimated_exactly(tiny_configs, model, value)
 def test_depth_probes_extrapolate_a_checkpointed_model_exactly(tmp_path, value, blocks, probes):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**GPT2, "n_layer": blocks}))
-    settings = dict(batch_size=4, seq_len=64, timeline=False, checkpointing=value)
+    settings = dict(batch_size=4, seq_len=64, timeline=False, checkpointing=value, device="cpu")  # CUDA: not probed
     (full,) = estimate(str(path), ["adam"], full_depth=True, **settings)
     (probed,) = estimate(str(path), ["adam"], **settings)
     assert f"extrapolated to {blocks} blocks from probes of {probes} blocks" in probed.notes[-1]

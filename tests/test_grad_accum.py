@@ -62,7 +62,7 @@ def test_an_accumulating_cpu_run_is_estimated_exactly(tiny_configs, model, extra
 def test_depth_probes_extrapolate_an_accumulating_run_exactly(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**GPT2, "n_layer": 6}))
-    settings = dict(batch_size=4, seq_len=64, timeline=False, grad_accum=2, checkpointing="full")
+    settings = dict(batch_size=4, seq_len=64, timeline=False, grad_accum=2, checkpointing="full", device="cpu")
     (full,) = estimate(str(path), ["adam"], full_depth=True, **settings)
     (probed,) = estimate(str(path), ["adam"], **settings)
     assert "extrapolated to 6 blocks from probes of 1, 2, 3 blocks" in probed.notes[-1]

@@ -83,7 +83,7 @@ def test_an_estimate_writes_a_snapshot_memory_viz_reads(tmp_path, gpt2_spec):
 
 
 def test_a_snapshot_estimates_the_whole_model_not_probes():
-    settings = Settings(model="llama-7b", spec="adam", estimate=True, device="cuda")
+    settings = Settings(model="llama-7b", spec="adam", estimate=True, device="cpu")  # a CUDA target is never probed
     assert depth._probed_depth(settings) == 32
     assert depth._probed_depth(settings.replace(snapshot="s.pickle")) is None
 

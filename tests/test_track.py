@@ -163,7 +163,7 @@ def test_cuda_blocks_held_before_the_history_are_live_from_its_start():
     trace = [{"action": "alloc", "addr": 2 * mib, "size": mib, "time_us": 10},  # into the free rest: split
              {"action": "free_requested", "addr": 0, "size": 2 * mib, "time_us": 20},
              {"action": "free_completed", "addr": 0, "size": 2 * mib, "time_us": 20}]
-    held, new = blocks_from_trace(trace, before)
+    held, new = blocks_from_trace(trace, segments_before=before)
     assert (held.ptr, held.nbytes, held.start, held.end) == (0, 2 * mib, 0.0, 20.0)
     assert (new.ptr, new.nbytes, new.start, new.end) == (2 * mib, mib, 10.0, None)
     # without the snapshot the free of the held block is of nothing known, and it is not counted at all

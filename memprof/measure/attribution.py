@@ -35,6 +35,7 @@ from memprof.measure.state import (
 from memprof.measure.trackers import CpuTracker, CudaTracker
 from memprof.record import ParameterState, Peaks, PhasePeak, Row, RunRecord, Timeline
 from memprof.taxonomy import (
+    FRAGMENTATION,
     IDENTITY_PRECEDENCE,
     PHASES,
     RECOMPUTE_SCRATCH,
@@ -301,7 +302,7 @@ def attribute(
     step_info = last.get("step")
     rows.append(Row("step_transient", "step", (step_info["peak"] - step_info["start_bytes"]) if step_info else 0, "allocator"))
     if device_peaks is not None:
-        rows.append(Row("allocator", "reserved-allocated", device_peaks.max_reserved - device_peaks.max_allocated, "allocator"))
+        rows.append(Row(*FRAGMENTATION, device_peaks.max_reserved - device_peaks.max_allocated, "allocator"))
     peak_rows = _rows(result.peak_composition)
     workspace = _at_peak(peak_rows, ("context", "library workspace"))
     if device_peaks is not None or workspace:

@@ -22,7 +22,10 @@ step peaks early, at the embeddings' update, at 1-3 blocks of a small LLaMA, and
 still: such a crossing between two points of one block, or between two points of an optimizer's step
 other than its end (the step's blocks are not followed).
 
-What the probes cannot show is never extrapolated. A strategy or an optimizer class that decides something
+What the probes cannot show is never extrapolated, nor probed: what the caching allocator of a CUDA target
+reserves depends on every allocation before (a block's segments serve later blocks' tensors; at 1-6 blocks of
+GPT-2 reserved − allocated falls from 460 to 210 MB, at its 12 it is 309 MB), so an estimate for CUDA is made
+op by op at full depth and its allocator simulated on the whole stream (``memprof.measure.reserved``). A strategy or an optimizer class that decides something
 by a rule over all the parameters says so in its ``whole_model_rule``: ZeroRedundancyOptimizer's greedy
 partition (a rank that holds no block's parameters at the probes may hold some at the model's depth);
 AdaMeM, Adapprox and Alada, which step the matrices of one shape from every block together (that batch's
@@ -128,8 +131,11 @@ def _probed_depth(settings: Settings) -> int | None:
     """The model's depth (its number of blocks) where ``estimate`` probes it, else None (estimated whole)."""
     from memprof.models import stacked_depth
 
-    # A snapshot records every allocation of the whole model: no probes.
-    depth = None if settings.full_depth or settings.snapshot is not None else stacked_depth(settings.model)
+    # A snapshot records every allocation of the whole model, and the caching allocator of a CUDA target is
+    # simulated on every allocation (memprof.measure.reserved: what it reserves is not affine in the depth): no
+    # probes.
+    whole = settings.full_depth or settings.snapshot is not None or settings.device.startswith("cuda")
+    depth = None if whole else stacked_depth(settings.model)
     return depth if depth is not None and depth >= MIN_DEPTH else None
 
 

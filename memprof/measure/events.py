@@ -24,6 +24,7 @@ class Allocation:
     category: str | None = None
     component: str = ""
     tensor_bytes: int | None = None  # storage bytes of the tensor that owns it, when tagged
+    origin: object = None  # the op that made it (a CPU or fake tensor's), where known
 
 
 @dataclass(frozen=True)

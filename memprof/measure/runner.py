@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from memprof.errors import UsageError, describe
-from memprof.measure import checkpointing, environment, snapshot
+from memprof.measure import checkpointing, environment, reserved, snapshot
 from memprof.measure.attribution import Capture, attribute, weight_components
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
@@ -47,6 +47,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
     spec = parse_spec(settings.spec)
     real_cuda = device.type == "cuda" and not settings.estimate
     nvml_before = environment.nvml_device_used() if real_cuda else {}
+    if real_cuda and settings.alloc_conf is not None:
+        torch.cuda.memory._set_allocator_settings(settings.alloc_conf)
     tracker = _tracker(settings, device)
     autocast = _mixed_precision(settings, device)
     capture = Capture(tracker)
@@ -109,6 +111,8 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         if settings.snapshot and isinstance(tracker, CudaTracker):
             tracker.keep_snapshot(snapshot.snapshot_file(settings))
     record.environment = environment.collect(device if real_cuda else torch.device("cpu"))
+    if real_cuda:
+        record.environment["allocator_config"] = reserved.allocator_settings(settings)
     if getattr(tracker, "dropped", False):
         record.status = "failed"
         record.failure = f"allocator history overflowed ({tracker.max_entries} entries); measure fewer --steps"
@@ -118,6 +122,10 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
               estimated_driver=_gpu(settings).driver if settings.estimate and device.type == "cuda" else None)
     if settings.snapshot and not isinstance(tracker, CudaTracker):  # allocations have their categories now
         snapshot.write(snapshot.snapshot_file(settings), tracker.allocations, capture.marks)
+    if isinstance(tracker, CudaTracker):
+        record.phase_peaks = reserved.phase_reserved(record.phase_peaks, capture.marks, tracker.reserved)
+    if isinstance(tracker, FakeTracker) and device.type == "cuda":
+        _simulate_allocator(record, tracker, capture, settings)
     if isinstance(tracker, FakeTracker):
         _describe_estimate(record, tracker, settings)
         if analytic:
@@ -159,11 +167,21 @@ def _where(capture: Capture, settings: Settings) -> str:
 
 def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTracker:
     if settings.estimate:
-        return FakeTracker(device)
+        return FakeTracker(device, config=reserved.config(settings))
     if device.type == "cuda":
         # With --snapshot every entry carries Python frames: keep the history short enough to load.
-        return CudaTracker(device, stacks=True, max_entries=200_000) if settings.snapshot else CudaTracker(device)
+        entries = {"stacks": True, "max_entries": 200_000} if settings.snapshot else {}
+        return CudaTracker(device, config=reserved.config(settings), **entries)
     return CpuTracker()
+
+
+def _simulate_allocator(record: RunRecord, tracker: FakeTracker, capture: Capture, settings: Settings) -> None:
+    """An estimate's caching allocator, simulated on its stream, against its budget."""
+    from memprof.gpus import budget
+
+    gpu = _gpu(settings)
+    reserved.simulate(record, tracker.allocations, capture.marks, settings, device_total=gpu.capacity,
+                      outside=gpu.driver, budget=budget(settings))
 
 
 def _mixed_precision(settings: Settings, device: torch.device) -> contextlib.AbstractContextManager:
@@ -237,8 +255,9 @@ def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settin
                        "ATen/autocast_mode.h), run through the CPU autocast key")
     if target == "cuda":
         gpu = _gpu(settings)
-        how.append("each allocation rounded to the caching allocator's 512-B blocks (large-pool whole-block "
-                   "reuse not modelled)")
+        how.append("each allocation rounded to the caching allocator's 512-B blocks; its reserved memory "
+                   "simulated by its rules (memprof.allocator) with the settings "
+                   f"{record.environment.get('allocator_config') or '(torch defaults)'!r}")
         how.append(f"library workspace {gpu.workspace} B and CUDA context {gpu.driver} B for {gpu.label}: "
                    f"{gpu.source}")
         record.environment.update(gpu=gpu.label, device="cuda (estimated)")

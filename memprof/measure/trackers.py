@@ -28,7 +28,10 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_flatten
 
+from memprof.allocator.config import AllocatorConfig
+from memprof.allocator.simulator import block_for, round_size
 from memprof.measure.events import Allocation
+from memprof.measure.reserved import reserved_from_trace
 from memprof.measure.state import storage_tensors
 
 _NO_STORAGE_OUT = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
@@ -88,11 +91,11 @@ class CpuTracker(TorchDispatchMode):
         self._patches.close()
         super().__exit__(*exc)
 
-    def _track(self, storage: torch.UntypedStorage, start: float) -> None:
+    def _track(self, storage: torch.UntypedStorage, start: float, origin: object = None) -> None:
         ptr, nbytes = self.key(storage), storage.nbytes()
         if nbytes == 0 or ptr in self._live:
             return
-        alloc = Allocation(ptr=ptr, nbytes=self.block_bytes(nbytes), start=start)
+        alloc = Allocation(ptr=ptr, nbytes=self.block_bytes(nbytes), start=start, origin=origin)
         self._live[ptr] = alloc
         self.allocations.append(alloc)
         weakref.finalize(storage, self._free, ptr, alloc)
@@ -125,7 +128,7 @@ class CpuTracker(TorchDispatchMode):
                     # or viewed a tensor that existed before the capture (then it was live all along).
                     existed = (func._schema.is_mutable or func.is_view) and not self.unseen_are_new
                     start = 0.0 if existed else self.now()
-                    self._track(storage, start)
+                    self._track(storage, start, origin=func)
         return out
 
     def memory_allocated(self) -> int:
@@ -136,14 +139,16 @@ class FakeTracker(CpuTracker):
     """Sees every op output on fake tensors (``FakeTensorMode``): nothing is allocated.
 
     Storages are told apart by identity (a fake storage has no address). For a CUDA target each
-    allocation is charged the caching allocator's 512-byte rounding. A read of a fake value on the
+    allocation is charged the caching allocator's rounding of its request (``config``: 512 B, or a
+    power-of-two division); which block it would get is the simulation's (``memprof.measure.reserved``). A read of a fake value on the
     host (``.item()``, ``.tolist()``) has no answer: it gets ``placeholder`` and is counted in
     ``host_reads``, so that data-dependent choices are reported as such.
     """
 
-    def __init__(self, target: torch.device, placeholder: float = 1.0) -> None:
+    def __init__(self, target: torch.device, placeholder: float = 1.0, config: AllocatorConfig | None = None) -> None:
         super().__init__()
         self.target = target
+        self.config = config or AllocatorConfig()
         self.placeholder = placeholder
         self.host_reads = 0
         self._key_attribute = f"_memprof_key_{id(self)}"  # one tracker's numbering, not another's
@@ -165,7 +170,7 @@ class FakeTracker(CpuTracker):
         return key
 
     def block_bytes(self, nbytes: int) -> int:
-        return block_size(nbytes, None) if self.target.type == "cuda" else nbytes
+        return round_size(nbytes, self.config) if self.target.type == "cuda" else nbytes
 
     def reserve(self, nbytes: int, start: float = 0.0) -> None:
         """An allocation the model does not make (the GPU's library workspace), live from ``start``."""
@@ -223,8 +228,9 @@ class CudaTracker:
     """Reads the CUDA caching allocator's history; the clock is host microseconds."""
 
     def __init__(self, device: torch.device, max_entries: int = 2_000_000, stacks: bool = False,
-                 existing: bool = False) -> None:
+                 existing: bool = False, config: AllocatorConfig | None = None) -> None:
         self.device = device
+        self.config = config or AllocatorConfig()
         self.max_entries = max_entries
         self.stacks = stacks
         # Blocks allocated before the history started count as live from time 0 (a tracked loop's model,
@@ -234,6 +240,8 @@ class CudaTracker:
         self.allocations: list[Allocation] = []
         self.dropped = False
         self.exact_blocks = True
+        self.reserved_at_start = 0
+        self.reserved: list[tuple[float, int]] = []  # (time, bytes reserved after each segment event)
 
     def now(self) -> float:
         return float(time.time_ns() // 1000)
@@ -249,6 +257,7 @@ class CudaTracker:
         """Nothing to do: the history starts before the model is built."""
 
     def __enter__(self) -> "CudaTracker":
+        self.reserved_at_start = torch.cuda.memory_reserved(self.device)
         torch.cuda.memory._record_memory_history(
             enabled="all",
             context="all" if self.stacks else None,
@@ -274,39 +283,23 @@ class CudaTracker:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         trace = snapshot["device_traces"][index]
         self.dropped = len(trace) >= self.max_entries
-        # Expandable segments map ranges instead of allocating segments; the block sizes below
-        # follow the classic allocator's rules, so the replay is then approximate.
+        # Expandable segments map ranges instead of allocating segments: a free run's extent may reach into
+        # the next mapped range, which the replay below does not follow, so it is then approximate.
         self.exact_blocks = not any(e["action"] in ("segment_map", "segment_unmap") for e in trace)
-        return blocks_from_trace(trace, self._segments_before)
+        self.reserved = [(t, self.reserved_at_start + r) for t, r in reserved_from_trace(trace)]
+        return blocks_from_trace(trace, self.config, self._segments_before)
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
 
 
-# The caching allocator's sizing rules (c10/cuda/CUDACachingAllocator.cpp), needed because its
-# history records the *requested* size while its ``allocated_bytes`` counter adds block sizes.
-MIN_BLOCK = 512  # kMinBlockSize: every block is a multiple of it
-SMALL_SIZE = 1 << 20  # kSmallSize: requests up to 1 MiB come from the small pool
-
-
-def block_size(requested: int, free_extent: int | None) -> int:
-    """The block the allocator hands out for ``requested`` bytes from a free block of ``free_extent``.
-
-    The request is rounded up to 512 bytes; the free block is split only if what remains is
-    worth keeping (>= 512 bytes in the small pool, > 1 MiB in the large pool), otherwise the
-    whole free block is given out and counted as allocated.
-    """
-    rounded = MIN_BLOCK * max(1, -(-requested // MIN_BLOCK))
-    if free_extent is None or free_extent <= rounded:
-        return rounded
-    remaining = free_extent - rounded
-    split = remaining >= MIN_BLOCK if rounded <= SMALL_SIZE else remaining > SMALL_SIZE
-    return rounded if split else free_extent
-
-
-def blocks_from_trace(trace: list[dict], segments_before: list[dict] = ()) -> list[Allocation]:
-    """Allocations with their real block sizes, replaying segment and block events in order; the blocks of
-    ``segments_before`` (a snapshot's segments, taken as the history started) are live from time 0.
+def blocks_from_trace(trace: list[dict], config: AllocatorConfig | None = None,
+                      segments_before: list[dict] = ()) -> list[Allocation]:
+    """Allocations with their real block sizes, replaying segment and block events in order: the history
+    records each *requested* size while ``allocated_bytes`` adds block sizes, which the allocator's rules
+    (``memprof.allocator.simulator.block_for``, with the run's settings ``config``) give from the free run
+    each block was carved from. The blocks of ``segments_before`` (a snapshot's segments, taken as the
+    history started) are live from time 0.
 
     A block's free extent is the gap from its address to the next block in use (or the end of
     its segment); freed neighbours have coalesced. Blocks count as allocated from ``alloc`` to
@@ -349,7 +342,8 @@ def blocks_from_trace(trace: list[dict], segments_before: list[dict] = ()) -> li
                 j = bisect.bisect_right(occupied, addr)
                 next_used = occupied[j] if j < len(occupied) else seg_end
                 extent = min(next_used, seg_end) - addr
-            alloc = Allocation(ptr=addr, nbytes=block_size(entry["size"], extent), start=float(entry["time_us"]))
+            nbytes = block_for(entry["size"], extent, config or AllocatorConfig())
+            alloc = Allocation(ptr=addr, nbytes=nbytes, start=float(entry["time_us"]))
             live[addr] = alloc
             bisect.insort(occupied, addr)
             out.append(alloc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from memprof.gpus import need
 from memprof.record import RunRecord
 from memprof.runfile import CSV_COLUMNS, record_rows
 from memprof.taxonomy import order_roles
@@ -34,7 +35,9 @@ def state_components(records: Sequence[RunRecord]) -> list[str]:
 def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """One dict per record: ``label``, ``model``, ``failure`` (or None) and byte counts keyed
     ``weights``, ``gradients``, ``state``, ``state:<component>``, ``activations``,
-    ``step_transient`` and ``peak`` (the global peak of allocated bytes)."""
+    ``step_transient``, ``peak`` (the global peak of allocated bytes), ``reserved`` (the most the CUDA caching
+    allocator reserved: None on CPU) and ``needs`` (``memprof.gpus.need``)."""
+
     components = state_components(records)
     rows = []
     for r in records:
@@ -50,5 +53,7 @@ def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
             "activations": r.total("activations"),
             "step_transient": r.total("step_transient"),
             "peak": r.peaks.allocated,
+            "reserved": r.peaks.max_reserved,
+            "needs": need(r),
         })
     return rows

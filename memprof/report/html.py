@@ -35,7 +35,8 @@ from memprof.units import fmt, scale
 SECTIONS = {"summary": "Summary", "breakdown": "Breakdown", "peak": "At the peak", "timeline": "Timeline",
             "ranks": "Ranks", "fit": "Fit", "parameters": "Parameters", "provenance": "How it was obtained"}
 SUMMARY_COLUMNS = (("weights", "weights"), ("gradients", "gradients"), ("state", "optimizer state"),
-                   ("activations", "activations"), ("step_transient", "step transient"), ("peak", "peak"))
+                   ("activations", "activations"), ("step_transient", "step transient"), ("peak", "peak"),
+                   ("reserved", "reserved"), ("needs", "needs"))
 
 
 def to_html(records: Sequence[RunRecord], *, unit: str = "MiB", fits: Sequence[Any] = ()) -> str:

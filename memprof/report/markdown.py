@@ -40,8 +40,10 @@ def summary_table(records: Sequence[RunRecord], *, unit: str = "MiB", digits: in
     cpu = all(not r.settings.device.startswith("cuda") for r in records)
     header = ["Optimizer", *(["Model"] if several_models else []), f"Weights ({unit})", f"Gradients ({unit})",
               f"Optimizer state ({unit})", *(f"State: {c} ({unit})" for c in components), f"Activations ({unit})",
-              f"Step transient ({unit})", f"Peak{' (simulated)' if cpu else ''} ({unit})"]
-    keys = ["weights", "gradients", "state", *(f"state:{c}" for c in components), "activations", "step_transient", "peak"]
+              f"Step transient ({unit})", f"Peak{' (simulated)' if cpu else ''} ({unit})",
+              *([] if cpu else [f"Reserved ({unit})", f"Needs ({unit})"])]
+    keys = ["weights", "gradients", "state", *(f"state:{c}" for c in components), "activations", "step_transient", "peak",
+            *([] if cpu else ["reserved", "needs"])]
     rows = []
     for row in summary_rows(records):
         lead = [row["label"], *([row["model"]] if several_models else [])]

@@ -7,7 +7,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from memprof.gpus import DEFAULT_GPU, budget, need
+from memprof.gpus import DEFAULT_GPU, budget, fits, need
 from memprof.record import RunRecord
 from memprof.taxonomy import PHASES, ROLE_ABBREVIATIONS
 from memprof.units import fmt
@@ -76,8 +76,8 @@ def compare_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: 
 
 
 def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline: str | None = None) -> Table:
-    """One row per estimated optimizer: bytes by category, the peak, what the device needs, and
-    whether it fits the budget (``--memory`` or the ``--gpu``'s capacity)."""
+    """One row per estimated optimizer: bytes by category, the peak allocated and reserved, what the device
+    needs, and whether it fits the budget (``--memory`` or the ``--gpu``'s capacity)."""
     first = records[0].settings
     limit = budget(first)
     title = (f"{first.model} · batch {first.batch_size} · seq {first.seq_len} · {first.dtype}"
@@ -85,8 +85,9 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
              f"{' (' + (first.target_gpu or DEFAULT_GPU) + ')' if first.device.startswith('cuda') else ''}"
              f"{' · budget ' + fmt(limit, unit, 2) if limit else ''} · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
+    cuda = first.device.startswith("cuda")
     names = ["optimizer", "weights", "grads", "state", "state split", "activations", "step transient", "peak alloc",
-             "needs", *(["fits", "headroom"] if limit else []), "Δ state", "Δ needs"]
+             *(["reserved"] if cuda else []), "needs", *(["fits", "headroom"] if limit else []), "Δ state", "Δ needs"]
     for name in names:
         table.add_column(name, justify="left" if name in ("optimizer", "state split", "fits") else "right",
                          overflow="fold")
@@ -98,13 +99,15 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
             table.add_row(label, f"[red]{record.failure}[/red]", *([""] * (len(names) - 2)))
             continue
         needs = need(record)
-        fit = [("yes" if needs <= limit else "[red]no[/red]"), fmt(limit - needs, unit, 2)] if limit else []
+        fit = [("yes" if fits(record, limit) else "[red]no[/red]"), fmt(limit - needs, unit, 2)] if limit else []
+        allocated = record.peaks.max_allocated if record.peaks.max_allocated is not None else record.peaks.allocated
         table.add_row(
             label, fmt(record.total("weights"), unit, 2),
             fmt(record.total("gradients"), unit, 2) + ("*" if record.gradient_component != "grad" else ""),
             fmt(record.total("optimizer_state"), unit, 2), _state_split(record, unit),
             fmt(record.total("activations"), unit, 2), fmt(record.total("step_transient"), unit, 2),
-            fmt(record.peaks.allocated, unit, 2), fmt(needs, unit, 2), *fit,
+            fmt(allocated, unit, 2), *([fmt(record.peaks.max_reserved, unit, 2)] if cuda else []),
+            fmt(needs, unit, 2), *fit,
             _delta(record.total("optimizer_state"), base.total("optimizer_state"), unit)
             if base_ok and record is not base else "",
             _delta(needs, need(base), unit) if base_ok and record is not base else "",
@@ -112,9 +115,12 @@ def estimate_table(records: Sequence[RunRecord], *, unit: str = "GiB", baseline:
     notes = [f"{r.settings.spec}: {note}" for r in records for note in r.notes]
     notes += [f"{r.settings.spec}: gradient buffer holds {r.gradient_component}" for r in records
               if r.gradient_component != "grad"]
-    notes.append("needs = peak allocated + CUDA context outside the allocator; allocator fragmentation "
-                 "(reserved − allocated) is not estimated" if first.device.startswith("cuda") else
-                 "needs = peak of live tensors (a CPU run)")
+    notes += [f"{r.settings.spec}: the first allocation to fail within the budget: {r.peaks.fails_at}"
+              if r.peaks.fails_at else f"{r.settings.spec}: fits once the allocator frees its cached segments"
+              for r in records if r.status == "ok" and r.peaks.fails_at is not None]
+    notes.append("peak alloc, reserved: what torch.cuda.max_memory_allocated and max_memory_reserved would say, from "
+                 "the caching allocator simulated on the run's allocations (--alloc-conf); needs = reserved + CUDA "
+                 "context outside the allocator" if cuda else "needs = peak of live tensors (a CPU run)")
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table
