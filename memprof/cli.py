@@ -16,11 +16,9 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional, Sequence
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from memprof.errors import (GateRegression, MeasurementFailed, MemprofError, OutputsNotWritten, ScriptFailed,
                             Terminated, UsageError)
@@ -35,6 +33,8 @@ from memprof.cli_options import (
     filled,
     run_options,
 )
+from memprof.cli_support import (append_step_summary, check_outputs, check_reference, err, fit_search, measure,
+                                 measure_requests, out, raise_if_failed, write_exports)
 from memprof.report.formats import FORMATS, View, listed
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -54,155 +54,9 @@ app = typer.Typer(
     help="Where every byte of a training step goes: weights, gradients, each piece of optimizer state, "
     "activations, step transients, allocator and driver overhead.",
 )
-# Tables are data: when piped, keep them whole rather than folded to 80 columns.
-out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
-err = Console(stderr=True)
 
 ReportFormat = Enum("ReportFormat", {name: name for name in ("table", *FORMATS)}, type=str)
 """``memprof report --format``: the terminal table or an export format."""
-
-
-def _explicit(ctx: typer.Context, names: Sequence[str]) -> set[str]:
-    """The options typed on the command line (they win over a config file)."""
-    # By name: typer vendors its own click, whose ParameterSource is a different enum.
-    return {n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
-
-
-# -- measuring, with progress on stderr ----------------------------------------------------------------
-def _measure(request, estimate: bool = False, plan=None) -> list:
-    """Run one API request (its ``plan`` where ``api.validate`` checked it) with a spinner; the spinner
-    starts at the first measurement, so that bad input fails as one clean line before it."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from memprof import api
-
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                        transient=True)
-    task = progress.add_task("preparing…", total=None)
-
-    def on_start(settings) -> None:
-        if err.is_terminal:  # elsewhere a spinner only leaves a blank line
-            progress.start()
-        progress.update(task, description=f"measuring {settings.spec} on {settings.model} ({settings.device})")
-
-    def on_result(record) -> None:
-        from memprof.report.trace import record_label
-
-        status = "ok" if record.status == "ok" else record.failure
-        progress.console.print(f"[dim]{escape(f'{record_label(record)}: {status}')}[/dim]", highlight=False)
-
-    try:
-        if plan is not None:
-            return api.run(plan, on_start=on_start, on_result=on_result)
-        run = api.estimate if estimate else api.measure
-        return run(request.model, request.optimizers, on_start=on_start, on_result=on_result, **request.settings)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-
-
-def _fit(request, dimension: str) -> list:
-    """Search the largest value that fits, with a spinner naming each probe."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from memprof import api
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                  transient=True) as progress:
-        task = progress.add_task(f"fitting {dimension}…", total=None)
-
-        def on_result(record) -> None:
-            s = record.settings
-            progress.update(task, description=f"{s.spec}: batch {s.batch_size}, seq {s.seq_len} estimated")
-
-        return api.fit(request.model, request.optimizers, dimension, on_result=on_result, **request.settings)
-
-
-def _measure_requests(ctx: typer.Context, settings: dict[str, Any], config: Path | None, *, unit: str,
-                      reference: str | None = None) -> list:
-    """Measure what the command line (and the config file, if any) asks for, printing a table per request."""
-    from memprof import api
-    from memprof.distributed.launch import reporting
-    from memprof.report.ranks import results_table
-
-    todo = api.requests(settings, config=config, explicit=_explicit(ctx, list(settings)))
-    # every run of a config file is checked before the first is measured
-    plans = [api.validate(request.model, request.optimizers, **request.settings) for request in todo]
-    if reference is not None:
-        _check_reference(reference, todo)
-    records = []
-    for request, plan in zip(todo, plans):
-        if request.description:
-            err.print(request.description, style="bold", markup=False, highlight=False)
-        batch = _measure(request, plan=plan)
-        if reporting():  # under a user's torchrun: rank 0 prints every rank's rows
-            out.print(results_table(batch, unit=unit, baseline=reference))
-        records.extend(batch)
-    return records
-
-
-def _check_reference(reference: str, requests: Sequence) -> None:
-    """``--reference`` must name a spec (or an optimizer) of every request, before anything is measured."""
-    from memprof.optim.registry import parse_spec, split_specs
-
-    for request in requests:
-        texts = split_specs(request.optimizers)
-        if reference not in texts and reference not in {parse_spec(t).name for t in texts}:
-            raise UsageError(f"--reference {reference!r} is not one of the optimizers to measure; "
-                             f"choose from {', '.join(texts)}")
-
-
-def _check_outputs(unit: str, plot: Path | None = None, *, specs: str | None = None,
-                   **paths: Path | str | None) -> None:
-    """Fail on a bad unit, figure extension or output path (``--csv=PATH``…) before measuring, not after:
-    every file the command would write takes part, the figures beside ``plot`` and the snapshot of
-    each of ``specs`` included."""
-    from memprof.files import check_writable
-    from memprof.units import scale
-
-    scale(unit)
-    snapshot = paths.pop("snapshot", None)
-    outputs = [(f"--{name}", path) for name, path in paths.items()]
-    for name in (name for name, path in paths.items() if path is not None and name in FORMATS):
-        FORMATS[name].check()
-    if snapshot is not None:
-        from memprof.execute import snapshot_path
-        from memprof.optim.registry import split_specs
-
-        texts = split_specs(specs or "")
-        names = [snapshot_path(snapshot, text, len(texts)) for text in texts] or [snapshot]
-        outputs += [("--snapshot", name) for name in names]
-    if plot is not None:
-        from memprof.report.plot import figure_paths
-
-        outputs += [("--plot", path) for path in figure_paths(plot).values()]
-    check_writable(outputs)
-
-
-def _write_exports(records, *, plot: Path | None = None, unit: str = "MiB", detail: bool = False, top: int = 20,
-                   rendered: Sequence[tuple[Path, bytes]] = (), fits: Sequence = (), **paths: Path | None) -> None:
-    """Render every export (``paths`` by format name; ``fits`` for the views that draw a fit search) and figure,
-    then write them with the ``rendered`` ones all or none (``memprof.files.write_all``): a failure leaves every
-    file as it was."""
-    from memprof.files import write_all
-
-    view = View(unit=unit, detail=detail, top=top, fits=tuple(fits))
-    outputs = [(path, FORMATS[name].render(records, view)) for name, path in paths.items() if path is not None]
-    if plot is not None:
-        from memprof.report.plot import figures
-
-        outputs += figures(records, plot, unit=unit)
-    outputs += rendered
-    write_all(outputs)
-    for path, _ in outputs:
-        err.print(f"wrote {path}", highlight=False, markup=False)
-
-
-def _raise_if_failed(records) -> None:
-    failed = [r for r in records if r.status != "ok"]
-    if failed:
-        raise MeasurementFailed(f"{len(failed)} of {len(records)} measurement(s) failed: "
-                                + "; ".join(f"{r.settings.spec}: {r.failure or r.status}" for r in failed))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -224,11 +78,11 @@ def compare(
     """
     from memprof.distributed.launch import reporting
 
-    _check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
-    records = _measure_requests(ctx, settings, config, unit=unit, reference=reference)
+    check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
+    records = measure_requests(ctx, settings, config, unit=unit, reference=reference)
     if reporting():
-        _write_exports(records, **exports, unit=unit)
-    _raise_if_failed(records)
+        write_exports(records, **exports, unit=unit)
+    raise_if_failed(records)
 
 
 @app.command()
@@ -251,17 +105,17 @@ def profile(
     from memprof.optim.registry import split_specs
     from memprof.report.table import print_tables, profile_tables
 
-    _check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
+    check_outputs(unit, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
-    records = _measure(request, estimate=estimate)
+    records = measure(request, estimate=estimate)
     record = records[0]
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
     print_tables(profile_tables(record, unit=unit, top=top), out)
-    _write_exports(records, **exports, unit=unit, detail=True)
-    _raise_if_failed(records)
+    write_exports(records, **exports, unit=unit, detail=True)
+    raise_if_failed(records)
 
 
 @app.command()
@@ -300,14 +154,14 @@ def estimate(
     from memprof.report.table import estimate_table, fit_table
 
     plot = exports.pop("plot")
-    _check_outputs(unit, plot, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
+    check_outputs(unit, plot, **exports, snapshot=settings["snapshot"], specs=settings["spec"])
     if fit is not None and settings["snapshot"] is not None:
         raise UsageError("--snapshot records one estimate; --fit makes many: drop one of them")
     (request,) = api.requests(settings)
     if reference is not None:
-        _check_reference(reference, [request])
+        check_reference(reference, [request])
     if fit is not None:
-        fits = _fit(request, fit)
+        fits = fit_search(request, fit)
         out.print(fit_table(fits, unit=unit))
         records = [f.record for f in fits if f.record is not None]
         rendered = []
@@ -315,15 +169,15 @@ def estimate(
             from memprof.report.plot import fit_figure
 
             rendered.append(fit_figure(fits, plot, unit=unit))
-        _write_exports(records, **exports, unit=unit, rendered=rendered, fits=fits)
+        write_exports(records, **exports, unit=unit, rendered=rendered, fits=fits)
         if any(f.failure for f in fits):
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
-    records = _measure(request, estimate=True)
+    records = measure(request, estimate=True)
     simulated = any(r.settings.parallel != "none" for r in records)
     out.print((rank_table if simulated else estimate_table)(records, unit=unit, baseline=reference))
-    _write_exports(records, **exports, plot=plot, unit=unit)
-    _raise_if_failed(records)
+    write_exports(records, **exports, plot=plot, unit=unit)
+    raise_if_failed(records)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -355,16 +209,16 @@ def run(
     if script is None and module is None:
         raise UsageError("memprof run needs a script (memprof run train.py) or -m MODULE")
     target, args = (module, [script, *ctx.args] if script else ctx.args) if module else (script, ctx.args)
-    _check_outputs(unit, **exports)
+    check_outputs(unit, **exports)
     try:
         records = scripts.run(target, args, module=module is not None, steps=steps, skip=skip, finish=finish)
     except ScriptFailed as exc:
         if exc.record is not None:
-            _write_exports([exc.record], **exports, unit=unit, detail=True)
+            write_exports([exc.record], **exports, unit=unit, detail=True)
         raise
     if reporting():
         print_tables(profile_tables(records[0], unit=unit, top=top) if len(records) == 1 else [results_table(records, unit=unit)], out)
-        _write_exports(records, **exports, unit=unit, detail=True)
+        write_exports(records, **exports, unit=unit, detail=True)
 
 
 @app.command()
@@ -383,7 +237,7 @@ def report(
     """
     from memprof import runfile
 
-    _check_outputs(unit, plot, output=output)
+    check_outputs(unit, plot, output=output)
     if format is not ReportFormat.table:
         FORMATS[format.value].check()
     if format is ReportFormat.table and output is not None:
@@ -398,7 +252,7 @@ def report(
     elif output is None:
         sys.stdout.write(FORMATS[format.value].render(records, View(unit=unit, detail=detail, top=top)))
     exported = {format.value: output} if output is not None else {}
-    _write_exports(records, plot=plot, unit=unit, detail=detail, top=top, **exported)
+    write_exports(records, plot=plot, unit=unit, detail=detail, top=top, **exported)
 
 
 @app.command()
@@ -417,11 +271,11 @@ def baseline(
     """
     from memprof import runfile
 
-    _check_outputs(unit, output=output)
-    records = _measure_requests(ctx, settings, config, unit=unit)
+    check_outputs(unit, output=output)
+    records = measure_requests(ctx, settings, config, unit=unit)
     runfile.write(output, records)
     err.print(f"wrote {output}; gate later runs with: memprof check --baseline {output}", highlight=False)
-    _raise_if_failed(records)
+    raise_if_failed(records)
 
 
 @app.command()
@@ -444,26 +298,12 @@ def check(
     check_writable([("--csv", csv)])
     outcome = api.check(baseline, current, tolerances=tolerance or (), categories=category, trust=trust or ())
     if outcome.measured:
-        _write_exports(outcome.measured, csv=csv)
+        write_exports(outcome.measured, csv=csv)
     result = outcome.result
     out.print(result.text(), end="", markup=False, highlight=False)
-    _append_step_summary(result.markdown())
+    append_step_summary(result.markdown())
     if not result.passed:
         raise GateRegression("")
-
-
-def _append_step_summary(markdown: str) -> None:
-    """Append to $GITHUB_STEP_SUMMARY when set. It is a side channel: a path that cannot be
-    written is a warning on stderr, never a change of the verdict."""
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not summary:
-        return
-    try:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(markdown)
-    except OSError as exc:
-        err.print(f"warning: cannot append the summary to GITHUB_STEP_SUMMARY={summary}: {exc.strerror or exc}",
-                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

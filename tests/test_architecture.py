@@ -28,7 +28,7 @@ def test_every_module_of_the_package_is_in_a_layer():
     assert modules - layered == set(), "add these modules to a layer in pyproject.toml"
 
 
-@pytest.mark.parametrize("module", ["memprof.cli", "memprof.api"])
+@pytest.mark.parametrize("module", ["memprof.cli", "memprof.cli_support", "memprof.api"])
 def test_the_command_line_starts_without_heavy_imports(module):
     import subprocess
     import sys
