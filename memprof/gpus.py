@@ -74,12 +74,15 @@ OUTSIDE_BASES = ("gpu table", "nvml", "assumed")
 
 def need(record) -> int | None:
     """What a run needs of the device: the most its caching allocator reserved (an estimate for CUDA: as
-    simulated; a CPU run: its peak of live tensors) plus the context outside the allocator."""
+    simulated; a CPU run: its peak of live tensors) plus the context outside the allocator: the CUDA context and
+    a distributed run's NCCL buffers (``memprof.nccl``), as NVML measured them where it did, else as assumed."""
     held = record.peaks.max_reserved if record.peaks.max_reserved is not None else record.peaks.allocated
     if held is None:
         return None
-    outside = sum(r.bytes for r in record.breakdown if r.category == "context" and r.basis in OUTSIDE_BASES)
-    return held + outside
+    outside = [r for r in record.breakdown if r.category == "context" and r.basis in OUTSIDE_BASES]
+    if any(r.basis == "nvml" for r in outside):  # the driver's view holds NCCL's buffers: assumed rows would count twice
+        outside = [r for r in outside if r.basis == "nvml"]
+    return held + sum(r.bytes for r in outside)
 
 
 def fits(record, limit: int) -> bool:

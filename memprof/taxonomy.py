@@ -46,6 +46,16 @@ COLLECTIVE_COMPONENTS: dict[tuple[str, str], str] = {
 """Components that only distributed runs have (``memprof.measure.attribution.CollectiveBuffers`` tags
 them); their rows give the most bytes live at once during the last step."""
 
+OUTSIDE_COMPONENTS: dict[tuple[str, str], str] = {
+    ("context", "nccl ring buffers"): "NCCL's connection buffers of the run's communicators (ring; tree across nodes): "
+                                      "device memory outside the caching allocator, assumed from NCCL's defaults "
+                                      "(memprof.nccl)",
+    ("context", "nccl nvls buffers"): "NCCL's NVLink SHARP buffers of the run's communicators (Hopper NVSwitch nodes): "
+                                      "device memory outside the caching allocator, assumed from NCCL's defaults",
+}
+"""Components of ``context`` that a distributed CUDA run holds outside the caching allocator (rows of basis
+"assumed": ``memprof.gpus.need`` counts them unless NVML measured the process, NCCL's buffers included)."""
+
 WEIGHT_COMPONENTS: dict[str, str] = {
     "param": "parameters the optimizer trains",
     "adapter": "LoRA adapters (PEFT's lora_A/lora_B, --lora): the only parameters trained on a frozen base",

@@ -40,11 +40,19 @@ READING = [
     "event and `max_memory_reserved` exactly; what remains here is the estimate's own stream against the run's.",
     "- GPT-2 (10 runs): allocated within 0.05 %, reserved within 0.09 % (Adapprox: inside its range, or 0.09 % "
     "below its upper end).",
-    "- RoBERTa: allocated 0.4–2.2 % low, reserved 1.9–2.6 % low (about 60 MiB in each run). The allocation "
-    "history of the same model on an H200 (io_adam, batch 16 × 128; benchmarks/gpu_checks.sh) shows why: the "
-    "real run allocates 540 attention-score tensors of 12 MiB (16 × 12 heads × 128 × 128 fp32: attention "
-    "computed with the scores materialised) that the estimate, which takes the memory-efficient kernel, does "
-    "not. A kernel choice (memprof.measure.cuda_choices), not the allocator: open.",
+    "- RoBERTa: allocated 0.4–2.2 % low, reserved 1.9–2.6 % low (about 60 MiB in each run). The "
+    "allocation history of the same model on an H200 (io_adam, batch 16 × 128; benchmarks/gpu_checks.sh) "
+    "shows why, and it is not attention: its 540 allocations of 12,582,912 B (180 a step) each live four "
+    "events, with a 24-B allocation made and freed inside, right after a 3,072-B one (a 768-float "
+    "result); 108 allocations of 50,331,648 B do the same with 96 B after a 12,288-B result (3,072 "
+    "floats), 5 to 1 as RoBERTa's 768- and 3,072-wide bias vectors. Those are exactly the global staging "
+    "buffer and semaphores of torch's CUDA reduction kernel (ATen/native/cuda/Reduce.cuh, setReduceConfig "
+    "and gpu_reduce_kernel) summing 2,048 rows (16 × 128 tokens) into 768 or 3,072 columns on a 132-SM "
+    "GPU: 4 B × columns × 32 CTAs per output × 32 lanes × 4 outputs a thread, and 4 B per block of "
+    "columns (6 or 24). No 12 MiB tensor outlives its op, so no attention matrix is saved: SDPA's "
+    "memory-efficient kernel, the estimate's choice for fp32 with dropout, is what ran. A fake tensor's "
+    "meta kernel allocates the sum's result but not that workspace; modelling it (it depends on the GPU's "
+    "SM count and threads per SM) is open.",
     "- Adapprox picks its rank from the data: the estimate is a range (initial rank – every factor at k_max); "
     "the real figures should lie inside it.",
     "- T5-small with transformers' Adafactor is the outlier (allocated −8.8 %, reserved −15.4 %). The H200 "

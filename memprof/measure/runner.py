@@ -20,6 +20,7 @@ import torch
 from memprof.errors import UsageError, describe
 from memprof.measure import checkpointing, environment, reserved, snapshot
 from memprof.measure.attribution import Capture, attribute, weight_components
+from memprof.measure.communicators import add_communicator_rows
 from memprof.measure.state import walk_state
 from memprof.measure.trackers import CpuTracker, CudaTracker, FakeTracker
 from memprof.models.base import ModelOptions
@@ -120,6 +121,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         device_peaks.exact_blocks = tracker.exact_blocks
     attribute(record, capture, tracker.allocations, names, buffers, inputs, gradients, state, device_peaks,
               estimated_driver=_gpu(settings).driver if settings.estimate and device.type == "cuda" else None)
+    add_communicator_rows(record, strategy.communicators)
     if settings.snapshot and not isinstance(tracker, CudaTracker):  # allocations have their categories now
         snapshot.write(snapshot.snapshot_file(settings), tracker.allocations, capture.marks)
     if isinstance(tracker, CudaTracker):

@@ -251,6 +251,8 @@ def _obtained(record: RunRecord, basis: str) -> tuple[str, str]:
     """(measured | estimated | assumed, how) of one breakdown row."""
     if basis == "gpu table":
         return "assumed", "the GPU table's CUDA context for the --gpu (memprof.gpus; see the notes for its source)"
+    if basis == "assumed":
+        return "assumed", "NCCL's defaults for the run's GPU and world size (memprof.nccl; see the notes)"
     if record.settings.estimate:
         return "estimated", {"tensor": "exact sizes of the fake tensors the run made (nothing allocated)",
                              "allocator": "a replay of the fake tensors' allocations and frees"}.get(basis, basis)

@@ -8,6 +8,7 @@ from typing import Sequence
 from rich.markup import escape
 from rich.table import Table
 
+from memprof.gpus import need
 from memprof.record import RunRecord
 from memprof.report.table import compare_table
 from memprof.taxonomy import COLLECTIVE_COMPONENTS, ROLE_ABBREVIATIONS
@@ -36,7 +37,7 @@ def _figures(record: RunRecord) -> dict[str, int | None]:
     return {"weights": record.total("weights"), "grads": record.total("gradients"),
             "state": record.total("optimizer_state"), "activations": record.total("activations"),
             "collectives": _collectives(record), "step transient": record.total("step_transient"),
-            "peak": record.peaks.allocated}
+            "peak": record.peaks.allocated, "needs": need(record)}
 
 
 def _delta(value: int | None, base: int | None, unit: str) -> str:
@@ -60,8 +61,9 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
              f"{' · amp ' + first.amp if first.amp else ''}{' · ' + first.recipes() if first.recipes() else ''} · {first.device} · {first.parallel} × {first.nproc} ranks"
              f"{' (simulated)' if first.estimate else ''} · {first.steps} steps · {unit}")
     table = Table(title=title, title_justify="left", header_style="bold")
+    cuda = first.device.startswith("cuda")  # needs: reserved + the context outside the allocator, NCCL's included
     columns = ("optimizer", "rank", "weights", "grads", "state", "state split", "activations", "collectives",
-               "step transient", "peak alloc", "step ms", "Δ state", "Δ peak", "imbalance")
+               "step transient", "peak alloc", *(["needs"] if cuda else []), "step ms", "Δ state", "Δ peak", "imbalance")
     for name in columns:
         table.add_column(name, justify="left" if name in ("optimizer", "state split", "collectives", "imbalance")
                          else "right", overflow="fold")
@@ -85,6 +87,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
             table.add_row(label, str(record.settings.rank), fmt(f["weights"], unit), fmt(f["grads"], unit),
                           fmt(f["state"], unit), split, fmt(f["activations"], unit), _collectives_split(record, unit),
                           fmt(f["step transient"], unit), fmt(f["peak"], unit) + sim,
+                          *([fmt(f["needs"], unit)] if cuda else []),
                           f"{record.timings_ms['step']:.1f}" if "step" in record.timings_ms else "",
                           _delta(f["state"], other.total("optimizer_state"), unit) if compared else "",
                           _delta(f["peak"], other.peaks.allocated, unit) if compared else "", "")
@@ -94,6 +97,7 @@ def rank_table(records: Sequence[RunRecord], *, unit: str = "MiB", baseline: str
                     for k in ok[0] if all(x[k] is not None for x in ok)}
             table.add_row(f"[bold]{spec}[/bold]", "min–max", span["weights"], span["grads"], span["state"], "",
                           span["activations"], span["collectives"], span["step transient"], span.get("peak", ""),
+                          *([span.get("needs", "")] if cuda else []),
                           "", "", "", f"state {_imbalance([x['state'] for x in ok])}, "
                                       f"peak {_imbalance([x['peak'] or 0 for x in ok])}", end_section=True)
     notes = dict.fromkeys(f"{r.settings.spec}: {note}" for r in records for note in r.notes)

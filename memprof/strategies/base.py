@@ -51,6 +51,8 @@ class Strategy:
     """What a rule over all the parameters decides of this rank's share, where one does: its figures then change
     with the depth other than block by block, and a deep model's estimate is made op by op, not extrapolated
     from shallow probes (``memprof.measure.depth``)."""
+    communicators = 0
+    """NCCL communicators each rank holds on CUDA (``memprof.nccl`` sizes each): none in a single process."""
 
     @classmethod
     def problem(cls, settings: "Settings") -> str | None:
@@ -100,6 +102,11 @@ class Strategy:
 class Distributed(Strategy):
     """A rank of an initialised default process group; collectives' buffers are tagged. Built by
     ``memprof.strategies.for_settings`` with the device the model lives on and the run's settings."""
+
+    communicators = 1
+    """The default process group's: DDP and ZeroRedundancyOptimizer use it, and FSDP2's 1-D device mesh over
+    every rank reuses it (torch.distributed.device_mesh: a mesh dimension spanning the world takes the default
+    group)."""
 
     def __init__(self, device: "torch.device", settings: "Settings") -> None:
         import torch.distributed as dist

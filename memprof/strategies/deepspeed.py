@@ -34,6 +34,9 @@ class DeepSpeedZero(Distributed):
     """
 
     stage = 0
+    communicators = 2
+    """The default group's (deepspeed.init_distributed's barrier) and DeepSpeed's clone of the world group that
+    its data-parallel collectives run on (deepspeed.utils.groups._clone_world_group: ``dist.new_group``)."""
     nearest = ""
     """The simulated strategy nearest this stage, for ``memprof estimate`` (which cannot run DeepSpeed)."""
 
