@@ -33,7 +33,8 @@ from memprof.cli_options import (
     filled,
     run_options,
 )
-from memprof.cli_support import (append_step_summary, check_outputs, check_reference, err, fit_search, measure,
+from memprof import cli_support
+from memprof.cli_support import (append_step_summary, check_outputs, check_reference, err, fit_search,
                                  measure_requests, out, raise_if_failed, write_exports)
 from memprof.report.formats import FORMATS, View, listed
 
@@ -109,7 +110,7 @@ def profile(
     if len(split_specs(settings["spec"])) != 1:
         raise UsageError("profile takes one optimizer; use `memprof compare` for several")
     (request,) = api.requests(settings)
-    records = measure(request, estimate=estimate)
+    records = cli_support.measure(request, estimate=estimate)
     record = records[0]
     if record.status != "ok":
         err.print(f"[red]{record.settings.spec}: {record.failure}[/red]", highlight=False)
@@ -173,7 +174,7 @@ def estimate(
         if any(f.failure for f in fits):
             raise MeasurementFailed("; ".join(f"{f.spec}: {f.failure}" for f in fits if f.failure))
         return
-    records = measure(request, estimate=True)
+    records = cli_support.measure(request, estimate=True)
     simulated = any(r.settings.parallel != "none" for r in records)
     out.print((rank_table if simulated else estimate_table)(records, unit=unit, baseline=reference))
     write_exports(records, **exports, plot=plot, unit=unit)

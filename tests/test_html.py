@@ -144,11 +144,11 @@ def test_six_optimizers_with_full_timelines_stay_under_5_mb():
 def test_without_plotly_html_is_a_usage_error_before_measuring(tmp_path, monkeypatch):
     import importlib.util
 
-    import memprof.cli
+    import memprof.cli_support
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "plotly" else find_spec(name, *a))
-    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    monkeypatch.setattr(memprof.cli_support, "measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     result = invoke("compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu", "--html", tmp_path / "r.html")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --html needs plotly: pip install 'memprof-optim[html]'"

@@ -276,9 +276,9 @@ def test_report_rejects_what_is_not_a_run_file(tmp_path, content, message):
 
 
 def test_compare_writes_every_export(records, tmp_path, monkeypatch):
-    import memprof.cli
+    import memprof.cli_support
 
-    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: records)
+    monkeypatch.setattr(memprof.cli_support, "measure", lambda *args, **kwargs: records)
     paths = {name: tmp_path / f"r.{ext}" for name, ext in (("csv", "csv"), ("json", "json"), ("markdown", "md"),
                                                           ("latex", "tex"), ("plot", "svg"))}
     args = [item for name, path in paths.items() for item in (f"--{name}", str(path))]
@@ -291,17 +291,17 @@ def test_compare_writes_every_export(records, tmp_path, monkeypatch):
 
 
 def test_a_bad_plot_extension_fails_before_measuring(tmp_path, monkeypatch):
-    import memprof.cli
+    import memprof.cli_support
 
-    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    monkeypatch.setattr(memprof.cli_support, "measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(tmp_path / "m.jpg")])
     assert result.exit_code == 2 and "use .png, .pdf or .svg" in result.stderr
 
 
 def test_a_plot_path_that_cannot_be_written_fails_before_measuring(tmp_path, monkeypatch):
-    import memprof.cli
+    import memprof.cli_support
 
-    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    monkeypatch.setattr(memprof.cli_support, "measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     (tmp_path / "file").write_text("")
     figure = tmp_path / "file" / "m.png"
     result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(figure)])

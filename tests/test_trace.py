@@ -96,9 +96,9 @@ def test_compare_writes_a_trace_of_the_measured_steps(tmp_path, gpt2_spec):
 
 @pytest.mark.parametrize("option", ["--trace", "--html"])
 def test_an_output_in_an_unwritable_folder_fails_before_measuring(option, tmp_path, monkeypatch):
-    import memprof.cli
+    import memprof.cli_support
 
-    monkeypatch.setattr(memprof.cli, "_measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    monkeypatch.setattr(memprof.cli_support, "measure", lambda *args, **kwargs: pytest.fail("measured anyway"))
     (tmp_path / "file").write_text("")
     path = tmp_path / "file" / "out.x"
     result = invoke("compare", "--model", "gpt2", "--opt", "adam", "--device", "cpu", option, path)
