@@ -115,3 +115,39 @@ def test_an_unknown_reproduction_is_one_line_and_exit_code_2(capsys):
 
     assert main(["papers", "smmf-table5"]) == 2
     assert "unknown reproduction 'smmf-table5'" in capsys.readouterr().err
+
+
+# -- the checked-in reproductions ------------------------------------------------------------------------
+def test_every_run_a_cell_reads_is_one_its_config_measures_or_estimates():
+    from pathlib import Path
+
+    from memprof.config import load_runs
+    from memprof.optim.registry import parse_spec, registry, split_specs
+    from memprof.report.papers.catalog import reproductions
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    names = set(registry())
+    for name, repro in reproductions().items():
+        runs = load_runs(reports / f"{name}.toml")
+        listed = {(run["model"], spec, run.get("num_classes"), run.get("lora")) for run in runs
+                  for spec in split_specs(run["opt"])}
+        assert all(parse_spec(spec).entry.name in names for _, spec, _, _ in listed)
+        for run in repro.runs:  # an upper end of a range (rank_init=…) comes from estimating its listed spec
+            lower = run.spec.replace(":rank_init=2147483647", "")
+            assert (run.model, lower, run.num_classes, run.lora) in listed, (name, run)
+
+
+@pytest.mark.parametrize("function, parameters", [
+    ("vit_small.py:vit_small", 6_324_970),  # io-adam-digest §3.7
+    ("yolov5.py:yolov5s", 7_235_389), ("yolov5.py:yolov5m", 21_190_557),  # Ultralytics' published counts
+    ("wmt_transformer.py:transformer_base", 94_504_960),  # 8 B each = 0.70 GiB, SMMF Table 2's Adam
+])
+def test_the_model_files_have_the_papers_parameter_counts(function, parameters):
+    from pathlib import Path
+
+    from memprof.models import ModelOptions, build_model
+
+    configs = Path(__file__).resolve().parents[1] / "reports" / "configs"
+    built = build_model(f"{configs}/{function}", ModelOptions(batch_size=2, seq_len=8, image_size=32), "cpu")
+    assert built.config["parameters"] == parameters
+    assert built.loss(built.model, built.batch).ndim == 0
