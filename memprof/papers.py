@@ -114,7 +114,6 @@ def measure(chosen: Sequence, configs: Path, say: Callable[[str], None]):
     spent = {"cpu": 0.0, "estimate": 0.0}
     counts = {"cpu": 0, "estimate": 0}
     for job, specs in jobs.items():
-        say(f"{job.kind}: {job.model} × {', '.join(specs)}")
         started = time.perf_counter()
         for record in _run(job, specs):
             key = (record.settings.model, record.settings.spec, record.settings.num_classes, record.settings.lora)
@@ -125,7 +124,9 @@ def measure(chosen: Sequence, configs: Path, say: Callable[[str], None]):
 
             measured.setdefault(key, {})[job.kind] = Reading(job.kind, labels[job], quantities(record))
             counts[job.kind] += 1
-        spent[job.kind] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        spent[job.kind] += elapsed
+        say(f"{job.kind}: {job.model} × {', '.join(specs)}: {elapsed:.0f} s")
     timing = [f"{counts['cpu']} CPU runs (state, weights, gradients; one step, small batch): {spent['cpu']:.0f} s",
               f"{counts['estimate']} estimates (peaks without a GPU run, and the state of models too large for a CPU "
               f"run): {spent['estimate']:.0f} s"]

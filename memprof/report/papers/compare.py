@@ -89,7 +89,8 @@ def compare(cells: Sequence[Cell], measured: Measured, missing: Mapping[tuple, s
 def fill(reason: str, paper: float, memprof: float) -> str:
     diff = memprof - paper
     pct = 100 * diff / abs(paper) if paper else 0.0
-    return reason.format(paper=f"{paper:g}", memprof=f"{memprof:.4g}", diff=f"{diff:+.3g}", pct=f"{pct:+.1f}")
+    return reason.format(paper=f"{paper:g}", memprof=f"{memprof:.4g}", diff=f"{diff:+.3g}", gap=f"{-diff:.3g}",
+                         pct=f"{pct:+.1f}")
 
 
 # -- coverage ------------------------------------------------------------------------------------------

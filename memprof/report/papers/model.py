@@ -9,9 +9,9 @@ counts those. The others are supporting readings (the same state in 512-B blocks
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from memprof.record import RunRecord
@@ -53,7 +53,8 @@ class Cell:
     ``terms`` are (sign, Run): one for a plain cell, two for a difference (or, with ``ratio``, the
     first over the second). ``tolerance`` is the agreement asked for: ("pct", 2.0) or ("abs", 0.1) in
     ``unit``. ``reason`` says, in one sentence with the arithmetic, why memprof's number differs from
-    the paper's when it does by more than 2 %; ``{paper}``, ``{memprof}``, ``{diff}`` and ``{pct}`` in
+    the paper's when it does by more than 2 %; ``{paper}``, ``{memprof}``, ``{diff}`` (memprof − paper), ``{gap}``
+    (paper − memprof) and ``{pct}`` in
     it are filled in. ``primary`` marks the row that stands for the paper's printed number.
     """
 
@@ -97,6 +98,26 @@ def difference(table: str, model: str, optimizer: str, minuend: Run, subtrahend:
     """A cell for the difference of two runs' quantity (a supporting row unless ``primary`` is given)."""
     options.setdefault("primary", False)
     return Cell(table, model, optimizer, quantity, ((1, minuend), (-1, subtrahend)), paper, unit, **options)
+
+
+Rule = tuple[Mapping[str, Any], str]
+"""Where a reason applies (cell fields and their values: a value, a tuple of values, or for ``in_label`` a
+text the label holds) and the reason."""
+
+
+def with_reasons(cells: Iterable[Cell], rules: Sequence[Rule]) -> list[Cell]:
+    """The cells with the first matching rule's reason on every paper cell that has none. A reason shows only
+    where its cell lands more than 2 % off, so a rule may cover a whole row."""
+    def matches(c: Cell, key: str, value: Any) -> bool:
+        if key == "in_label":
+            return value in c.label
+        return getattr(c, key) in value if isinstance(value, tuple) else getattr(c, key) == value
+
+    out = []
+    for c in cells:
+        rule = next((reason for where, reason in rules if all(matches(c, k, v) for k, v in where.items())), None)
+        out.append(replace(c, reason=rule) if c.primary and not c.reason and rule else c)
+    return out
 
 
 @dataclass(frozen=True)
