@@ -151,3 +151,12 @@ def test_the_model_files_have_the_papers_parameter_counts(function, parameters):
     built = build_model(f"{configs}/{function}", ModelOptions(batch_size=2, seq_len=8, image_size=32), "cpu")
     assert built.config["parameters"] == parameters
     assert built.loss(built.model, built.batch).ndim == 0
+
+
+def test_a_paper_number_keeps_the_digits_it_was_printed_with():
+    from memprof.report.papers.model import Printed
+
+    assert bucket(Printed("0.70"), 0.68) == "within 10 %"  # printed to ±0.005: 2.9 % off
+    assert bucket(0.70, 0.68) == "within 2 %"  # a plain 0.7 is printed to ±0.05
+    row = compare([cell("Tiny T1", "GPT-2", "Adam", ADAM, "state", Printed("100.0"), "MiB")], MEASURED)[0]
+    assert row["paper"] == "100.0" and row["note"].startswith("within ±2 %")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from memprof.report.papers.model import BUCKETS, UNITS, Cell, Run, agreement_text, bucket
+from memprof.report.papers.model import BUCKETS, UNITS, Cell, Run, agreement_text, bucket, printed
 
 COLUMNS = ("table", "model", "optimizer", "quantity", "paper", "memprof", "diff", "diff_pct", "cell", "source",
            "note", "reason")
@@ -66,7 +66,7 @@ def compare(cells: Sequence[Cell], measured: Measured, missing: Mapping[tuple, s
     for c in cells:
         memprof, source = value_of(c, measured)
         row = {"table": c.table, "model": c.model, "optimizer": c.optimizer, "quantity": c.heading,
-               "paper": "" if c.paper is None else f"{c.paper:g}", "memprof": "", "diff": "", "diff_pct": "",
+               "paper": "" if c.paper is None else printed(c.paper), "memprof": "", "diff": "", "diff_pct": "",
                "cell": PAPER_CELL if c.primary else "", "source": source if memprof is not None else "",
                "note": c.note, "reason": ""}
         if memprof is None:
@@ -80,7 +80,7 @@ def compare(cells: Sequence[Cell], measured: Measured, missing: Mapping[tuple, s
                 row["diff_pct"] = f"{100 * diff / abs(c.paper):+.1f}" if c.paper else ""
                 verdict, agrees = agreement_text(c, memprof)
                 row["note"] = "; ".join(part for part in (verdict, c.note) if part)
-                if not agrees or bucket(c.paper, memprof) != BUCKETS[0]:
+                if not agrees or bucket(printed(c.paper), memprof) != BUCKETS[0]:
                     row["reason"] = fill(c.reason, c.paper, memprof)
         rows.append(row)
     return rows
@@ -89,7 +89,7 @@ def compare(cells: Sequence[Cell], measured: Measured, missing: Mapping[tuple, s
 def fill(reason: str, paper: float, memprof: float) -> str:
     diff = memprof - paper
     pct = 100 * diff / abs(paper) if paper else 0.0
-    return reason.format(paper=f"{paper:g}", memprof=f"{memprof:.4g}", diff=f"{diff:+.3g}", gap=f"{-diff:.3g}",
+    return reason.format(paper=printed(paper), memprof=f"{memprof:.4g}", diff=f"{diff:+.3g}", gap=f"{-diff:.3g}",
                          pct=f"{pct:+.1f}")
 
 
@@ -117,7 +117,7 @@ def paper_of(table: str) -> str:
 
 
 def row_bucket(row: Mapping[str, str]) -> str:
-    return bucket(float(row["paper"]), float(row["memprof"]) if row["memprof"] else None)
+    return bucket(row["paper"], float(row["memprof"]) if row["memprof"] else None)
 
 
 def coverage(rows: Iterable[Mapping[str, str]]) -> list[Coverage]:

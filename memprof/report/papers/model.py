@@ -182,19 +182,35 @@ def quantities(record: "RunRecord") -> dict[str, int | None]:
 
 
 # -- agreement -----------------------------------------------------------------------------------------
-def printed_half_unit(value: float) -> float:
-    """Half a unit of the last digit the paper printed: 9 → 0.5, 3.7 → 0.05, 949.7 → 0.05."""
-    exponent = Decimal(repr(value)).normalize().as_tuple().exponent
+class Printed(float):
+    """A paper number with the digits it was printed with: ``Printed("0.70")`` is 0.7 printed to ±0.005."""
+
+    text: str
+
+    def __new__(cls, text: str) -> "Printed":
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def printed(value: float | str) -> str:
+    """The paper number as the paper printed it (a plain float: its shortest form, 5.0 → "5")."""
+    return value if isinstance(value, str) else getattr(value, "text", f"{value:g}")
+
+
+def printed_half_unit(value: float | str) -> float:
+    """Half a unit of the last digit the paper printed: 9 → 0.5, 3.7 → 0.05, "0.70" → 0.005."""
+    exponent = Decimal(printed(value)).as_tuple().exponent
     return 0.5 * 10.0 ** min(int(exponent), 0) if isinstance(exponent, int) else 0.0
 
 
-def allowed(paper: float, tolerance: tuple[str, float]) -> float:
+def allowed(paper: float | str, tolerance: tuple[str, float]) -> float:
     """The largest |memprof − paper| that counts as agreement: an absolute tolerance as given, or a relative
     one, but never less than the paper's own rounding (a printed "9" means 8.5 to 9.5)."""
     kind, limit = tolerance
     if kind == "abs":
         return limit
-    return max(limit / 100 * abs(paper), printed_half_unit(paper))
+    return max(limit / 100 * abs(float(paper)), printed_half_unit(paper))
 
 
 def tolerance_text(paper: float, tolerance: tuple[str, float], unit: str) -> str:
@@ -216,12 +232,12 @@ def agreement_text(c: Cell, memprof: float) -> tuple[str, bool]:
 BUCKETS = ("within 2 %", "within 10 %", "off", "missing")
 
 
-def bucket(paper: float, memprof: float | None) -> str:
-    """Where a paper cell lands in the coverage: within 2 % (or the paper's printed rounding), within
-    10 % (or the rounding), further off, or missing (no memprof number)."""
+def bucket(paper: float | str, memprof: float | None) -> str:
+    """Where a paper cell (its number, or the text it was printed as) lands in the coverage: within 2 % (or the
+    paper's printed rounding), within 10 % (or the rounding), further off, or missing (no memprof number)."""
     if memprof is None:
         return "missing"
-    gap = abs(memprof - paper)
+    gap = abs(memprof - float(paper))
     for name, pct in (("within 2 %", 2.0), ("within 10 %", 10.0)):
         if gap <= allowed(paper, ("pct", pct)) + 1e-9:
             return name

@@ -3,7 +3,7 @@ shared/papers/ (each reproduction names its section)."""
 
 from __future__ import annotations
 
-from memprof.report.papers.model import Estimate, Reproduction, Run, cell, difference, with_reasons
+from memprof.report.papers.model import Estimate, Printed, Reproduction, Run, cell, difference, with_reasons
 
 MEGATRON_117M = "reports/configs/gpt2-117m-megatron/config.json"
 MEGATRON_345M = "reports/configs/gpt2-345m-megatron/config.json"
@@ -16,7 +16,7 @@ def adapprox_table2() -> Reproduction:
         (0.9, "Adafactor", "hf_adafactor:beta1=0.9", 476.1, 1356.7),
         (0.9, "CAME", "came", 476.8, 1358.4),
         (0.9, "Adapprox (k_init)", "adapprox", 476.1, 1356.7),
-        (0.9, "Adapprox (k_max)", f"adapprox:{K_MAX}", 622.0, 1791.1),
+        (0.9, "Adapprox (k_max)", f"adapprox:{K_MAX}", Printed("622.0"), 1791.1),
         (0.0, "AdamW", "adamw:betas=(0.0,0.999)", 949.7, 2707.5),
         (0.0, "Adafactor", "hf_adafactor", 1.2, 2.9),
         (0.0, "Adapprox (k_init)", "adapprox:betas=(0.0,0.999)", 1.2, 2.9),
@@ -82,7 +82,7 @@ def alada_table4() -> Reproduction:
     cells = []
     peaks = (("GPT2-Small + LM (bsz 1, seq 1024)", "gpt2", (3.483, 2.534, 2.571)),
              ("GPT2-XL + LM (bsz 1, seq 1024)", "gpt2-xl", (34.278, 22.388, 22.386)),
-             ("T5-Small + NMT (bsz 1)", "t5-small", (1.605, 1.155, 1.130)))
+             ("T5-Small + NMT (bsz 1)", "t5-small", (1.605, 1.155, Printed("1.130"))))
     opts = (("Adam", "adam"), ("Adafactor (β1 = 0)", "hf_adafactor"), ("Alada", "alada"))
     for label, model, values in peaks:
         for (name, spec), paper in zip(opts, values):
@@ -197,7 +197,7 @@ def io_adam_table4() -> Reproduction:
     label = "ViT-small, CIFAR-10"
     opts = (("AdamW", "adamw", 112.02), ("Adafactor", "adafactor", 64.52),
             *((f"IO-Adam (b = {b})", f"io_adam:buffer_size={b}", v)
-              for b, v in ((16, 68.40), (8, 66.84), (4, 66.06), (2, 65.66), (1, 65.47))))
+              for b, v in ((16, Printed("68.40")), (8, 66.84), (4, 66.06), (2, 65.66), (1, 65.47))))
     cells = []
     for name, spec, paper in opts:
         run = Run(VIT, spec)

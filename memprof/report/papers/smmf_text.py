@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from memprof.report.papers.model import Estimate, Reproduction, Run, cell, with_reasons
+from memprof.report.papers.model import Estimate, Printed, Reproduction, Run, cell, with_reasons
 from memprof.report.papers.smmf import OPTS, SOURCE, sign8_cell, state_cells
 
 
@@ -66,9 +66,9 @@ def table2() -> Reproduction:
 
 
 MEGATRON = (("BERT-345M (Megatron)", "reports/configs/bert-345m-megatron/config.json",
-             (2.5, 1.3, 1.3, 1.3, 0.04), (6.3, 5.0, 5.0, 5.0, 3.8)),
+             (2.5, 1.3, 1.3, 1.3, 0.04), (6.3, *(Printed("5.0"),) * 3, 3.8)),
             ("GPT-2 345M (Megatron)", "reports/configs/gpt2-345m-megatron/config.json",
-             (2.6, 1.3, 1.3, 1.3, 0.04), (6.7, 5.3, 5.3, 5.3, 4.0)),
+             (2.6, 1.3, 1.3, 1.3, 0.04), (6.7, 5.3, 5.3, 5.3, Printed("4.0"))),
             ("T5-220M (Megatron)", "reports/configs/t5-220m-megatron/config.json",
              (1.7, 0.8, 0.8, 0.9, 0.03), (4.2, 3.4, 3.4, 3.4, 2.5)))
 
