@@ -54,7 +54,7 @@ GLUE_REASONS = (
      "optimizer memory."),
     ({"model": "T5-small", "quantity": "model_grads_state"},
      "{paper} GiB is weights + gradients + state ({memprof}) plus {gap} GiB, the remainder every T5 end-to-end cell "
-     "carries (Adam 0.92 − 0.902): the batch and workspaces, {pct} % of SMMF's small total."),
+     "carries (Adam 0.92 − 0.902): the batch of 128 × 128 tokens and workspaces, not optimizer memory."),
 )
 
 GPT2_T4 = {"Adam": (957, 952, 973, 962, 861), "Adafactor": (478, 478, 488, 481, 481),
