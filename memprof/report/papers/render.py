@@ -54,6 +54,10 @@ def page(repro: Reproduction, rows: Sequence[Mapping[str, str]], provenance: Seq
            "```bash", f"{COMMAND} {repro.name}   # writes reports/{repro.name}.csv and .md, and the README's coverage",
            "```", "", f"Run configuration: `reports/{repro.name}.toml` (the paper's settings).", ""]
     out += [f"- {line}" for line in provenance]
+    out += ["", "A CUDA run at the paper's settings replaces the estimates once it is committed and listed in the "
+            "reproduction's `gpu_runs` (memprof/report/papers/):", "", "```bash",
+            f"memprof compare --config reports/{repro.name}.toml --device cuda --json reports/gpu/{repro.name}-GPU.json "
+            f"--csv reports/gpu/{repro.name}-GPU.csv", "```"]
     out += ["", "## Paper against memprof", "",
             "Rows marked `paper` in the CSV's `cell` column (**bold** here) stand for a number the paper prints; "
             "the others are supporting readings. `diff_pct` is (memprof − paper) / paper.", ""]
