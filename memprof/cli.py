@@ -421,7 +421,7 @@ def _append_step_summary(markdown: str) -> None:
 
 @app.command()
 def papers(
-    names: Annotated[Optional[list[str]], typer.Argument(metavar="[NAME]...", help="Reproductions to regenerate (reports/NAME.toml); default: all.", show_default=False)] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="NAME", help="Reproductions to regenerate (reports/NAME.toml); default: all.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.csv, NAME.md and README.md.")] = Path("reports"),
 ) -> None:
     """Regenerate the papers' memory tables from reports/NAME.toml: state on CPU, peaks from GPU runs or estimates.
