@@ -90,7 +90,7 @@ def fill(reason: str, paper: float, memprof: float) -> str:
     diff = memprof - paper
     pct = 100 * diff / abs(paper) if paper else 0.0
     return reason.format(paper=printed(paper), memprof=f"{memprof:.4g}", diff=f"{diff:+.3g}", gap=f"{-diff:.3g}",
-                         pct=f"{pct:+.1f}")
+                         size=f"{abs(diff):.3g}", pct=f"{pct:+.1f}", off=f"{abs(pct):.1f}")
 
 
 # -- coverage ------------------------------------------------------------------------------------------

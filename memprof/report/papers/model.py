@@ -54,8 +54,8 @@ class Cell:
     first over the second). ``tolerance`` is the agreement asked for: ("pct", 2.0) or ("abs", 0.1) in
     ``unit``. ``reason`` says, in one sentence with the arithmetic, why memprof's number differs from
     the paper's when it does by more than 2 %; ``{paper}``, ``{memprof}``, ``{diff}`` (memprof − paper), ``{gap}``
-    (paper − memprof) and ``{pct}`` in
-    it are filled in. ``primary`` marks the row that stands for the paper's printed number.
+    (paper − memprof), ``{size}`` (|diff|), ``{pct}`` (diff in % of the paper) and ``{off}`` (|pct|) in it are
+    filled in. ``primary`` marks the row that stands for the paper's printed number.
     """
 
     table: str

@@ -132,17 +132,17 @@ IO_ADAM_T2_REASONS = (
     ({"optimizer": "AdamW"},
      "2409.89 is weights + gradients + state (1902.0 MiB) plus 508, about the one parameter-sized copy CUDA's "
      "foreach AdamW makes in the step (475.5 MiB): the step's peak; memprof's H100 peak falls in the backward, "
-     "{gap} MiB higher with the activations of 16 × 128 tokens."),
+     "{size} MiB higher with the activations of 16 × 128 tokens."),
     ({"optimizer": "Adafactor"},
      "1133.41 is weights + gradients + state (952.3 MiB) plus 181, about Adafactor's fp32 temporaries of the "
      "largest matrix (the 147 MiB word embedding): the step's peak; memprof's H100 peak falls in the backward, "
-     "{gap} MiB higher with the activations of 16 × 128 tokens."),
+     "{size} MiB higher with the activations of 16 × 128 tokens."),
     ({"optimizer": "GaLore (rank 16)"},
      "1768.14 is weights + gradients + state (1266.5 MiB) plus 502; memprof's H100 peak falls in the backward, "
-     "{gap} MiB higher with the activations of 16 × 128 tokens."),
+     "{size} MiB higher with the activations of 16 × 128 tokens."),
     ({"optimizer": "IO-Adam (b = 16)"},
      "1599.61 is weights + gradients + state (1259.7 MiB) plus 340; memprof's H100 peak falls in the backward, "
-     "{gap} MiB higher with the activations of 16 × 128 tokens."),
+     "{size} MiB higher with the activations of 16 × 128 tokens."),
 )
 
 

@@ -128,7 +128,7 @@ T9_13_REASONS = (
     ({"quantity": "model_state"},
      "{paper} − {memprof} = {gap} MiB above weights + state (the gradients freed, as in Table 8): the batch and "
      "workspaces of a run whose lengths the paper does not state; the same model's cells carry 13–58 (T5), "
-     "19 (MarianMT), 24–43 (BART) and 55–102 MiB (mBART), {pct} % of this total."),
+     "19 (MarianMT), 24–43 (BART) and 55–102 MiB (mBART), {off} % of this total."),
 )
 
 
