@@ -308,6 +308,24 @@ def check(
 
 
 @app.command()
+def papers(
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="NAME", help="Reproductions to regenerate (reports/NAME.toml); default: all.", show_default=False)] = None,
+    folder: Annotated[Path, typer.Option("--out", help="Folder for NAME.csv, NAME.md and README.md.")] = Path("reports"),
+) -> None:
+    """Regenerate the papers' memory tables from reports/NAME.toml: state on CPU, peaks from GPU runs or estimates.
+
+    Example: memprof papers smmf-table4 alada-table4
+    """
+    from memprof.papers import regenerate
+
+    outcome = regenerate(names or [], folder, say=lambda line: err.print(line, style="dim", markup=False, highlight=False))
+    for line in [*outcome.timing, *(f"wrote {path}" for path in outcome.written)]:
+        err.print(line, markup=False, highlight=False)
+    for line in outcome.unexplained:
+        err.print(f"warning: no reason recorded for a paper cell more than 2 % off: {line}", markup=False, highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List the built-in models (all built from configs with random weights; nothing is downloaded)."""
     from rich.table import Table
