@@ -61,7 +61,8 @@ lane_recipes() {
   cmp recipes gpt2-bf16-ckpt-full $g --amp bf16 --checkpointing full
   cmp recipes resnet50-ckpt-full --model resnet50 --opt adam,smmf --batch-size 32 --steps 3 --checkpointing full
 }
-# Lanes 3-6: the papers' peak cells still owed (issue 24), as reports/README.md's GPU commands. The largest runs
+# Lanes 3-6: the papers' peak cells still owed (issue 24), as each reports/NAME.md page's GPU command;
+# then `memprof papers` reads them from reports/gpu/. The largest runs
 # share a lane so that the lanes together stay well inside the GPU's memory.
 lane_papers_a() { cmp papers-a smmf-table1-gpu --config reports/smmf-table1.toml; }
 lane_papers_b() {
