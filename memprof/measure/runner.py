@@ -169,7 +169,7 @@ def _where(capture: Capture, settings: Settings) -> str:
 
 def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTracker:
     if settings.estimate:
-        return FakeTracker(device, config=reserved.config(settings))
+        return FakeTracker(device, config=reserved.config(settings), gpu=_gpu(settings) if device.type == "cuda" else None)
     if device.type == "cuda":
         # With --snapshot every entry carries Python frames: keep the history short enough to load.
         entries = {"stacks": True, "max_entries": 200_000} if settings.snapshot else {}
