@@ -104,3 +104,4 @@ def test_a_cuda_estimate_holds_the_bias_gradients_staging_in_backward(monkeypatc
     # by it; the allocated peak of backward (at the weight gradient's mm) grows by what was live beside it.
     assert staged.peaks.max_reserved - plain.peaks.max_reserved == 12_582_912
     assert staged.peaks.phase == plain.peaks.phase == "backward" and staged.peaks.allocated > plain.peaks.allocated
+    assert "Reduce.cuh) for 132 SMs x 2048 threads: measured" in staged.environment["estimate"]
