@@ -17,7 +17,7 @@ H200 = GPUS["h200"]
 
 
 def _scratch(func, shape, *args, gpu=H200, dtype=torch.float32):
-    source = torch.empty(shape, dtype=dtype)
+    source = torch.empty(shape, dtype=dtype, device="meta")  # shapes only: nothing allocated or summed
     return scratch(func, (source, *args), {}, func(source, *args), gpu)
 
 
@@ -59,6 +59,7 @@ def test_a_reduction_beyond_32_bit_indexing_launches_per_part_with_an_accumulati
     accumulation, launches = _scratch(aten.sum.dim_IntList, (2**20, 2048), [0], True, dtype=torch.bfloat16)
     assert accumulation == 2048 * 4 and len(launches) == 2
     assert _scratch(aten.sum.dim_IntList, (2**20, 2048), [0], True)[0] == 0  # fp32 accumulates in its output
+    assert _scratch(aten.var.correction, (2**20, 2048), [0])[0] == 2048 * 16  # Welford's (mean, m2, n, nf)
 
 
 def test_the_fake_tracker_allocates_the_staging_after_the_result_and_frees_it_at_once():

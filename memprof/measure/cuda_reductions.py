@@ -41,6 +41,7 @@ class Kernel:
     accumulator: dict  # input dtype -> sizeof(arg_t)
     vt0: int = 4
     input_vec_size_16bit: int = 4  # input_vec_size for 2-byte inputs (vt0 otherwise)
+    accumulates_in_output: bool = True  # arg_t converts to the output type (fp16/bf16 in and out aside)
 
 
 _OPMATH = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 4, torch.float64: 8}
@@ -50,7 +51,7 @@ _WELFORD = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 16, torch.floa
 
 SUM = Kernel(_OPMATH, input_vec_size_16bit=8)  # ReduceSumProdKernel.cu sum_functor: 16-bit inputs vectorize by 8
 MEAN_NORM = Kernel(_OPMATH)  # ReduceMomentKernel.cu mean_kernel_impl (MeanOps); ReduceNormKernel.cu (Norm*Ops)
-WELFORD = Kernel(_WELFORD, vt0=2)  # ReduceMomentKernel.cu std_var_kernel_impl: gpu_reduce_kernel<.., 2>
+WELFORD = Kernel(_WELFORD, vt0=2, accumulates_in_output=False)  # ReduceMomentKernel.cu std_var_kernel_impl: gpu_reduce_kernel<.., 2>
 
 REDUCTIONS: dict = {
     aten.sum.default: SUM, aten.sum.dim_IntList: SUM, aten.nansum.default: MEAN_NORM,
@@ -107,7 +108,7 @@ def scratch(func, args: tuple, kwargs: dict, out, gpu: Gpu) -> tuple[int, list[L
     vec = kernel.input_vec_size_16bit if source.element_size() == 2 else kernel.vt0
     launches = [launch(part, arg_size, source.element_size(), source.storage_offset(), vec, gpu)
                 for part in split_32bit(iteration)]
-    return _accumulation_buffer(iteration, arg_size, result), [x for x in launches if x.buffer]
+    return _accumulation_buffer(iteration, kernel, arg_size, source, result), [x for x in launches if x.buffer]
 
 
 def _reduced_dims(func, args: tuple, kwargs: dict, ndim: int) -> list[int]:
@@ -218,10 +219,14 @@ def split_32bit(it: Iteration) -> list[Iteration]:
     return parts
 
 
-def _accumulation_buffer(it: Iteration, arg_size: int, result: torch.Tensor) -> int:
-    """``gpu_reduce_kernel``'s ``AccumulationBuffer``: where the output cannot accumulate (fp16/bf16 in and out)
-    and the reduction takes several launches, an ``arg_t`` twin of the output spanning them."""
-    if result.element_size() >= arg_size or _fits_32bit(it) or result.dtype not in (torch.float16, torch.bfloat16):
+def _accumulation_buffer(it: Iteration, kernel: Kernel, arg_size: int, source: torch.Tensor,
+                        result: torch.Tensor) -> int:
+    """``gpu_reduce_kernel``'s ``AccumulationBuffer``: where the output cannot accumulate (``arg_t`` does not
+    convert to it, or fp16/bf16 in and out) and the reduction takes several launches, an ``arg_t`` twin of the
+    output spanning them."""
+    half_in_and_out = source.dtype == result.dtype and result.dtype in (torch.float16, torch.bfloat16)
+    can_accumulate = kernel.accumulates_in_output and not half_in_and_out
+    if can_accumulate or result.element_size() >= arg_size or _fits_32bit(it):
         return 0
     extent = max([result.element_size(), *(n * s for n, s in zip(it.shape, it.out))])
     return extent // result.element_size() * arg_size
