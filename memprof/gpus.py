@@ -24,6 +24,9 @@ H100_DRIVER = 786_432_000
 102,760,448 B: 889,192,448 in the AdaMeM, Adapprox and GaLore runs)."""
 MEASURED_H100 = "measured: reports/gpu/*.json (H100 80GB HBM3, torch 2.11.0+cu130, driver 580.159.04)"
 ASSUMED_H100 = "assumed: the H100's measured figures (not measured on this GPU)"
+MEASURED_SMS = ("measured: 132 SMs x 2,048 threads/SM, the one figure that fits the CUDA reduction kernel's staging "
+                "buffers in the H200 histories (reports/gpu/traces-h200: 528 CTAs per output = 132 x 2,048 / 512)")
+NOMINAL_SMS = "nominal: the vendor's SM count; threads per SM from CUDA's compute-capability table (8.0: 2,048; 8.9: 1,536)"
 
 
 @dataclass(frozen=True)
@@ -37,19 +40,25 @@ class Gpu:
     workspace: int  # inside the caching allocator (counts toward max_memory_allocated)
     driver: int  # outside it (counts toward what nvidia-smi shows, not toward torch's peaks)
     source: str  # where workspace and driver come from
+    sm_count: int  # streaming multiprocessors (cudaDeviceProp.multiProcessorCount)
+    threads_per_sm: int  # cudaDeviceProp.maxThreadsPerMultiProcessor
+    sm_source: str
+    warp_size: int = 32
 
 
 GPUS: dict[str, Gpu] = {g.name: g for g in (
     Gpu("h100", "NVIDIA H100 80GB HBM3", 85_017_493_504, "read: torch total_memory in reports/gpu/alada-table4.json",
-        H100_WORKSPACE, H100_DRIVER, MEASURED_H100),
-    Gpu("h200", "NVIDIA H200", 141 * GB, "nominal: 141 GB HBM3e (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER, ASSUMED_H100),
+        H100_WORKSPACE, H100_DRIVER, MEASURED_H100, 132, 2048, NOMINAL_SMS),
+    Gpu("h200", "NVIDIA H200", 141 * GB, "nominal: 141 GB HBM3e (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER, ASSUMED_H100,
+        132, 2048, MEASURED_SMS),
     Gpu("a100-80gb", "NVIDIA A100 80GB", 80 * GB, "nominal: 80 GB HBM2e (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER,
-        ASSUMED_H100),
+        ASSUMED_H100, 108, 2048, NOMINAL_SMS),
     Gpu("a100-40gb", "NVIDIA A100 40GB", 40 * GB, "nominal: 40 GB HBM2 (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER,
-        ASSUMED_H100),
-    Gpu("l40s", "NVIDIA L40S", 48 * GB, "nominal: 48 GB GDDR6 (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER, ASSUMED_H100),
+        ASSUMED_H100, 108, 2048, NOMINAL_SMS),
+    Gpu("l40s", "NVIDIA L40S", 48 * GB, "nominal: 48 GB GDDR6 (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER, ASSUMED_H100,
+        142, 1536, NOMINAL_SMS),
     Gpu("rtx4090", "NVIDIA GeForce RTX 4090", 24 * GB, "nominal: 24 GB GDDR6X (vendor, decimal GB)", H100_WORKSPACE, H100_DRIVER,
-        ASSUMED_H100),
+        ASSUMED_H100, 128, 1536, NOMINAL_SMS),
 )}
 DEFAULT_GPU = "h100"
 """The GPU an estimate is for when ``--gpu`` names none: the one measured."""

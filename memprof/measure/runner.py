@@ -169,7 +169,7 @@ def _where(capture: Capture, settings: Settings) -> str:
 
 def _tracker(settings: Settings, device: torch.device) -> CpuTracker | CudaTracker:
     if settings.estimate:
-        return FakeTracker(device, config=reserved.config(settings))
+        return FakeTracker(device, config=reserved.config(settings), gpu=_gpu(settings) if device.type == "cuda" else None)
     if device.type == "cuda":
         # With --snapshot every entry carries Python frames: keep the history short enough to load.
         entries = {"stacks": True, "max_entries": 200_000} if settings.snapshot else {}
@@ -262,6 +262,8 @@ def _describe_estimate(record: RunRecord, tracker: FakeTracker, settings: Settin
                    f"{record.environment.get('allocator_config') or '(torch defaults)'!r}")
         how.append(f"library workspace {gpu.workspace} B and CUDA context {gpu.driver} B for {gpu.label}: "
                    f"{gpu.source}")
+        how.append(f"the CUDA reduction kernel's global staging after each sum/mean/norm/var (ATen/native/cuda/"
+                   f"Reduce.cuh) for {gpu.sm_count} SMs x {gpu.threads_per_sm} threads: {gpu.sm_source}")
         record.environment.update(gpu=gpu.label, device="cuda (estimated)")
     if tracker.host_reads:
         how.append(f"{tracker.host_reads} host read(s) of tensor values (.item()/.tolist()) answered with "

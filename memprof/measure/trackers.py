@@ -30,6 +30,8 @@ from torch.utils._pytree import tree_flatten
 
 from memprof.allocator.config import AllocatorConfig
 from memprof.allocator.simulator import block_for, round_size
+from memprof.gpus import Gpu
+from memprof.measure.cuda_reductions import REDUCTIONS, stage
 from memprof.measure.events import Allocation
 from memprof.measure.reserved import reserved_from_trace
 from memprof.measure.state import storage_tensors
@@ -145,9 +147,11 @@ class FakeTracker(CpuTracker):
     ``host_reads``, so that data-dependent choices are reported as such.
     """
 
-    def __init__(self, target: torch.device, placeholder: float = 1.0, config: AllocatorConfig | None = None) -> None:
+    def __init__(self, target: torch.device, placeholder: float = 1.0, config: AllocatorConfig | None = None,
+                 gpu: Gpu | None = None) -> None:
         super().__init__()
         self.target = target
+        self.gpu = gpu  # a CUDA target's: its reductions stage global memory (memprof.measure.cuda_reductions)
         self.config = config or AllocatorConfig()
         self.placeholder = placeholder
         self.host_reads = 0
@@ -188,7 +192,10 @@ class FakeTracker(CpuTracker):
             dtype = args[0].dtype
             return bool(self.placeholder) if dtype == torch.bool else (
                 self.placeholder if dtype.is_floating_point else int(self.placeholder))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.gpu is not None and func in REDUCTIONS:
+            stage(self, func, args, kwargs or {}, out, self.gpu)
+        return out
 
 
 @contextlib.contextmanager
