@@ -306,3 +306,22 @@ def test_a_plot_path_that_cannot_be_written_fails_before_measuring(tmp_path, mon
     figure = tmp_path / "file" / "m.png"
     result = invoke(*["compare", "--model", "gpt2", "--opt", "adam", "--plot", str(figure)])
     assert result.exit_code == 2 and f"--plot {figure}: {tmp_path / 'file'} is not a folder" in result.stderr
+
+
+def test_a_fit_that_needs_more_than_the_budget_until_the_cache_is_freed_is_marked():
+    from rich.console import Console
+
+    from memprof.fit import Fit
+    from memprof.report.table import fit_table
+
+    gib = 2**30
+    freeing = Fit("adam", "batch_size", budget=10 * gib, value=6, record=None, probes=[(6, 11 * gib), (7, 12 * gib)])
+    within = Fit("smmf", "batch_size", budget=10 * gib, value=6, record=None, probes=[(6, 9 * gib), (7, 12 * gib)])
+    console = Console(width=200, record=True)
+    console.print(fit_table([freeing, within]))
+    text = console.export_text()
+    assert "-1.00*" in text and " 1.00 " in text and "1.00*" not in text.replace("-1.00*", "")
+    assert "* needs more than the budget" in text
+    console = Console(width=200, record=True)
+    console.print(fit_table([within]))
+    assert "*" not in console.export_text()

@@ -137,6 +137,7 @@ def fit_table(fits, *, unit: str = "GiB") -> Table:
     for name in ("optimizer", f"largest {setting}", f"needs ({unit})", f"headroom ({unit})",
                  f"next {setting} needs ({unit})", "probes"):
         table.add_column(name, justify="left" if name == "optimizer" else "right")
+    marked = False
     for result in fits:
         probes = dict(result.probes)
         above = min((v for v in probes if v > result.value and probes[v] is not None), default=None)
@@ -144,9 +145,15 @@ def fit_table(fits, *, unit: str = "GiB") -> Table:
             table.add_row(result.spec, f"[red]{result.failure}[/red]", "", "", "", str(len(result.probes)))
             continue
         used = probes.get(result.value)
+        freeing = bool(used) and result.value and used > result.budget  # fits only once cached segments go
+        headroom = f"{fmt(result.budget - used, unit, 2)}{'*' if freeing else ''}" if used else ""
         table.add_row(result.spec, str(result.value) if result.value else "[red]none (1 does not fit)[/red]",
-                      fmt(used, unit, 2) if used else "", fmt(result.budget - used, unit, 2) if used else "",
+                      fmt(used, unit, 2) if used else "", headroom,
                       f"{fmt(probes[above], unit, 2)} at {above}" if above else "", str(len(result.probes)))
+        marked = marked or freeing
+    if marked:
+        table.caption = ("* needs more than the budget while the allocator caches freely; fits because the "
+                         "allocator frees its cached segments and retries, as PyTorch does before an out-of-memory")
     return table
 
 
