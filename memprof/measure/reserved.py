@@ -17,11 +17,13 @@ from typing import Sequence
 
 from memprof.allocator.config import AllocatorConfig, from_environment, parse
 from memprof.allocator.pool import Block
+from memprof.allocator.replay import GROWS, SEGMENT_ACTIONS
 from memprof.allocator.simulator import CachingAllocator, OutOfMemory
 from memprof.measure.events import Allocation, PhaseMark
 from memprof.record import PhasePeak, Row, RunRecord
 from memprof.settings import Settings
 from memprof.taxonomy import FRAGMENTATION
+
 
 def allocator_settings(settings: Settings) -> str:
     """The allocator settings a run has: ``--alloc-conf``, else the environment's."""
@@ -125,14 +127,8 @@ def describe_failure(allocation: Allocation, marks: list[PhaseMark]) -> str:
 def reserved_from_trace(trace: list[dict]) -> list[tuple[float, int]]:
     """A real run's reserved bytes after each segment event of its history (``time_us`` its clock)."""
     reserved, out = 0, []
-    for entry in trace:
-        action = entry["action"]
-        if action in ("segment_alloc", "segment_map"):
-            reserved += entry["size"]
-        elif action in ("segment_free", "segment_unmap"):
-            reserved -= entry["size"]
-        else:
-            continue
+    for entry in (e for e in trace if e["action"] in SEGMENT_ACTIONS):
+        reserved += entry["size"] if entry["action"] in GROWS else -entry["size"]
         out.append((float(entry["time_us"]), reserved))
     return out
 

@@ -108,7 +108,7 @@ def measure(settings: Settings, strategy: Strategy | None = None) -> RunRecord:
         gradients = strategy.gradients(params)
         record.hyperparameters = {k: v for k, v in optimizer.defaults.items() if _plain(v)}
         record.inferred_roles = spec.inferred_roles or any(s.inferred for s in state)
-        device_peaks = _device_peaks(device, nvml_before) if real_cuda else None
+        device_peaks = read_device_peaks(device, nvml_before) if real_cuda else None
         if settings.snapshot and isinstance(tracker, CudaTracker):
             tracker.keep_snapshot(snapshot.snapshot_file(settings))
     record.environment = environment.collect(device if real_cuda else torch.device("cpu"))
@@ -316,7 +316,7 @@ def _plain(value: Any) -> bool:
 
 
 
-def _device_peaks(device: torch.device, nvml_before: dict[str, int]) -> Peaks | None:
+def read_device_peaks(device: torch.device, nvml_before: dict[str, int]) -> Peaks | None:
     """What the CUDA allocator and NVML report for the run (None on CPU)."""
     if device.type != "cuda":
         return None

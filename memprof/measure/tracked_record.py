@@ -31,7 +31,7 @@ def build(window: "Window", model: torch.nn.Module | None, optimizers: list[torc
           roles_of: Callable[[torch.optim.Optimizer], dict[str, str]], *, failure: str | None, skipped: int,
           steps: int) -> RunRecord:
     """Stop the window's capture and attribute what it saw."""
-    from memprof.measure.runner import _device_peaks
+    from memprof.measure.runner import read_device_peaks
     from memprof.optim import protocol
 
     window.stop()
@@ -51,7 +51,7 @@ def build(window: "Window", model: torch.nn.Module | None, optimizers: list[torc
         capture.tags = [dataclasses.replace(tag, component=f"{tag.component} ({labels[window.state_owner[i]]})")
                         if i in window.state_owner else tag for i, tag in enumerate(capture.tags)]
     cuda = window.device.type == "cuda"
-    device_peaks = _device_peaks(window.device, window.nvml_before) if cuda else None
+    device_peaks = read_device_peaks(window.device, window.nvml_before) if cuda else None
     if device_peaks is not None:
         device_peaks.exact_blocks = tracker.exact_blocks
     record = RunRecord(settings=_settings(window, models, optimizers, labels, steps),

@@ -273,7 +273,7 @@ class CudaTracker:
             device=self.device,
         )
         if self.existing:
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            index = self._index()
             self._segments_before = [s for s in torch.cuda.memory._snapshot(self.device)["segments"]
                                      if s.get("device", index) == index]
         return self
@@ -286,9 +286,11 @@ class CudaTracker:
     def keep_snapshot(self, path: str) -> None:
         torch.cuda.memory._dump_snapshot(path)
 
+    def _index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
     def _allocations_from(self, snapshot: dict) -> list[Allocation]:
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        trace = snapshot["device_traces"][index]
+        trace = snapshot["device_traces"][self._index()]
         self.dropped = len(trace) >= self.max_entries
         # Expandable segments map ranges instead of allocating segments: a free run's extent may reach into
         # the next mapped range, which the replay below does not follow, so it is then approximate.
